@@ -1,0 +1,1 @@
+"""recserve serving engine: request context, candidates, pipeline runner, bundle, feature store, server."""

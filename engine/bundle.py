@@ -1,0 +1,117 @@
+"""Versioned model bundle: verified whole, read-only, shared between workers through mmap.
+
+Layout of a bundle root:
+    CURRENT                 name of the version folder to serve
+    <version>/manifest.json version, config, schema, shapes, metrics, sha256 of every file
+    <version>/models/       user_tower.onnx item_tower.onnx coarse_dnn.onnx fine.onnx coarse_trees.txt
+    <version>/tables/       *.npy id-embedding and item/user attribute tables (no pickles)
+    <version>/state/        *.npy feature state at the end of the log (seeds the feature store)
+    <version>/index/        items.faiss
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.featurize import Tables
+from engine.state import FeatureState
+
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+FORMAT = 1
+
+
+class BundleError(RuntimeError):
+    """A bundle that must not be served; the message is one line naming the file and the fault."""
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    tables: Tables
+    state: FeatureState
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.manifest["schema"]["tasks"])
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(path: str | Path) -> Path:
+    """A bundle root (holding CURRENT) or a version folder -> the version folder."""
+    path = Path(path)
+    if (path / CURRENT).is_file():
+        name = (path / CURRENT).read_text().strip()
+        if not name or "/" in name or name.startswith("."):
+            raise BundleError(f"{path / CURRENT}: does not name a version folder")
+        path = path / name
+    if not (path / MANIFEST).is_file():
+        raise BundleError(f"{path}: no {MANIFEST} (not a bundle, or CURRENT points at a missing version)")
+    return path
+
+
+def current_version(root: str | Path) -> str | None:
+    p = Path(root) / CURRENT
+    return p.read_text().strip() if p.is_file() else None
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Load and check a bundle; raise BundleError on any missing, extra-size or corrupt file."""
+    vdir = resolve(path)
+    try:
+        manifest = json.loads((vdir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{vdir / MANIFEST}: unreadable: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{vdir / MANIFEST}: format {manifest.get('format')!r}, this server reads {FORMAT}")
+    files = manifest.get("files", {})
+    for rel, meta in files.items():
+        p = vdir / rel
+        if not p.is_file():
+            raise BundleError(f"{p}: listed in the manifest but missing")
+        if p.stat().st_size != meta["bytes"]:
+            raise BundleError(f"{p}: size {p.stat().st_size} != manifest {meta['bytes']}")
+        if verify and sha256_file(p) != meta["sha256"]:
+            raise BundleError(f"{p}: sha256 mismatch (corrupt or modified)")
+
+    def arr(rel: str) -> np.ndarray:
+        if rel not in files:
+            raise BundleError(f"{vdir}: manifest lists no {rel}")
+        try:
+            return np.load(vdir / rel, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise BundleError(f"{vdir / rel}: not a plain .npy array: {e}") from None
+
+    schema = manifest["schema"]
+    tables = Tables(**{k: arr(f"tables/{k}.npy") for k in (
+        "item_emb", "item_id_emb", "item_category", "item_author", "item_content",
+        "item_created", "user_id_emb", "user_profile")},
+        profile_cardinality=tuple(schema["profile_cardinality"]),
+        context_cardinality=tuple(schema["context_cardinality"]))
+    st = manifest["state"]
+    state = FeatureState(**{k: arr(f"state/{k}.npy") for k in (
+        "user_recent", "user_seen", "user_n_imp", "user_n_pos", "item_n_imp", "item_n_pos",
+        "item_hot")}, t_ref=st["t_ref"], time=st["time"])
+    return Bundle(vdir, manifest, tables, state, arr("tables/user_ids.npy"), arr("tables/item_ids.npy"))

@@ -1,0 +1,87 @@
+"""Candidates: the struct of arrays every stage takes and returns.
+
+A batch is columns, never a list of objects, so every stage works with numpy
+gathers and argpartition and never loops per candidate in Python.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+
+class Guarantee(IntEnum):
+    """How far a pinned item is protected from truncation.
+
+    A truncating stage at level L keeps every candidate whose guarantee is >= L.
+    """
+
+    NONE = 0
+    COARSE = 1  # survives both coarse-ranking cuts, so it is fine-ranked
+    FINE = 2    # also survives a fine-ranking cut
+    FINAL = 3   # forced into the served list
+
+
+@dataclass(slots=True)
+class Candidates:
+    item: np.ndarray                         # int32 catalog index
+    routes: np.ndarray                       # uint8 bitmask of recall routes that found the item
+    guaranteed: np.ndarray                   # int8 Guarantee
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # named float32 columns
+
+    @classmethod
+    def empty(cls) -> "Candidates":
+        return cls(np.empty(0, np.int32), np.empty(0, np.uint8), np.empty(0, np.int8), {})
+
+    @classmethod
+    def from_route(cls, item: np.ndarray, score: np.ndarray, route_bit: int,
+                   guarantee: np.ndarray | int = Guarantee.NONE) -> "Candidates":
+        item = np.asarray(item, np.int32)
+        g = np.broadcast_to(np.asarray(guarantee, np.int8), item.shape).copy()
+        return cls(item, np.full(item.shape, route_bit, np.uint8), g,
+                   {"recall": np.asarray(score, np.float32)})
+
+    def __len__(self) -> int:
+        return int(self.item.shape[0])
+
+    def take(self, idx: np.ndarray) -> "Candidates":
+        """Rows at `idx` (int indices or bool mask), every column alike."""
+        return Candidates(self.item[idx], self.routes[idx], self.guaranteed[idx],
+                          {k: v[idx] for k, v in self.scores.items()})
+
+    def with_score(self, name: str, values: np.ndarray) -> "Candidates":
+        scores = dict(self.scores)
+        scores[name] = np.asarray(values, np.float32)
+        return Candidates(self.item, self.routes, self.guaranteed, scores)
+
+    def keep_top(self, score: np.ndarray, keep: int, level: Guarantee) -> "Candidates":
+        """The `keep` best by `score`, plus every candidate guaranteed to `level`, best first."""
+        n = len(self)
+        if n <= keep:
+            return self.take(np.argsort(-score, kind="stable"))
+        protected = self.guaranteed >= level
+        boosted = np.where(protected, np.inf, score)
+        top = np.argpartition(-boosted, keep - 1)[:keep]
+        extra = np.flatnonzero(protected)
+        idx = np.union1d(top, extra) if extra.size else top
+        return self.take(idx[np.argsort(-score[idx], kind="stable")])
+
+
+def merge(parts: list[Candidates]) -> Candidates:
+    """Union of route outputs: one row per item, OR of route bits, max guarantee, best recall score."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Candidates.empty()
+    item = np.concatenate([p.item for p in parts])
+    routes = np.concatenate([p.routes for p in parts])
+    guar = np.concatenate([p.guaranteed for p in parts])
+    rec = np.concatenate([p.scores["recall"] for p in parts])
+    uniq, inv = np.unique(item, return_inverse=True)
+    out_routes = np.zeros(uniq.shape, np.uint8)
+    np.bitwise_or.at(out_routes, inv, routes)
+    out_guar = np.zeros(uniq.shape, np.int8)
+    np.maximum.at(out_guar, inv, guar)
+    out_rec = np.full(uniq.shape, -np.inf, np.float32)
+    np.maximum.at(out_rec, inv, rec)
+    return Candidates(uniq.astype(np.int32), out_routes, out_guar, {"recall": out_rec})

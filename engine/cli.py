@@ -1,0 +1,72 @@
+"""`recserve` command line: one subcommand per job, each with its own --help."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _build(args) -> int:
+    from engine.config import load_config
+    from model_export.build import build_bundle
+
+    cfg = load_config(args.config)
+    path = build_bundle(cfg, args.out, force=args.force)
+    print(f"bundle ready: {path}")
+    return 0
+
+
+def _data_fetch(args) -> int:
+    from model_export.movielens import TERMS, fetch_movielens_100k
+
+    path = fetch_movielens_100k(args.cache_dir)
+    print(TERMS)
+    print(f"movielens-100k ready in {path}")
+    return 0
+
+
+def _check_config(args) -> int:
+    from engine.config import load_config
+
+    cfg = load_config(args.config)
+    print(f"{args.config}: ok ({len(cfg.pipeline.recall)} recall routes, "
+          f"{len(cfg.pipeline.stages)} stages, {len(cfg.experiments)} experiments)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="train what is missing, export to ONNX, write a versioned bundle")
+    b.add_argument("--config", required=True, help="TOML config (configs/tiny.toml, default.toml, large.toml)")
+    b.add_argument("--out", required=True, help="bundle root; versions are written under it")
+    b.add_argument("--force", action="store_true", help="rebuild even if a bundle for this config exists")
+    b.set_defaults(func=_build)
+
+    c = sub.add_parser("check-config", help="load and validate a config, then exit")
+    c.add_argument("config")
+    c.set_defaults(func=_check_config)
+
+    d = sub.add_parser("data", help="obtain real data sets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download a data set into the local cache (never into the repo)")
+    f.add_argument("dataset", choices=["movielens-100k"])
+    f.add_argument("--cache-dir", default=None, help="default: ~/.cache/recserve (or $RECSERVE_CACHE)")
+    f.set_defaults(func=_data_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.bundle import BundleError
+    from engine.config import ConfigError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, BundleError) as e:
+        print(f"recserve: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Typed TOML configuration, checked whole before any work starts.
+
+Every section is a dataclass; `load_config` refuses an unknown key, a wrong type or an
+impossible value with one line naming the key (`ConfigError`). Stage sections are checked
+against the Params dataclass their kind registers (engine.registry), and every experiment's
+overrides are applied and re-checked at load, so a bad variant never reaches a request.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """One line: `<file>: <dotted.key>: <what is wrong>`."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"          # synthetic | movielens
+    seed: int = 7
+    n_users: int = 2000
+    n_items: int = 5000
+    n_categories: int = 20
+    n_authors: int = 300
+    latent_dim: int = 16
+    content_dim: int = 32
+    days: float = 30.0
+    impressions_per_user: int = 100    # mean logged impressions per user over the log
+    cold_share: float = 0.05           # items created after the log ends: no interactions
+    history_frac: float = 0.7          # two-tower training and feature state: first 70% of time
+    valid_frac: float = 0.15           # validation: the last 15%; rankers train in between
+    movielens_dir: str = ""            # source = movielens; empty: the `recserve data fetch` cache
+
+    def check(self) -> None:
+        _one_of("source", self.source, ("synthetic", "movielens"))
+        for k in ("n_users", "n_items", "n_categories", "n_authors", "latent_dim", "content_dim",
+                  "impressions_per_user"):
+            _positive(k, getattr(self, k))
+        _unit("cold_share", self.cold_share)
+        if not (0 < self.history_frac < 1 and 0 < self.valid_frac < 1
+                and self.history_frac + self.valid_frac < 1):
+            raise _err("history_frac", "history_frac + valid_frac must leave room for ranker training")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 11
+    embed_dim: int = 32                # two-tower output, shared item embedding
+    id_dim: int = 32                   # id-embedding tables (the sparse part)
+    recent_len: int = 20               # user's recent positive items kept and pooled
+    batch_size: int = 1024
+    lr: float = 3e-3
+    tt_epochs: int = 3
+    tt_temperature: float = 0.05
+    tt_id_dropout: float = 0.3         # masks item ids in training so cold items embed from content
+    gbdt_trees: int = 40
+    gbdt_leaves: int = 15
+    gbdt_lr: float = 0.15
+    dnn_hidden: list[int] = field(default_factory=lambda: [128])
+    dnn_epochs: int = 3
+    fine_experts: int = 4
+    fine_expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    fine_tower_hidden: list[int] = field(default_factory=lambda: [32])
+    fine_epochs: int = 4
+    max_rank_rows: int = 0             # 0: all ranker-window impressions; else a sample
+    parity_tol: float = 1e-4
+
+    def check(self) -> None:
+        for k in ("embed_dim", "id_dim", "recent_len", "batch_size", "tt_epochs", "gbdt_trees",
+                  "gbdt_leaves", "dnn_epochs", "fine_experts", "fine_epochs"):
+            _positive(k, getattr(self, k))
+        if self.gbdt_leaves < 2:
+            raise _err("gbdt_leaves", "must be >= 2")
+        for k in ("dnn_hidden", "fine_expert_hidden", "fine_tower_hidden"):
+            v = getattr(self, k)
+            if not v or any(h <= 0 for h in v):
+                raise _err(k, "needs one or more positive layer widths")
+        if len(self.dnn_hidden) > 2:
+            raise _err("dnn_hidden", "coarse phase 2 is shallow: 1 or 2 hidden layers")
+        _unit("tt_id_dropout", self.tt_id_dropout)
+
+
+@dataclass
+class IndexConfig:
+    kind: str = "flat"                 # flat | ivf_flat | ivf_sq8
+    nlist: int = 1024
+    nprobe: int = 32
+    train_size: int = 100_000          # vectors sampled to train the coarse quantizer
+    recall_k: int = 1000               # recall@k against exact search, stored in the manifest
+    recall_queries: int = 200
+
+    def check(self) -> None:
+        _one_of("kind", self.kind, ("flat", "ivf_flat", "ivf_sq8"))
+        for k in ("nlist", "nprobe", "train_size", "recall_k", "recall_queries"):
+            _positive(k, getattr(self, k))
+        if self.nprobe > self.nlist:
+            raise _err("nprobe", f"{self.nprobe} exceeds nlist={self.nlist}")
+
+
+@dataclass
+class ServingConfig:
+    ort_threads: int = 1               # per worker: N workers x 1 thread fill 2 cores without contention
+    faiss_threads: int = 1
+    lgbm_threads: int = 1
+    route_threads: int = 4             # recall routes run concurrently (faiss and ORT release the GIL)
+    default_count: int = 20
+    max_count: int = 200
+    max_excludes: int = 1000
+    deadline_ms: float = 100.0         # when the client sends none
+    on_deadline: str = "degrade"       # degrade: answer on coarse scores | error: DEADLINE_EXCEEDED
+    max_inflight: int = 64             # per worker; beyond it RESOURCE_EXHAUSTED at once
+    seen_window: int = 200             # recent impressions per user remembered as seen
+    hot_half_life_hours: float = 24.0
+    workers: int = 2
+
+    def check(self) -> None:
+        for k in ("ort_threads", "faiss_threads", "lgbm_threads", "route_threads", "default_count",
+                  "max_count", "max_inflight", "seen_window", "workers"):
+            _positive(k, getattr(self, k))
+        if self.default_count > self.max_count:
+            raise _err("default_count", f"{self.default_count} exceeds max_count={self.max_count}")
+        if self.deadline_ms <= 0:
+            raise _err("deadline_ms", "must be > 0")
+        if self.hot_half_life_hours <= 0:
+            raise _err("hot_half_life_hours", "must be > 0")
+        _one_of("on_deadline", self.on_deadline, ("degrade", "error"))
+
+
+@dataclass
+class PipelineConfig:
+    recall: list[str] = field(default_factory=list)   # stage names run concurrently, then merged
+    stages: list[str] = field(default_factory=list)   # stage names run in order on the merged batch
+
+
+@dataclass
+class Experiment:
+    share: float = 0.0                                # traffic share by stable user hash
+    set: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, e.g. "stage.rerank.beam_width"
+
+
+@dataclass
+class Config:
+    path: str
+    data: DataConfig
+    train: TrainConfig
+    index: IndexConfig
+    serving: ServingConfig
+    pipeline: PipelineConfig
+    stage: dict[str, Any]                    # name -> (kind, Params) checked by the registry
+    experiments: dict[str, Experiment]
+    raw: dict[str, Any]                      # the parsed TOML, for hashing and overrides
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named raw sections: a bundle built from equal sections is reusable."""
+        blob = repr([(s, _sorted(self.raw.get(s, {}))) for s in sections]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def variant(self, experiment: str) -> "Config":
+        """This config with the experiment's overrides applied (already checked at load)."""
+        return self._variants[experiment] if experiment else self
+
+    _variants: dict[str, "Config"] = dataclasses.field(default_factory=dict)
+
+
+def _sorted(x: Any) -> Any:
+    if isinstance(x, dict):
+        return sorted((k, _sorted(v)) for k, v in x.items())
+    return x
+
+
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig,
+             "serving": ServingConfig, "pipeline": PipelineConfig}
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        cfg = parse_config(raw, str(path))
+        for name, exp in cfg.experiments.items():
+            cfg._variants[name] = parse_config(_apply_overrides(raw, exp.set, f"experiments.{name}.set"),
+                                               str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
+    from engine import registry  # stage kinds register their Params here
+
+    allowed = set(_SECTIONS) | {"stage", "experiments"}
+    for k in raw:
+        if k not in allowed:
+            raise ConfigError(f"{k}: unknown section (allowed: {', '.join(sorted(allowed))})")
+    secs = {k: _build(cls, raw.get(k, {}), k) for k, cls in _SECTIONS.items()}
+    for k, sec in secs.items():
+        if hasattr(sec, "check"):
+            try:
+                sec.check()
+            except ConfigError as e:
+                raise ConfigError(f"{k}.{e}") from None
+    stages_raw = raw.get("stage", {})
+    if not isinstance(stages_raw, dict):
+        raise ConfigError("stage: must be a table of stage sections")
+    pipe: PipelineConfig = secs["pipeline"]
+    if not pipe.recall:
+        raise ConfigError("pipeline.recall: name at least one recall route")
+    stage_specs = {}
+    for name in [*pipe.recall, *pipe.stages]:
+        if name not in stages_raw:
+            raise ConfigError(f"pipeline: stage '{name}' has no [stage.{name}] section")
+    for name, body in stages_raw.items():
+        if name not in pipe.recall and name not in pipe.stages:
+            raise ConfigError(f"stage.{name}: not named in pipeline.recall or pipeline.stages")
+        if not isinstance(body, dict) or "kind" not in body:
+            raise ConfigError(f"stage.{name}.kind: missing")
+        kind = body["kind"]
+        spec = registry.kind(kind)
+        if spec is None:
+            raise ConfigError(f"stage.{name}.kind: unknown kind '{kind}' (known: {', '.join(registry.kinds())})")
+        if (name in pipe.recall) != spec.is_recall:
+            raise ConfigError(f"stage.{name}.kind: '{kind}' belongs in pipeline."
+                              f"{'recall' if spec.is_recall else 'stages'}")
+        params = _build(spec.params, {k: v for k, v in body.items() if k != "kind"}, f"stage.{name}")
+        if hasattr(params, "check"):
+            try:
+                params.check()
+            except ConfigError as e:
+                raise ConfigError(f"stage.{name}.{e}") from None
+        stage_specs[name] = (kind, params)
+    exps_raw = raw.get("experiments", {})
+    exps = {n: _build(Experiment, b, f"experiments.{n}") for n, b in exps_raw.items()}
+    total = sum(e.share for e in exps.values())
+    if any(e.share < 0 for e in exps.values()) or total > 1 + 1e-9:
+        raise ConfigError(f"experiments: shares must be >= 0 and sum to <= 1 (sum {total:g})")
+    cfg = Config(path, secs["data"], secs["train"], secs["index"], secs["serving"], pipe,
+                 stage_specs, exps, raw)
+    registry.check_sizes(cfg)
+    return cfg
+
+
+def _apply_overrides(raw: dict, sets: dict[str, Any], where: str) -> dict:
+    out = copy.deepcopy(raw)
+    out.pop("experiments", None)
+    for dotted, value in sets.items():
+        node = out
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"{where}.{dotted}: '{k}' is not a table")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a table")
+    names = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{where}.{k}: unknown key (allowed: {', '.join(sorted(names))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, v, where):
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return v
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(v).__name__} {v!r}")
+        return float(v)
+    if tp in (int, str, bool):
+        if type(v) is not tp:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(v).__name__} {v!r}")
+        return v
+    if origin is list:
+        if not isinstance(v, list):
+            raise ConfigError(f"{where}: expected a list, got {type(v).__name__}")
+        (et,) = typing.get_args(tp)
+        return [_coerce(et, x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(v).__name__}")
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(vt, x, f"{where}.{k}") for k, x in v.items()}
+    if origin in (typing.Union, types.UnionType):
+        for t in typing.get_args(tp):
+            try:
+                return _coerce(t, v, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {v!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _err(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{key}: {msg}")
+
+
+def _positive(key: str, v) -> None:
+    if v <= 0:
+        raise _err(key, f"must be > 0, got {v}")
+
+
+def _unit(key: str, v) -> None:
+    if not 0 <= v <= 1:
+        raise _err(key, f"must be in [0, 1], got {v}")
+
+
+def _one_of(key: str, v, options) -> None:
+    if v not in options:
+        raise _err(key, f"'{v}' is not one of {', '.join(options)}")

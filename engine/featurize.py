@@ -1,0 +1,136 @@
+"""Model inputs, built by numpy from the bundle's tables and the feature state.
+
+One implementation for training (model_export) and serving (stages): a feature drifting
+between the two is the classic silent bug of two-stage systems. All functions are batched;
+the serving path calls them with one user row and N candidate rows.
+
+Sparse and dense apart: id embeddings live in tables (mmap'd .npy in the bundle) and are
+gathered here; the ONNX graphs take only dense inputs, so one item-embedding gather serves
+the two-tower score, coarse phase 2 and the fine ranker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COARSE_FEATURES = (
+    "tt_score",         # two-tower inner product: the recall model's opinion
+    "item_log_imp",     # log1p impressions: popularity
+    "item_ctr",         # smoothed positive rate
+    "item_age_days",    # freshness
+    "item_log_hot",     # time-decayed recent positives
+    "user_log_imp",
+    "user_ctr",
+    "cat_affinity",     # share of the user's recent positives in the item's category
+    "author_affinity",  # same, for the author
+    "content_sim",      # cosine of item content to the user's recent-content centroid
+    "hour",
+    "device",
+)
+CTR_PRIOR_POS, CTR_PRIOR_IMP = 1.0, 20.0
+
+
+@dataclass
+class Tables:
+    """The sparse side: per-id arrays gathered per request. Rows may be mmap'd."""
+
+    item_emb: np.ndarray        # float32 [I, d] two-tower item embeddings, L2-normalised
+    item_id_emb: np.ndarray     # float32 [I, id_dim] id table pooled over a user's history
+    item_category: np.ndarray   # int32 [I]
+    item_author: np.ndarray     # int32 [I]
+    item_content: np.ndarray    # float32 [I, C] (L2-normalised)
+    item_created: np.ndarray    # float32 [I] day
+    user_id_emb: np.ndarray     # float32 [U, id_dim]
+    user_profile: np.ndarray    # int32 [U, P]
+    profile_cardinality: tuple[int, ...]
+    context_cardinality: tuple[int, ...]
+
+    @property
+    def default_profile(self) -> np.ndarray:
+        """A new user's profile: every field at 0 ("unknown" bucket)."""
+        return np.zeros(len(self.profile_cardinality), np.int32)
+
+
+def one_hot(codes: np.ndarray, cardinality: tuple[int, ...]) -> np.ndarray:
+    """[B, F] ints -> [B, sum(cardinality)] float32, out-of-range codes clipped."""
+    codes = np.atleast_2d(codes)
+    offsets = np.cumsum((0,) + tuple(cardinality[:-1]))
+    clipped = np.clip(codes, 0, np.asarray(cardinality) - 1) + offsets
+    out = np.zeros((codes.shape[0], int(sum(cardinality))), np.float32)
+    np.put_along_axis(out, clipped, 1.0, axis=1)
+    return out
+
+
+def pooled(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mean of table rows over the valid (>= 0) ids of each row of `ids` [B, L] -> [B, dim]."""
+    mask = ids >= 0
+    rows = table[np.where(mask, ids, 0)] * mask[..., None]
+    return rows.sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+
+
+def user_tower_input(t: Tables, users: np.ndarray, profiles: np.ndarray, contexts: np.ndarray,
+                     recent: np.ndarray) -> np.ndarray:
+    """Dense user-tower input [B, Du]: id embedding (zeros for new users), profile, context, history."""
+    uid = np.where((users >= 0)[:, None], t.user_id_emb[np.maximum(users, 0)], 0.0)
+    has_hist = (recent[:, :1] >= 0).astype(np.float32)
+    return np.concatenate([uid, one_hot(profiles, t.profile_cardinality),
+                           one_hot(contexts, t.context_cardinality),
+                           pooled(t.item_id_emb, recent), has_hist], axis=1).astype(np.float32)
+
+
+def user_tower_dim(id_dim: int, profile_card, context_card) -> int:
+    return 2 * id_dim + int(sum(profile_card)) + int(sum(context_card)) + 1
+
+
+def coarse_features(t: Tables, items: np.ndarray, user_e: np.ndarray, item_e: np.ndarray,
+                    recent: np.ndarray, user_n_imp: np.ndarray, user_n_pos: np.ndarray,
+                    item_n_imp: np.ndarray, item_n_pos: np.ndarray, item_hot: np.ndarray,
+                    contexts: np.ndarray, now: float) -> np.ndarray:
+    """Cheap features [N, len(COARSE_FEATURES)] for N (user, item) rows.
+
+    User-side arguments are [N, ...] or [1, ...] (broadcast over one request's candidates).
+    `item_n_imp`, `item_n_pos`, `item_hot` are already gathered for `items`.
+    """
+    n = items.shape[0]
+    f = np.empty((n, len(COARSE_FEATURES)), np.float32)
+    f[:, 0] = np.einsum("nd,nd->n", np.broadcast_to(user_e, item_e.shape), item_e)
+    f[:, 1] = np.log1p(item_n_imp)
+    f[:, 2] = (item_n_pos + CTR_PRIOR_POS) / (item_n_imp + CTR_PRIOR_IMP)
+    f[:, 3] = np.maximum(now - t.item_created[items], 0.0)
+    f[:, 4] = np.log1p(item_hot)
+    f[:, 5] = np.log1p(user_n_imp)
+    f[:, 6] = (user_n_pos + CTR_PRIOR_POS) / (user_n_imp + CTR_PRIOR_IMP)
+    valid = recent >= 0
+    n_valid = np.maximum(valid.sum(1), 1)
+    rc = np.where(valid, t.item_category[np.maximum(recent, 0)], -1)
+    ra = np.where(valid, t.item_author[np.maximum(recent, 0)], -1)
+    f[:, 7] = (rc == t.item_category[items][:, None]).sum(1) / n_valid   # [B, L] vs [N, 1], B in {1, N}
+    f[:, 8] = (ra == t.item_author[items][:, None]).sum(1) / n_valid
+    centroid = pooled(t.item_content, recent)
+    centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-6)
+    f[:, 9] = np.einsum("nd,nd->n", np.broadcast_to(centroid, (n, centroid.shape[1])),
+                        t.item_content[items])
+    ctx = np.broadcast_to(contexts, (n, contexts.shape[1]))
+    f[:, 10] = ctx[:, 0]
+    f[:, 11] = ctx[:, 1] if ctx.shape[1] > 1 else 0
+    return f
+
+
+def ranker_user_input(t: Tables, user_e: np.ndarray, profiles: np.ndarray,
+                      contexts: np.ndarray) -> np.ndarray:
+    """User side of phase 2 and the fine ranker [B, d + profile + context]: computed once per request."""
+    return np.concatenate([user_e, one_hot(profiles, t.profile_cardinality),
+                           one_hot(contexts, t.context_cardinality)], axis=1).astype(np.float32)
+
+
+def ranker_item_input(item_e: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """Item side [N, d + F]: the shared item embedding and the cheap features (the graph normalises)."""
+    return np.concatenate([item_e, coarse], axis=1).astype(np.float32)
+
+
+def sequence_input(t: Tables, recent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The user's recent positives as item embeddings [B, L, d] and a float mask [B, L]."""
+    mask = recent >= 0
+    seq = t.item_emb[np.where(mask, recent, 0)] * mask[..., None]
+    return seq.astype(np.float32), mask.astype(np.float32)

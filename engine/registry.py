@@ -1,0 +1,80 @@
+"""Stage kinds: each module in stages/ registers one kind with its Params dataclass.
+
+Like product-mixer's component identifiers and Merlin's operator schemas: a kind declares
+its config (Params), whether it is a recall route, which score columns it needs and which
+it adds, so a pipeline is checked when the config loads, not when a request fails.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    kind: str
+    params: type
+    factory: Callable[..., Any]        # (name, params, bundle, config) -> stage callable
+    is_recall: bool
+    requires: tuple[str, ...]          # score columns that must exist before it runs
+    provides: tuple[str, ...]          # score columns it adds ("tasks" = one per model task)
+
+
+_KINDS: dict[str, KindSpec] = {}
+_loaded = False
+
+
+def register(kind: str, params: type, *, recall: bool = False,
+             requires: tuple[str, ...] = (), provides: tuple[str, ...] = ()):
+    def deco(factory):
+        _KINDS[kind] = KindSpec(kind, params, factory, recall, requires, provides)
+        factory.kind = kind
+        return factory
+    return deco
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        import stages
+        for m in pkgutil.iter_modules(stages.__path__):
+            importlib.import_module(f"stages.{m.name}")
+        _loaded = True
+
+
+def kind(name: str) -> KindSpec | None:
+    _load()
+    return _KINDS.get(name)
+
+
+def kinds() -> list[str]:
+    _load()
+    return sorted(_KINDS)
+
+
+def check_sizes(cfg) -> None:
+    """Refuse impossible sizes and missing score columns along the declared pipeline."""
+    from engine.config import ConfigError
+
+    size = 0
+    for name in cfg.pipeline.recall:
+        _, p = cfg.stage[name]
+        size += p.k
+    have = {"recall"}
+    for name in cfg.pipeline.stages:
+        k, p = cfg.stage[name]
+        spec = _KINDS[k]
+        for col in spec.requires:
+            if col not in have:
+                raise ConfigError(f"pipeline.stages: '{name}' needs score '{col}' which no earlier stage adds")
+        have.update(spec.provides)
+        keep = getattr(p, "keep", 0)
+        if keep:
+            if keep > size:
+                raise ConfigError(f"stage.{name}.keep: {keep} exceeds the {size} candidates it can receive")
+            size = keep
+    if cfg.serving.max_count > size:
+        raise ConfigError(f"serving.max_count: {cfg.serving.max_count} exceeds the {size} "
+                          "candidates the last stage keeps")

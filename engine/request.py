@@ -1,0 +1,69 @@
+"""Request and response of one Recommend call, independent of the transport."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class InvalidRequest(ValueError):
+    """A request field is wrong; the message names the field. Maps to INVALID_ARGUMENT."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(slots=True)
+class Request:
+    user_id: str
+    count: int = 20
+    context: dict[str, int] = field(default_factory=dict)  # e.g. hour (0-23), device (0..n)
+    exclude: list[str] = field(default_factory=list)      # external item ids
+    experiment: str = ""
+    debug: bool = False
+    deadline_ms: float = 0.0                                # 0: the config's default budget
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class StageTrace:
+    name: str
+    ms: float
+    count_in: int
+    count_out: int
+    status: str = "ok"  # ok | skipped | failed | timeout
+
+
+@dataclass(slots=True)
+class Response:
+    item_ids: list[str]
+    scores: np.ndarray                     # float32 fused score per served item
+    task_scores: dict[str, np.ndarray]     # task name -> float32 per served item
+    routes: list[list[str]]                # recall routes that found each item
+    degraded: bool = False
+    experiment: str = ""
+    bundle_version: str = ""
+    request_id: str = ""
+    trace: list[StageTrace] = field(default_factory=list)
+    total_ms: float = 0.0
+
+
+EVENT_KINDS = ("impression", "click", "like", "finish", "dislike")
+
+
+@dataclass(slots=True)
+class Event:
+    kind: str           # one of EVENT_KINDS
+    user_id: str
+    item_id: str
+    timestamp: float    # unix seconds; 0 means "now"
+    request_id: str = ""
+
+
+class Overloaded(RuntimeError):
+    """The in-flight limit or an event buffer is full. Maps to RESOURCE_EXHAUSTED."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The deadline cannot be met and the config says to fail rather than degrade."""

@@ -1,0 +1,1 @@
+"""Offline side: data sets, training of every model, ONNX export with parity checks, bundle writing."""
