@@ -28,7 +28,9 @@ class Candidates:
     item: np.ndarray                         # int32 catalog index
     routes: np.ndarray                       # uint8 bitmask of recall routes that found the item
     guaranteed: np.ndarray                   # int8 Guarantee
-    scores: dict[str, np.ndarray] = field(default_factory=dict)  # named float32 columns
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # named float32 [n] columns
+    feats: dict[str, np.ndarray] = field(default_factory=dict)   # [n, k] features stages share
+    primary: str = "recall"                  # the score column of the latest ranking stage
 
     @classmethod
     def empty(cls) -> "Candidates":
@@ -48,12 +50,15 @@ class Candidates:
     def take(self, idx: np.ndarray) -> "Candidates":
         """Rows at `idx` (int indices or bool mask), every column alike."""
         return Candidates(self.item[idx], self.routes[idx], self.guaranteed[idx],
-                          {k: v[idx] for k, v in self.scores.items()})
+                          {k: v[idx] for k, v in self.scores.items()},
+                          {k: v[idx] for k, v in self.feats.items()}, self.primary)
 
-    def with_score(self, name: str, values: np.ndarray) -> "Candidates":
-        scores = dict(self.scores)
-        scores[name] = np.asarray(values, np.float32)
-        return Candidates(self.item, self.routes, self.guaranteed, scores)
+    def with_columns(self, scores: dict[str, np.ndarray] | None = None,
+                     feats: dict[str, np.ndarray] | None = None, primary: str | None = None) -> "Candidates":
+        """A new batch sharing the row arrays, with extra score/feature columns."""
+        return Candidates(self.item, self.routes, self.guaranteed,
+                          {**self.scores, **{k: np.asarray(v, np.float32) for k, v in (scores or {}).items()}},
+                          {**self.feats, **(feats or {})}, primary or self.primary)
 
     def keep_top(self, score: np.ndarray, keep: int, level: Guarantee) -> "Candidates":
         """The `keep` best by `score`, plus every candidate guaranteed to `level`, best first."""

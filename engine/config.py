@@ -191,8 +191,11 @@ def load_config(path: str | Path) -> Config:
     try:
         cfg = parse_config(raw, str(path))
         for name, exp in cfg.experiments.items():
-            cfg._variants[name] = parse_config(_apply_overrides(raw, exp.set, f"experiments.{name}.set"),
-                                               str(path))
+            where = f"experiments.{name}.set"
+            try:
+                cfg._variants[name] = parse_config(_apply_overrides(raw, exp.set, where), str(path))
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return cfg

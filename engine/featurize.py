@@ -134,3 +134,11 @@ def sequence_input(t: Tables, recent: np.ndarray) -> tuple[np.ndarray, np.ndarra
     mask = recent >= 0
     seq = t.item_emb[np.where(mask, recent, 0)] * mask[..., None]
     return seq.astype(np.float32), mask.astype(np.float32)
+
+
+def item_tower_input(t: Tables, category_emb: np.ndarray, author_emb: np.ndarray,
+                     items: np.ndarray) -> np.ndarray:
+    """Dense item-tower input [N, id_dim + cat + author + C]: the id row is zero for items the
+    model never trained on, so a new item embeds from category, author and content alone."""
+    return np.concatenate([t.item_id_emb[items], category_emb[t.item_category[items]],
+                           author_emb[t.item_author[items]], t.item_content[items]], axis=1).astype(np.float32)

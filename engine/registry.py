@@ -78,3 +78,15 @@ def check_sizes(cfg) -> None:
     if cfg.serving.max_count > size:
         raise ConfigError(f"serving.max_count: {cfg.serving.max_count} exceeds the {size} "
                           "candidates the last stage keeps")
+
+
+@dataclass
+class StageEnv:
+    """What a stage is built from besides its Params: the loaded bundle and shared runtimes."""
+
+    name: str
+    bundle: Any            # engine.bundle.Bundle
+    models: Any            # engine.models.Models
+    store: Any             # engine.store.FeatureStore
+    config: Any            # engine.config.Config (the experiment's variant)
+    route_bit: int = 0     # recall routes only: this route's bit in Candidates.routes

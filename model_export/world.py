@@ -102,8 +102,7 @@ def make_world(cfg: DataConfig) -> Dataset:
     days = float(cfg.days)
     return Dataset(
         name=f"synthetic-{cfg.seed}", tasks=TASKS,
-        user_ids=np.char.add("u", np.arange(cfg.n_users).astype(str)),
-        item_ids=np.char.add("i", np.arange(cfg.n_items).astype(str)),
+        user_ids=_ids("u", cfg.n_users), item_ids=_ids("i", cfg.n_items),
         user_profile=users["profile"], profile_fields=PROFILE_FIELDS, profile_cardinality=PROFILE_CARDINALITY,
         context_fields=CONTEXT_FIELDS, context_cardinality=CONTEXT_CARDINALITY,
         item_category=items["category"], n_categories=cfg.n_categories,
@@ -147,7 +146,7 @@ def _items(rng: np.random.Generator, cfg: DataConfig, centroids: np.ndarray,
     author_quality = 0.6 * rng.standard_normal(a)
     author_offset = 0.5 * rng.standard_normal((a, d))
     author_cum = np.cumsum(rng.pareto(1.5, a) + 1)
-    author = np.minimum(np.searchsorted(author_cum, rng.random(n) * author_cum[-1], side="right"), a - 1)
+    author = _pick(author_cum, rng.random(n) * author_cum[-1])
     category = np.where(rng.random(n) < 0.85, home[author], rng.choice(k, n, p=cat_weight))
     latent = (centroids[category] + author_offset[author] + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
     quality = (author_quality[author] + 0.5 * rng.standard_normal(n)).astype(np.float32)
@@ -194,7 +193,7 @@ def _log(rng: np.random.Generator, cfg: DataConfig, users: dict, items: dict,
     item = np.empty(n, np.int64)
     explore, popular = source == 0, source == 1
     item[explore] = noncold[rng.integers(len(noncold), size=explore.sum())]
-    item[popular] = np.searchsorted(pop_cum, rng.random(popular.sum()) * pop_cum[-1], side="right")
+    item[popular] = _pick(pop_cum, rng.random(popular.sum()) * pop_cum[-1])
     item[source == 2] = _taste_slots(rng, cfg, users, items, truth, s_user, s_time, source, start, sess)
 
     # Not-yet-created items and in-session repeats are redrawn uniformly, finally from pre-existing items.
@@ -248,15 +247,20 @@ def _taste_slots(rng: np.random.Generator, cfg: DataConfig, users: dict, items: 
         r = rng.random(len(u))
         cat = np.minimum(np.searchsorted(aff_flat, u + r, side="right") - u * n_cat, n_cat - 1)
         w = bounds[cat] + rng.random(len(u)) * (bounds[cat + 1] - bounds[cat])
-        cand = by_cat[np.minimum(np.searchsorted(weight_cum, w, side="right"), len(by_cat) - 1)]
+        cand = by_cat[_pick(weight_cum, w)]
         by_pop = rng.random(len(u)) < 1 / 3
-        cand[by_pop] = np.searchsorted(pop_cum, rng.random(by_pop.sum()) * pop_cum[-1], side="right")
+        cand[by_pop] = _pick(pop_cum, rng.random(by_pop.sum()) * pop_cum[-1])
         score = truth.click_logit(u, cand) + POLICY_NOISE * rng.standard_normal(len(u))
         score[(items["created"][cand] > np.repeat(s_time[s], m)) | items["cold"][cand]] = -np.inf
         cand, score = cand.reshape(-1, m), score.reshape(-1, m)
         top = np.argsort(-score, axis=1, kind="stable")[:, :chosen.shape[1]]
         chosen[s] = np.take_along_axis(cand, top, axis=1)
     return chosen[sess[taste], rank[taste]]
+
+
+def _pick(cum: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Inverse CDF: the index whose cumulative-weight interval holds each value (zero weights never hit)."""
+    return np.minimum(np.searchsorted(cum, values, side="right"), len(cum) - 1)
 
 
 def _repeats(sess: np.ndarray, item: np.ndarray, n_items: int) -> np.ndarray:
@@ -273,6 +277,11 @@ def _blocks(n: int, desc: str | None = None, size: int = _CHUNK) -> Iterator[sli
     starts = range(0, n, size)
     bar = tqdm(starts, desc=desc, disable=None if desc and len(starts) > 1 else True, leave=False)
     return (slice(i, min(i + size, n)) for i in bar)
+
+
+def _ids(prefix: str, n: int) -> np.ndarray:
+    """'<U' ids as narrow as the largest index needs (1M items: 32 bytes each, not 88)."""
+    return np.char.add(prefix, np.arange(n).astype(f"<U{len(str(max(n - 1, 0)))}"))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

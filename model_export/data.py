@@ -1,0 +1,22 @@
+"""One entry point from a DataConfig to a Dataset, whatever the source."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.config import DataConfig
+from model_export.dataset import Dataset
+from model_export.movielens import default_movielens_dir, load_movielens
+from model_export.world import make_world
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The synthetic world for cfg.seed, or MovieLens from cfg.movielens_dir (default: the fetch cache)."""
+    if cfg.source == "synthetic":
+        return make_world(cfg)
+    if cfg.source == "movielens":
+        directory = Path(cfg.movielens_dir) if cfg.movielens_dir else default_movielens_dir()
+        try:
+            return load_movielens(directory, cfg.history_frac, cfg.valid_frac)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; run `recserve data fetch movielens-100k` to download it") from None
+    raise ValueError(f"data.source: unknown source '{cfg.source}' (synthetic | movielens)")

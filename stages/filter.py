@@ -1,0 +1,79 @@
+"""Filters: drop candidates by one rule. Cheapest first in the pipeline; each named instance
+is traced on its own, so a trace shows what every rule removed.
+
+rules: excluded (the request's excludes), seen (recent impressions and positives of the
+user), blocked (a blocklist file, and items older than `max_age_days` if set), author_cap
+(at most `max_per_author` per author, best recall score first). Guaranteed items are
+exempt from author_cap only: nobody is shown what they excluded or saw.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.candidates import Candidates, Guarantee
+from engine.config import ConfigError
+from engine.registry import StageEnv, register
+
+RULES = ("excluded", "seen", "blocked", "author_cap")
+
+
+@dataclass
+class Params:
+    rule: str = ""
+    max_per_author: int = 0        # author_cap
+    blocklist: str = ""            # blocked: TOML file with `items = ["i1", ...]`, relative to the config
+    max_age_days: float = 0.0      # blocked: 0 = items never expire
+
+    def check(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"rule: '{self.rule}' is not one of {', '.join(RULES)}")
+        if self.rule == "author_cap" and self.max_per_author <= 0:
+            raise ConfigError("max_per_author: author_cap needs a value > 0")
+
+
+@register("filter", Params)
+class Filter:
+    def __init__(self, p: Params, env: StageEnv):
+        self.rule, self.cap = p.rule, p.max_per_author
+        t = env.bundle.tables
+        self.author = np.asarray(t.item_author)
+        if p.rule == "blocked":
+            blocked = np.zeros(len(self.author), bool)
+            if p.blocklist:
+                path = Path(env.config.path).parent / p.blocklist
+                try:
+                    ids = tomllib.loads(path.read_text()).get("items", [])
+                except (OSError, tomllib.TOMLDecodeError) as e:
+                    raise ConfigError(f"stage.{env.name}.blocklist: {path}: {e}") from None
+                index = {s: i for i, s in enumerate(np.asarray(env.bundle.item_ids).tolist())}
+                blocked[[index[s] for s in ids if s in index]] = True
+            self.blocked = blocked
+            self.max_age, self.created, self.clock = p.max_age_days, np.asarray(t.item_created), env.store.clock
+
+    def __call__(self, ctx, c: Candidates) -> Candidates:
+        if self.rule == "excluded":
+            return c.take(~np.isin(c.item, ctx.exclude)) if ctx.exclude.size else c
+        if self.rule == "seen":
+            seen = np.concatenate([ctx.user.seen, ctx.user.recent[0]])
+            return c.take(~np.isin(c.item, seen[seen >= 0]))
+        if self.rule == "blocked":
+            drop = self.blocked[c.item]
+            if self.max_age > 0:
+                drop |= self.clock.days() - self.created[c.item] > self.max_age
+            return c.take(~drop)
+        return self._cap_authors(c)
+
+    def _cap_authors(self, c: Candidates) -> Candidates:
+        """Rank within author by recall score; keep rank < cap (guaranteed items always)."""
+        a = self.author[c.item]
+        order = np.lexsort((-c.scores["recall"], a))
+        sa = a[order]
+        starts = np.r_[0, np.flatnonzero(sa[1:] != sa[:-1]) + 1]
+        rank = np.arange(sa.size) - np.repeat(starts, np.diff(np.r_[starts, sa.size]))
+        keep = np.empty(sa.size, bool)
+        keep[order] = rank < self.cap
+        return c.take(keep | (c.guaranteed >= Guarantee.COARSE))

@@ -1,0 +1,44 @@
+"""Coarse phase 1: a small LightGBM model over cheap features for every candidate.
+
+It computes the cheap features (engine.featurize.coarse_features) once; phase 2 and the
+fine ranker reuse them and the gathered item embeddings from the batch's feature columns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import featurize
+from engine.candidates import Candidates, Guarantee
+from engine.config import ConfigError
+from engine.registry import StageEnv, register
+
+
+@dataclass
+class Params:
+    keep: int = 1000
+    budget_ms: float = 10.0
+
+    def check(self) -> None:
+        if self.keep <= 0 or self.budget_ms <= 0:
+            raise ConfigError("keep, budget_ms: must be > 0")
+
+
+@register("rank_trees", Params, provides=("trees",))
+class RankTrees:
+    skippable = False
+
+    def __init__(self, p: Params, env: StageEnv):
+        self.keep, self.models, self.store, self.tables = p.keep, env.models, env.store, env.bundle.tables
+
+    def __call__(self, ctx, c: Candidates) -> Candidates:
+        item_e = self.tables.item_emb[c.item]
+        n_imp, n_pos, hot = self.store.item_stats(c.item)
+        x = featurize.coarse_features(
+            self.tables, c.item, ctx.user_e, item_e, ctx.user.recent,
+            np.float32(ctx.user.n_imp), np.float32(ctx.user.n_pos), n_imp, n_pos, hot,
+            ctx.context, ctx.now)
+        score = self.models.predict_trees(x)
+        c = c.with_columns({"trees": score}, {"coarse_x": x, "item_e": item_e}, primary="trees")
+        return c.keep_top(score, self.keep, Guarantee.COARSE)

@@ -1,0 +1,83 @@
+"""Hot recall: time-decayed popularity, global and within the user's favourite categories.
+
+The ranking over the whole catalog is refreshed at most every `refresh_s` (events move it
+within seconds), so a request only slices precomputed lists.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.candidates import Candidates
+from engine.config import ConfigError
+from engine.registry import StageEnv, register
+
+
+@dataclass
+class Params:
+    k: int = 500
+    global_share: float = 0.5      # the rest comes from the user's top categories
+    categories: int = 3            # how many of the user's favourite categories
+    refresh_s: float = 1.0
+    timeout_ms: float = 20.0
+
+    def check(self) -> None:
+        if self.k <= 0:
+            raise ConfigError("k: must be > 0")
+        if not 0 <= self.global_share <= 1:
+            raise ConfigError("global_share: must be in [0, 1]")
+        if self.categories < 0 or self.refresh_s <= 0 or self.timeout_ms <= 0:
+            raise ConfigError("categories, refresh_s, timeout_ms: must be positive")
+
+
+@register("recall_hot", Params, recall=True)
+class RecallHot:
+    def __init__(self, p: Params, env: StageEnv):
+        self.p, self.bit, self.store = p, env.route_bit, env.store
+        self.category = np.asarray(env.bundle.tables.item_category)
+        self.n_cat = int(env.bundle.manifest["schema"]["n_categories"])
+        self._lock = threading.Lock()
+        self._at = -1e18
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Top items by decayed score, globally and grouped by category (best first)."""
+        hot = np.asarray(self.store.item_hot(), np.float64)
+        pool = min(hot.size, max(self.p.k * 20, 20_000))
+        top = np.argpartition(-hot, pool - 1)[:pool] if pool < hot.size else np.arange(hot.size)
+        top = top[np.argsort(-hot[top], kind="stable")]
+        cats = self.category[top]
+        order = np.argsort(cats, kind="stable")            # by category, hot order kept inside
+        bounds = np.searchsorted(cats[order], np.arange(self.n_cat + 1))
+        score = np.log1p(hot[top]).astype(np.float32)
+        self._global, self._gscore = top[: self.p.k].astype(np.int32), score[: self.p.k]
+        self._by_cat, self._by_cat_score, self._bounds = top[order].astype(np.int32), score[order], bounds
+        self._at = time.monotonic()
+
+    def __call__(self, ctx) -> Candidates:
+        if time.monotonic() - self._at > self.p.refresh_s and self._lock.acquire(blocking=False):
+            try:
+                self._refresh()
+            finally:
+                self._lock.release()
+        g, gs, byc, bycs, b = self._global, self._gscore, self._by_cat, self._by_cat_score, self._bounds
+        n_global = int(round(self.p.k * self.p.global_share))
+        parts, scores = [g[:n_global]], [gs[:n_global]]
+        recent = ctx.user.recent[0]
+        recent = recent[recent >= 0]
+        if recent.size and self.p.categories:
+            counts = np.bincount(self.category[recent], minlength=self.n_cat)
+            fav = np.argsort(-counts, kind="stable")[: self.p.categories]
+            fav = fav[counts[fav] > 0]
+            per = (self.p.k - n_global) // max(fav.size, 1)
+            for c in fav:  # at most `categories` slices, not a per-candidate loop
+                lo = b[c]
+                hi = min(b[c + 1], lo + per)
+                parts.append(byc[lo:hi])
+                scores.append(bycs[lo:hi])
+        else:
+            parts, scores = [g], [gs]
+        return Candidates.from_route(np.concatenate(parts), np.concatenate(scores), self.bit)

@@ -1,0 +1,74 @@
+"""Whitelist recall: operator-pinned items, optionally per user segment, guaranteed to a stage.
+
+The file (TOML, path relative to the config) holds `[[item]]` entries:
+    id = "i42"; guaranteed_until = "coarse" | "fine" | "final"; segment = "region=3" (optional)
+A segment is `profile_field=value`; an entry without one applies to every user.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.candidates import Candidates, Guarantee
+from engine.config import ConfigError
+from engine.registry import StageEnv, register
+
+_LEVELS = {"coarse": Guarantee.COARSE, "fine": Guarantee.FINE, "final": Guarantee.FINAL}
+
+
+@dataclass
+class Params:
+    file: str = ""
+    k: int = 200
+    timeout_ms: float = 10.0
+
+    def check(self) -> None:
+        if not self.file:
+            raise ConfigError("file: name the whitelist TOML file")
+        if self.k <= 0:
+            raise ConfigError("k: must be > 0")
+
+
+@register("recall_whitelist", Params, recall=True)
+class RecallWhitelist:
+    def __init__(self, p: Params, env: StageEnv):
+        self.bit = env.route_bit
+        path = Path(env.config.path).parent / p.file
+        try:
+            entries = tomllib.loads(path.read_text()).get("item", [])
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"stage.{env.name}.file: {path}: {e}") from None
+        index = {s: i for i, s in enumerate(np.asarray(env.bundle.item_ids).tolist())}
+        fields = list(env.bundle.manifest["schema"]["profile_fields"])
+        items, levels, seg_field, seg_value = [], [], [], []
+        for n, e in enumerate(entries[: p.k]):
+            where = f"stage.{env.name}.file: {path.name}: item[{n}]"
+            if e.get("id") not in index:
+                raise ConfigError(f"{where}: id {e.get('id')!r} is not in the bundle's catalog")
+            if e.get("guaranteed_until", "coarse") not in _LEVELS:
+                raise ConfigError(f"{where}: guaranteed_until must be coarse, fine or final")
+            f, v = -1, -1
+            if "segment" in e:
+                name, _, val = str(e["segment"]).partition("=")
+                if name not in fields or not val.isdigit():
+                    raise ConfigError(f"{where}: segment must be <profile field>=<int>, fields: {fields}")
+                f, v = fields.index(name), int(val)
+            items.append(index[e["id"]])
+            levels.append(_LEVELS[e.get("guaranteed_until", "coarse")])
+            seg_field.append(f)
+            seg_value.append(v)
+        self.items = np.asarray(items, np.int32)
+        self.levels = np.asarray(levels, np.int8)
+        self.seg_field = np.asarray(seg_field, np.int32)
+        self.seg_value = np.asarray(seg_value, np.int32)
+
+    def __call__(self, ctx) -> Candidates:
+        if self.items.size == 0:
+            return Candidates.empty()
+        profile = ctx.user.profile[0]
+        match = (self.seg_field < 0) | (profile[np.maximum(self.seg_field, 0)] == self.seg_value)
+        return Candidates.from_route(self.items[match], np.ones(int(match.sum()), np.float32),
+                                     self.bit, self.levels[match])
