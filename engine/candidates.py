@@ -61,7 +61,11 @@ class Candidates:
                           {**self.feats, **(feats or {})}, primary or self.primary)
 
     def keep_top(self, score: np.ndarray, keep: int, level: Guarantee) -> "Candidates":
-        """The `keep` best by `score`, plus every candidate guaranteed to `level`, best first."""
+        """The `keep` best by `score`, best first; every candidate guaranteed to `level` is among them.
+
+        Pinned items take slots rather than adding to `keep`, so the next stage's batch stays
+        bounded (unless more items are pinned than `keep`: then all of them survive).
+        """
         n = len(self)
         if n <= keep:
             return self.take(np.argsort(-score, kind="stable"))

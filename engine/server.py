@@ -186,7 +186,8 @@ class _Supervisor:
                 raise _Fail("interrupted during startup")
             if time.monotonic() > end:
                 raise _Fail(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
-            mp_wait([c.conn for c in pending] + [c.proc.sentinel for c in pending], timeout=0.5)
+            mp_wait([c.conn for c in pending if not c.conn.closed] + [c.proc.sentinel for c in pending],
+                    timeout=0.5)
             for c in list(pending):
                 msg = _recv(c)
                 if msg and msg[0] == "error":

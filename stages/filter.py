@@ -27,6 +27,7 @@ class Params:
     max_per_author: int = 0        # author_cap
     blocklist: str = ""            # blocked: TOML file with `items = ["i1", ...]`, relative to the config
     max_age_days: float = 0.0      # blocked: 0 = items never expire
+    budget_ms: float = 1.0
 
     def check(self) -> None:
         if self.rule not in RULES:

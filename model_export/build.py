@@ -1,0 +1,223 @@
+"""The whole offline pipeline: data -> four models -> ONNX + parity -> catalog embeddings -> faiss
+-> feature state -> one checksummed bundle version (engine/bundle.py reads it).
+
+Feature windows: the two-tower model trains on [0, t_history); the rankers on [t_history, t_valid)
+with the state as of t_history; validation is [t_valid, t_end) with the state as of t_valid; the
+bundle ships the state as of t_end, which seeds the serving feature store.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine.bundle import MANIFEST, BundleError, current_version, resolve
+from engine.config import Config
+from engine.featurize import COARSE_FEATURES, Tables, item_tower_input, sequence_input, user_tower_input
+from engine.state import FeatureState, snapshot
+from indexes import build_index, measure_recall, tune_nprobe
+from model_export import train
+from model_export.bundle_writer import BundleWriter
+from model_export.data import load_dataset
+from model_export.dataset import Dataset
+from model_export.export import export_checked, ort_session
+from model_export.models import save_checkpoints
+
+RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
+EMBED_CHUNK = 65536         # catalog rows per item-tower call: bounded memory at 1M items
+PARITY_ROWS = 256           # candidates (N) in the parity cases
+FINGERPRINT_SECTIONS = ("data", "train", "index")
+
+
+def build_bundle(cfg: Config, out_root: Path, force: bool = False) -> Path:
+    """Train, export and write a bundle version under `out_root`; returns the version folder.
+
+    A current version built from equal data/train/index sections is reused unless `force`.
+    Torch state_dicts go to out_root/checkpoints/<version>/ (beside the bundle, not in it).
+    """
+    out_root = Path(out_root)
+    fingerprint = cfg.fingerprint(*FINGERPRINT_SECTIONS)
+    reusable = _reusable(out_root, fingerprint)
+    if reusable is not None and not force:
+        print(f"bundle {reusable.name} was built from this config (fingerprint {fingerprint}); reusing it")
+        return reusable
+    t0 = time.time()
+    torch.set_num_threads(2)
+    torch.manual_seed(cfg.train.seed)
+    writer = BundleWriter(out_root)
+    try:
+        manifest, checkpoints = _build(cfg, writer, fingerprint)
+        manifest["build_seconds"] = round(time.time() - t0, 1)
+        version = writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    save_checkpoints(checkpoints, out_root / "checkpoints" / version.name)
+    _print_metrics(manifest["metrics"])
+    print(f"bundle {version} written in {manifest['build_seconds']:.1f} s")
+    return version
+
+
+def _reusable(out_root: Path, fingerprint: str) -> Path | None:
+    if current_version(out_root) is None:
+        return None
+    try:
+        vdir = resolve(out_root)
+        manifest = json.loads((vdir / MANIFEST).read_text())
+    except (BundleError, OSError, json.JSONDecodeError):
+        return None
+    return vdir if manifest.get("config", {}).get("fingerprint") == fingerprint else None
+
+
+def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
+    tc = cfg.train
+    step = _Steps()
+    ds = step("data", lambda: load_dataset(cfg.data))
+    print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, {len(ds.log_user)} impressions, tasks {ds.tasks}")
+    half_life = cfg.serving.hot_half_life_hours / 24
+
+    def state(t: float) -> FeatureState:
+        return snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, t,
+                        tc.recent_len, cfg.serving.seen_window, half_life)
+
+    st_hist, st_valid, st_end = step("feature state", lambda: [state(t) for t in (ds.t_history, ds.t_valid,
+                                                                                    ds.t_end)])
+    content = ds.item_content / np.maximum(np.linalg.norm(ds.item_content, axis=1, keepdims=True), 1e-6)
+    tt = step("two-tower", lambda: train.fit_two_tower(ds, content.astype(np.float32), tc))
+    tables = Tables(np.empty((ds.n_items, tc.embed_dim), np.float32), tt.tables["item_id_emb"], ds.item_category,
+                    ds.item_author, content.astype(np.float32), ds.item_created, tt.tables["user_id_emb"],
+                    ds.user_profile, ds.profile_cardinality, ds.context_cardinality)
+    rng = np.random.default_rng(tc.seed)
+    models: dict[str, Any] = {}
+
+    # towers: export, parity, then the whole catalog through the exported item tower
+    users = rng.choice(ds.n_users, min(PARITY_ROWS, ds.n_users), replace=False)
+    users[0] = -1                                                    # a new user: zero id row, no history
+    u_x = user_tower_input(tables, users, ds.user_profile[np.maximum(users, 0)],
+                           ds.log_context[rng.integers(0, len(ds.log_user), users.size)],
+                           np.where(users[:, None] >= 0, st_valid.user_recent[np.maximum(users, 0)], -1))
+    i_x = item_tower_input(tables, tt.tables["category_emb"], tt.tables["author_emb"],
+                           rng.choice(ds.n_items, min(PARITY_ROWS, ds.n_items), replace=False))
+    for name, tower, x in (("user_tower", tt.model.user_tower, u_x), ("item_tower", tt.model.item_tower, i_x)):
+        models[name] = _onnx_entry(name, tower, step(f"export {name}", lambda: export_checked(
+            name, tower, w.path(f"models/{name}.onnx"), [{"x": x[:1]}, {"x": x}], tc.parity_tol)))
+    item_sess = ort_session(w.path("models/item_tower.onnx"), threads=2)
+    for s in tqdm(range(0, ds.n_items, EMBED_CHUNK), desc="embed catalog", unit="chunk", leave=False):
+        idx = np.arange(s, min(s + EMBED_CHUNK, ds.n_items))
+        tables.item_emb[idx] = item_sess.run(None, {"x": item_tower_input(
+            tables, tt.tables["category_emb"], tt.tables["author_emb"], idx)})[0]
+    user_sess = ort_session(w.path("models/user_tower.onnx"), threads=2)
+
+    def user_emb(x: np.ndarray) -> np.ndarray:
+        return user_sess.run(None, {"x": x})[0]
+
+    metrics: dict[str, dict[str, float]] = {"two_tower": train.two_tower_recall(ds, tables, user_emb, st_valid)}
+    print("  two-tower " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["two_tower"].items()))
+
+    # rankers: rows of the ranker window (state at t_history) and of the validation window (state at t_valid)
+    rank_rows = _sample(ds.window(ds.t_history, ds.t_valid), tc.max_rank_rows, rng)
+    valid_rows = _sample(ds.window(ds.t_valid, np.inf), tc.max_rank_rows, rng)
+    tr = step("ranker features", lambda: train.ranker_rows(ds, tables, rank_rows, st_hist, user_emb, "train"))
+    va = step("ranker features", lambda: train.ranker_rows(ds, tables, valid_rows, st_valid, user_emb, "valid"))
+    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, tc))
+    booster.save_model(str(w.path("models/coarse_trees.txt")))
+    models["coarse_trees"] = {"file": "models/coarse_trees.txt", "inputs": list(COARSE_FEATURES), "outputs": ["p"],
+                              "trees": booster.num_trees(), "leaves": tc.gbdt_leaves}
+    dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, tc))
+    fine, metrics["fine"] = step("fine ranker", lambda: train.fit_fine(tr, va, tables, ds.tasks, tc))
+    n = min(PARITY_ROWS, len(va.user))
+    seq, mask = sequence_input(tables, va.recent[:n])
+    cases = {"coarse_dnn": [{"user": va.user[:1], "item": va.item[:n]}, {"user": va.user[:n], "item": va.item[:n]}],
+             "fine": [{"user": va.user[:1], "item": va.item[:n], "seq": seq[:1], "seq_mask": mask[:1]},
+                      {"user": va.user[:1], "item": va.item[:n], "seq": seq[:1] * 0, "seq_mask": mask[:1] * 0},
+                      {"user": va.user[:n], "item": va.item[:n], "seq": seq, "seq_mask": mask}]}
+    for name, model in (("coarse_dnn", dnn), ("fine", fine)):
+        models[name] = _onnx_entry(name, model, step(f"export {name}", lambda: export_checked(
+            name, model, w.path(f"models/{name}.onnx"), cases[name], tc.parity_tol)))
+
+    # index over the catalog, recall checked on real user queries (validation-window impressions)
+    index_meta = step("faiss index", lambda: _index(ds, cfg, tables, user_emb, st_end, w, rng))
+
+    arrays = {**{f"tables/{k}.npy": v for k, v in (
+        ("item_emb", tables.item_emb), ("item_id_emb", tables.item_id_emb), ("item_category", ds.item_category),
+        ("item_author", ds.item_author), ("item_content", tables.item_content), ("item_created", ds.item_created),
+        ("user_id_emb", tables.user_id_emb), ("user_profile", ds.user_profile), ("user_ids", ds.user_ids),
+        ("item_ids", ds.item_ids), ("category_emb", tt.tables["category_emb"]),
+        ("author_emb", tt.tables["author_emb"]))},
+        **{f"state/{k}.npy": v for k, v in st_end.arrays().items()}}
+    for rel, a in arrays.items():
+        w.array(rel, a)
+    manifest = {
+        "config": {"path": cfg.path, "fingerprint": fingerprint,
+                   **{s: cfg.raw.get(s, {}) for s in FINGERPRINT_SECTIONS}},
+        "dataset": ds.name,
+        "schema": _schema(ds, cfg),
+        "state": {"t_ref": st_end.t_ref, "time": st_end.time, "half_life_days": half_life},
+        "time": {"t_end": ds.t_end, "days_per_unix_second": 1 / 86400},
+        "index": index_meta,
+        "models": models,
+        "metrics": metrics,
+        "shapes": {rel: list(a.shape) for rel, a in arrays.items()},
+        "step_seconds": step.seconds,
+    }
+    return manifest, {"two_tower": tt.model, "coarse_dnn": dnn, "fine": fine}
+
+
+class _Steps:
+    """Runs named steps and keeps their wall times for the manifest."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn):
+        t = time.time()
+        out = fn()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 2)
+        return out
+
+
+def _onnx_entry(name: str, model: torch.nn.Module, parity: float) -> dict[str, Any]:
+    return {"file": f"models/{name}.onnx", "inputs": list(model.onnx_inputs), "outputs": list(model.onnx_outputs),
+            "parity_max_abs_diff": parity}
+
+
+def _sample(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """All rows, or a sorted random sample of `cap` (max_rank_rows keeps memory in check at 1M items)."""
+    return rows if cap <= 0 or rows.size <= cap else np.sort(rng.choice(rows, cap, replace=False))
+
+
+def _index(ds: Dataset, cfg: Config, tables: Tables, user_emb: train.EmbedFn, st: FeatureState,
+           w: BundleWriter, rng: np.random.Generator) -> dict[str, Any]:
+    rows = _sample(ds.window(ds.t_valid, np.inf), cfg.index.recall_queries, rng)
+    u = ds.log_user[rows]
+    queries = user_emb(user_tower_input(tables, u, ds.user_profile[u], ds.log_context[rows], st.user_recent[u]))
+    index = build_index(tables.item_emb, cfg.index)
+    k = min(cfg.index.recall_k, ds.n_items)
+    if index.kind != "flat":
+        tune_nprobe(index, tables.item_emb, queries, k, RECALL_TARGET)
+    rec = measure_recall(index, tables.item_emb, queries, k)
+    print(f"  index {index.kind}: nlist {index.nlist}, nprobe {index.nprobe}, recall@{k} {rec:.4f} "
+          f"on {len(queries)} user queries")
+    index.save(w.path("index/items.faiss"))
+    return {"kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "recall_k": k, "recall": rec}
+
+
+def _schema(ds: Dataset, cfg: Config) -> dict[str, Any]:
+    return {"tasks": list(ds.tasks), "profile_fields": list(ds.profile_fields),
+            "profile_cardinality": list(ds.profile_cardinality), "context_fields": list(ds.context_fields),
+            "context_cardinality": list(ds.context_cardinality), "coarse_features": list(COARSE_FEATURES),
+            "recent_len": cfg.train.recent_len, "seen_len": cfg.serving.seen_window,
+            "embed_dim": cfg.train.embed_dim, "id_dim": cfg.train.id_dim, "n_users": ds.n_users,
+            "n_items": ds.n_items, "n_categories": ds.n_categories, "n_authors": ds.n_authors}
+
+
+def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
+    print(f"\n{'model':<14} {'metric':<22} {'value':>8}")
+    for model, ms in metrics.items():
+        for k, v in ms.items():
+            print(f"{model:<14} {k:<22} {v:>8.4f}")

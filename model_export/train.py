@@ -1,0 +1,235 @@
+"""Training loops and validation metrics of the four models.
+
+Every ranker input is built by engine/featurize.py from the same tables and feature state
+the server uses (the state as of the start of each window: `snapshot` at t_history for the
+ranker window, at t_valid for validation), so a feature cannot drift between training and
+serving. Two-tower pairs take the user's history point-in-time via `recent_before`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from engine.config import TrainConfig
+from engine.featurize import (COARSE_FEATURES, Tables, coarse_features, one_hot, ranker_item_input,
+                              ranker_user_input, sequence_input, user_tower_input)
+from engine.state import FeatureState, recent_before
+from indexes import exact_ids
+from model_export.dataset import Dataset
+from model_export.models import MMoE, CoarseDNN, TwoTower
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]   # dense tower input [B, D] -> embeddings [B, d]
+
+
+def auc(y: np.ndarray, s: np.ndarray) -> float:
+    """ROC AUC by average ranks (ties count half); nan when one class is absent."""
+    y = np.asarray(y).astype(bool)
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    _, inv, cnt = np.unique(s, return_inverse=True, return_counts=True)
+    rank = (np.cumsum(cnt) - (cnt - 1) / 2)[inv]
+    return float((rank[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _train_loop(model: nn.Module, n_rows: int, epochs: int, cfg: TrainConfig, desc: str,
+                loss_fn: Callable[[np.ndarray], Tensor],
+                evaluate: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+    """Adam over shuffled mini-batches with a tqdm bar; prints the validation metric per epoch."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    metrics: dict[str, float] = {}
+    for ep in range(epochs):
+        model.train()
+        perm = rng.permutation(n_rows)
+        bar = tqdm(range(0, n_rows, cfg.batch_size), desc=f"{desc} {ep + 1}/{epochs}", unit="batch", leave=False)
+        total = 0.0
+        for k, s in enumerate(bar, 1):
+            loss = loss_fn(np.sort(perm[s:s + cfg.batch_size]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            if k % 20 == 0:
+                bar.set_postfix(loss=f"{total / k:.4f}")
+        model.eval()
+        if evaluate is not None:
+            with torch.no_grad():
+                metrics = evaluate()
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        print(f"  {desc} epoch {ep + 1}/{epochs}: train loss {total / max(len(bar), 1):.4f} {shown}")
+    return metrics
+
+
+# ---------------------------------------------------------------- two-tower retrieval
+
+@dataclass
+class TwoTowerFit:
+    model: TwoTower
+    tables: dict[str, np.ndarray]    # user_id_emb, item_id_emb, category_emb, author_emb (unseen rows zero)
+
+
+def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig) -> TwoTowerFit:
+    """In-batch sampled softmax over history-window positives with logQ correction and id dropout."""
+    h = ds.window(0, ds.t_history)
+    rows = h[ds.log_labels[h, 0] > 0]
+    users, items = ds.log_user[rows], ds.log_item[rows]
+    # positives only: the history strictly before a positive is the earlier positives
+    recent = torch.from_numpy(recent_before(users, items, np.ones(rows.size, bool), cfg.recent_len)).long()
+    freq = np.bincount(items, minlength=ds.n_items)
+    log_q = torch.from_numpy(np.log(freq[items] / rows.size).astype(np.float32))
+    content_t = torch.from_numpy(content)
+    cat_t, auth_t = torch.from_numpy(ds.item_category).long(), torch.from_numpy(ds.item_author).long()
+    users_t, items_t = torch.from_numpy(users).long(), torch.from_numpy(items).long()
+    model = TwoTower(ds.n_users, ds.n_items, ds.n_categories, ds.n_authors, cfg.id_dim, cfg.embed_dim,
+                     list(ds.profile_cardinality), list(ds.context_cardinality), content.shape[1])
+    drop = cfg.tt_id_dropout
+
+    def loss_fn(b: np.ndarray) -> Tensor:
+        u, i = users_t[b], items_t[b]
+        onehots = torch.from_numpy(np.concatenate([one_hot(ds.user_profile[users[b]], ds.profile_cardinality),
+                                                   one_hot(ds.log_context[rows[b]], ds.context_cardinality)], 1))
+        ue = model.user_tower(model.user_input(u, (torch.rand(b.size) >= drop).float(), onehots, recent[b]))
+        ve = model.item_tower(model.item_input(i, (torch.rand(b.size) >= drop).float(), cat_t[i], auth_t[i],
+                                               content_t[i]))
+        logits = ue @ ve.T / cfg.tt_temperature - log_q[b][None, :]
+        same = (i[None, :] == i[:, None]) & ~torch.eye(b.size, dtype=torch.bool)   # repeats are not negatives
+        return F.cross_entropy(logits.masked_fill(same, -1e9), torch.arange(b.size))
+
+    print(f"two-tower: {rows.size} positive pairs from {ds.n_users} users, {int((freq > 0).sum())} items")
+    _train_loop(model, rows.size, cfg.tt_epochs, cfg, "two-tower", loss_fn)
+    seen = lambda x, n: np.bincount(x, minlength=n) > 0  # noqa: E731
+    return TwoTowerFit(model, model.tables(seen(users, ds.n_users), seen(items, ds.n_items),
+                                           seen(ds.item_category[items], ds.n_categories),
+                                           seen(ds.item_author[items], ds.n_authors)))
+
+
+def two_tower_recall(ds: Dataset, tables: Tables, user_emb: EmbedFn, state: FeatureState, k: int = 100,
+                     n_users: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Recall@k of each sampled user's validation-window positives over the whole catalog, served as
+    the server would (state at t_valid, context of the user's first validation positive), against
+    the most-popular-k and random baselines."""
+    v = ds.window(ds.t_valid, np.inf)
+    rows = v[ds.log_labels[v, 0] > 0]
+    all_users, first = np.unique(ds.log_user[rows], return_index=True)
+    pick = np.sort(np.random.default_rng(seed).permutation(all_users.size)[:n_users])
+    users, ctx_rows = all_users[pick], rows[first[pick]]
+    q = user_emb(user_tower_input(tables, users, ds.user_profile[users], ds.log_context[ctx_rows],
+                                  state.user_recent[users]))
+    top = exact_ids(tables.item_emb, q, k)
+    in_sample = np.isin(ds.log_user[rows], users)
+    pu, pi = ds.log_user[rows][in_sample], ds.log_item[rows][in_sample]
+    pairs = np.unique(pu.astype(np.int64) * ds.n_items + pi)           # distinct (user, item) positives
+    pos_user = pairs // ds.n_items
+    per_user = np.bincount(np.searchsorted(users, pos_user), minlength=users.size)
+
+    def recall(found: np.ndarray) -> float:
+        hit = np.isin(pairs, users[:, None].astype(np.int64) * ds.n_items + found)
+        return float(np.mean(np.bincount(np.searchsorted(users, pos_user[hit]), minlength=users.size) / per_user))
+
+    popular = np.argsort(-state.item_n_pos, kind="stable")[:k]
+    return {f"recall@{k}": recall(top), f"popular_recall@{k}": recall(np.broadcast_to(popular, top.shape)),
+            f"random_recall@{k}": k / ds.n_items, "users": float(users.size)}
+
+
+# ---------------------------------------------------------------- ranker rows
+
+@dataclass
+class RankerRows:
+    user: np.ndarray      # [N, Du] ranker_user_input
+    item: np.ndarray      # [N, d + F] ranker_item_input (item_e, then the coarse features)
+    recent: np.ndarray    # [N, L] for sequence_input, gathered per batch (a [N, L, d] array is too big)
+    labels: np.ndarray    # [N, T]
+
+    @property
+    def coarse(self) -> np.ndarray:
+        return self.item[:, -len(COARSE_FEATURES):]
+
+
+def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureState, user_emb: EmbedFn,
+                desc: str, chunk: int = 65536) -> RankerRows:
+    """Featurize logged impressions with `state` (frozen at the window start), `now` = impression time."""
+    n = rows.size
+    du = tables.item_emb.shape[1] + sum(tables.profile_cardinality) + sum(tables.context_cardinality)
+    out = RankerRows(np.empty((n, du), np.float32),
+                     np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
+                     state.user_recent[ds.log_user[rows]], ds.log_labels[rows].astype(np.float32))
+    for s in tqdm(range(0, n, chunk), desc=f"features {desc}", unit="chunk", leave=False):
+        r = rows[s:s + chunk]
+        u, i, ctx, rec = ds.log_user[r], ds.log_item[r], ds.log_context[r], out.recent[s:s + chunk]
+        ue = user_emb(user_tower_input(tables, u, ds.user_profile[u], ctx, rec))
+        ie = tables.item_emb[i]
+        cf = coarse_features(tables, i, ue, ie, rec, state.user_n_imp[u], state.user_n_pos[u],
+                             state.item_n_imp[i], state.item_n_pos[i], state.item_hot[i], ctx, ds.log_time[r])
+        out.user[s:s + chunk] = ranker_user_input(tables, ue, ds.user_profile[u], ctx)
+        out.item[s:s + chunk] = ranker_item_input(ie, cf)
+    return out
+
+
+# ---------------------------------------------------------------- coarse phase 1 (LightGBM)
+
+def fit_gbdt(train: RankerRows, valid: RankerRows, cfg: TrainConfig) -> tuple[lgb.Booster, dict[str, float]]:
+    """Binary LightGBM on the cheap features; trees x leaves is a serving latency budget."""
+    params = {"objective": "binary", "num_leaves": cfg.gbdt_leaves, "learning_rate": cfg.gbdt_lr,
+              "num_threads": 2, "seed": cfg.seed, "verbose": -1, "deterministic": True}
+    data = lgb.Dataset(train.coarse, train.labels[:, 0], feature_name=list(COARSE_FEATURES))
+    with tqdm(total=cfg.gbdt_trees, desc="coarse trees", unit="tree", leave=False) as bar:
+        booster = lgb.train(params, data, num_boost_round=cfg.gbdt_trees, callbacks=[lambda env: bar.update(1)])
+    metrics = {"auc_click": auc(valid.labels[:, 0], booster.predict(valid.coarse, num_threads=2))}
+    print(f"  coarse trees: {cfg.gbdt_trees} trees x {cfg.gbdt_leaves} leaves, valid auc {metrics['auc_click']:.4f}")
+    return booster, metrics
+
+
+# ---------------------------------------------------------------- coarse phase 2 and fine ranker
+
+def _tensors(rows: RankerRows, b: np.ndarray, tables: Tables | None = None) -> list[Tensor]:
+    out = [torch.from_numpy(rows.user[b]), torch.from_numpy(rows.item[b])]
+    if tables is not None:
+        out += [torch.from_numpy(a) for a in sequence_input(tables, rows.recent[b])]
+    return out
+
+
+def predict(model: nn.Module, rows: RankerRows, tables: Tables | None = None, chunk: int = 8192) -> np.ndarray:
+    """Model outputs over all rows (training shapes), in chunks; `tables` for the fine ranker's sequence."""
+    with torch.no_grad():
+        return np.concatenate([model(*_tensors(rows, np.arange(s, min(s + chunk, len(rows.user))), tables)).numpy()
+                               for s in range(0, len(rows.user), chunk)])
+
+
+def fit_coarse_dnn(train: RankerRows, valid: RankerRows, embed_dim: int,
+                   cfg: TrainConfig) -> tuple[CoarseDNN, dict[str, float]]:
+    model = CoarseDNN(train.user.shape[1], train.item.shape[1], embed_dim, cfg.dnn_hidden,
+                      train.item.mean(0), train.item.std(0))
+    y = torch.from_numpy(train.labels[:, 0])
+
+    def loss_fn(b: np.ndarray) -> Tensor:
+        return F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b)), y[b])
+
+    metrics = _train_loop(model, len(train.user), cfg.dnn_epochs, cfg, "coarse dnn", loss_fn,
+                          lambda: {"auc_click": auc(valid.labels[:, 0], predict(model, valid))})
+    return model, metrics
+
+
+def fit_fine(train: RankerRows, valid: RankerRows, tables: Tables, tasks: tuple[str, ...],
+             cfg: TrainConfig) -> tuple[MMoE, dict[str, float]]:
+    model = MMoE(train.user.shape[1], train.item.shape[1], tables.item_emb.shape[1], len(tasks), cfg.fine_experts,
+                 cfg.fine_expert_hidden, cfg.fine_tower_hidden, train.item.mean(0), train.item.std(0))
+    y = torch.from_numpy(train.labels)
+
+    def loss_fn(b: np.ndarray) -> Tensor:
+        return F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b, tables)), y[b],
+                                                  reduction="none").mean(0).sum()
+
+    def evaluate() -> dict[str, float]:
+        p = predict(model, valid, tables)
+        return {f"auc_{t}": auc(valid.labels[:, k], p[:, k]) for k, t in enumerate(tasks)}
+
+    return model, _train_loop(model, len(train.user), cfg.fine_epochs, cfg, "fine mmoe", loss_fn, evaluate)

@@ -1,0 +1,59 @@
+import numpy as np
+
+from engine.candidates import Candidates, Guarantee, merge
+from stages.rerank_beam import beam_search, fuse
+
+
+def test_merge_ors_routes_keeps_best_score_and_max_guarantee():
+    a = Candidates.from_route(np.array([1, 2, 3]), np.array([0.1, 0.5, 0.3]), 1)
+    b = Candidates.from_route(np.array([3, 4]), np.array([0.9, 0.2]), 2, Guarantee.FINE)
+    m = merge([a, b])
+    assert m.item.tolist() == [1, 2, 3, 4]
+    assert m.routes.tolist() == [1, 1, 3, 2]
+    assert np.allclose(m.scores["recall"], [0.1, 0.5, 0.9, 0.2])
+    assert m.guaranteed.tolist() == [0, 0, Guarantee.FINE, Guarantee.FINE]
+
+
+def test_keep_top_protects_guaranteed_items_to_their_level():
+    c = Candidates.from_route(np.arange(10), np.zeros(10), 1)
+    c.guaranteed[9] = Guarantee.COARSE
+    score = np.arange(10, dtype=np.float32)[::-1].copy()   # item 9 is the worst
+    top = c.keep_top(score, 3, Guarantee.COARSE)
+    assert top.item.tolist() == [0, 1, 9]   # pinned items take slots: the next stage's batch stays bounded
+    assert c.keep_top(score, 3, Guarantee.FINE).item.tolist() == [0, 1, 2]
+
+
+def test_take_keeps_feature_columns_aligned():
+    c = Candidates.from_route(np.arange(5), np.zeros(5), 1).with_columns(
+        {"s": np.arange(5)}, {"x": np.arange(10).reshape(5, 2)}, primary="s")
+    t = c.take(np.array([4, 0]))
+    assert t.feats["x"].tolist() == [[8, 9], [0, 1]] and t.primary == "s"
+
+
+def test_beam_width_one_without_penalties_is_a_sort():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        fused = rng.random(80).astype(np.float32)
+        cat, auth = rng.integers(0, 5, 80), rng.integers(0, 9, 80)
+        order, _ = beam_search(fused, cat, auth, 20, width=1)
+        assert order.tolist() == np.argsort(-fused, kind="stable")[:20].tolist()
+
+
+def test_wider_beam_never_finds_a_worse_list_and_penalties_diversify():
+    rng = np.random.default_rng(1)
+    fused = rng.random(60)
+    cat, auth = rng.integers(0, 4, 60), rng.integers(0, 30, 60)
+    rewards = [beam_search(fused, cat, auth, 10, w, 0.3, 0.1, 0.05)[1] for w in (1, 4, 16)]
+    assert rewards[0] <= rewards[1] + 1e-9 and rewards[1] <= rewards[2] + 1e-9
+    plain, _ = beam_search(fused, cat, auth, 10, 4)
+    diverse, _ = beam_search(fused, cat, auth, 10, 4, category_penalty=1.0)
+    same_adjacent = lambda o: int((cat[o][1:] == cat[o][:-1]).sum())
+    assert same_adjacent(diverse) <= same_adjacent(plain)
+    assert same_adjacent(diverse) == 0
+
+
+def test_fusion_product_and_sum():
+    s = {"click": np.array([0.5, 0.1]), "like": np.array([0.1, 0.5])}
+    p = fuse(s, {"click": 1.0, "like": 0.5}, "product", 1e-3)
+    assert np.allclose(p, (s["click"] + 1e-3) * (s["like"] + 1e-3) ** 0.5, rtol=1e-5)
+    assert np.allclose(fuse(s, {"click": 2.0}, "sum", 1e-3), [1.0, 0.2])

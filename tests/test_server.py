@@ -1,0 +1,388 @@
+"""The real server as a subprocess (`python -m engine.cli serve`) on the tiny bundle.
+
+Needs the session fixtures `tiny_bundle` (bundle root: CURRENT + version folders) and
+`tiny_config` (configs/tiny.toml) from conftest.py. Servers are module-scoped where the
+tests don't disturb each other; tests that rewrite CURRENT work on their own bundle copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from engine.client import RecServeClient
+from engine.config import load_config
+from protos import pb2, pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).absolute().parents[1]
+TOKEN = "test-token"
+READY_TIMEOUT_S = 180
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]   # a new TCP connection per client
+
+
+class Server:
+    """`recserve serve` in a subprocess; waits for its ready line."""
+
+    def __init__(self, tmp: Path, config: Path, bundle: Path, workers: int = 1, extra: tuple[str, ...] = (),
+                 entry: tuple[str, ...] = ("-m", "engine.cli")):
+        self.stderr_path = tmp / f"server-{time.monotonic_ns()}.stderr"
+        cmd = [sys.executable, *entry, "serve", "--config", str(config), "--bundle", str(bundle),
+               "--port", "0", "--workers", str(workers), *extra]
+        with open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
+        end = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    self.kill()
+                    raise AssertionError(f"server did not start:\n{self.stderr()}")
+                continue
+            if line.startswith("recserve serving on "):
+                break
+        words = line.split()
+        self.target = words[3]
+        self.workers = int(words[4].removeprefix("workers="))
+        self.version = words[5].removeprefix("bundle=")
+
+    def client(self, token: str | None = TOKEN, **kw) -> RecServeClient:
+        return RecServeClient(self.target, token=token, **kw)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _copy_bundle(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
+def _publish_copy(root: Path, new: str, corrupt: bool = False) -> None:
+    """Copy the CURRENT version to `new` (manifest version rewritten), optionally corrupt one of
+    its files, and point CURRENT at it atomically, as a deploy would."""
+    old = root / (root / "CURRENT").read_text().strip()
+    _copy_bundle(old, root / new)
+    manifest = root / new / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["version"] = new
+    manifest.write_text(json.dumps(m, indent=1))
+    if corrupt:
+        victim = max((f for f in (root / new).rglob("*") if f.is_file() and f.name != "manifest.json"),
+                     key=lambda f: f.stat().st_size)
+        with open(victim, "ab") as f:
+            f.write(b"corrupt")
+    tmp = root / ".CURRENT.test"
+    tmp.write_text(new + "\n")
+    os.replace(tmp, root / "CURRENT")
+
+
+def _worker_status(server: Server, tries: int = 60) -> dict[int, pb2.GetStatusResponse]:
+    """GetStatus over many fresh connections, so every worker answers at least once."""
+    seen: dict[int, pb2.GetStatusResponse] = {}
+    for _ in range(tries):
+        with server.client(options=OWN_CONNECTION) as c:
+            s = c.status()
+        seen[s.pid] = s
+        if len(seen) == server.workers:
+            break
+    return seen
+
+
+def _wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_config):
+    return load_config(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, tiny_config, tiny_bundle):
+    """One worker, with a token and metrics: events stay in one embedded store."""
+    port = _free_port()
+    s = Server(tmp_path_factory.mktemp("one"), tiny_config, tiny_bundle, workers=1,
+               extra=("--token", TOKEN, "--metrics-port", str(port)))
+    s.metrics_port = port
+    yield s
+    assert s.terminate() == 0, s.stderr()
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, tiny_config, tiny_bundle):
+    """Two workers on a private bundle copy whose CURRENT the tests rewrite."""
+    tmp = tmp_path_factory.mktemp("two")
+    s = Server(tmp, tiny_config, _copy_bundle(tiny_bundle, tmp / "bundle"), workers=2, extra=("--token", TOKEN))
+    s.root = tmp / "bundle"
+    yield s
+    assert s.terminate() == 0, s.stderr()
+
+
+def test_recommend_round_trip(one, cfg):
+    with one.client() as c:
+        r = c.recommend("u1", count=5, debug=True, request_id="req-1")
+        plain = c.recommend("u1")
+    ids = [it.item_id for it in r.items]
+    assert len(ids) == 5 and len(set(ids)) == 5
+    for it in r.items:
+        assert it.predictions and all(0 <= p <= 1 for p in it.predictions.values())
+        assert it.routes
+    assert r.bundle_version == one.version and r.request_id == "req-1"
+    assert r.trace and all(t.name and t.ms >= 0 for t in r.trace) and r.total_ms > 0
+    assert len(plain.items) == cfg.serving.default_count and not plain.trace
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"user_id": ""}, "user_id"),
+    ({"count": -1}, "count"),
+    ({"count": "max+1"}, "count"),
+    ({"exclude": "max+1"}, "exclude_item_ids"),
+    ({"experiment": "no-such-experiment"}, "experiment"),
+])
+def test_bad_input_names_the_field(one, cfg, kwargs, field):
+    req = {"user_id": "u1", **kwargs}
+    if req.get("count") == "max+1":
+        req["count"] = cfg.serving.max_count + 1
+    if req.get("exclude") == "max+1":
+        req["exclude"] = [f"x{i}" for i in range(cfg.serving.max_excludes + 1)]
+    with one.client() as c, pytest.raises(grpc.RpcError) as e:
+        c.recommend(**req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+
+
+def test_token_guards_events_and_admin_only(one):
+    for token in (None, "wrong"):
+        with one.client(token=token) as c:
+            assert c.recommend("u1", count=1).items
+            for call in (lambda: c.report_events([{"kind": "click", "user_id": "u1", "item_id": "x"}]),
+                         c.status, c.reload):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_impression_hides_a_served_item(one):
+    with one.client() as c:
+        first = c.recommend("u-events", count=10, request_id="r-ev").items[0].item_id
+        r = c.report_events([{"kind": "impression", "user_id": "u-events", "item_id": first,
+                              "timestamp": time.time(), "request_id": "r-ev"}])
+        assert r.accepted == 1 and not r.rejected
+        assert first not in [it.item_id for it in c.recommend("u-events", count=10).items]
+
+
+def test_events_rejected_with_index_and_reason(one):
+    stub = pb2_grpc.RecServeStub(grpc.insecure_channel(one.target))
+    ok = pb2.Event(kind=pb2.EVENT_KIND_CLICK, user_id="u2", item_id="whatever")
+    r = stub.ReportEvents(pb2.ReportEventsRequest(events=[ok, pb2.Event(user_id="u2", item_id="i"), ok]),
+                          metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5)
+    assert [x.index for x in r.rejected] == [1] and "kind" in r.rejected[0].reason
+    assert r.accepted + len(r.rejected) == 3
+
+
+def test_status_reports_the_worker(one):
+    with one.client() as c:
+        s = c.status()
+    assert s.bundle_version == one.version and s.worker_id == 0 and s.pid != one.proc.pid
+    assert s.uptime_s > 0 and s.counters["rss_bytes"] > 10_000_000
+
+
+def test_health_and_reflection(one):
+    ch = grpc.insecure_channel(one.target)
+    health = health_pb2_grpc.HealthStub(ch)
+    for service in ("", "recserve.v1.RecServe"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    [resp] = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                            timeout=5))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"recserve.v1.RecServe", "recserve.v1.Admin", "grpc.health.v1.Health"} <= names
+    [resp] = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="recserve.v1.RecServe")]), timeout=5))
+    assert resp.file_descriptor_response.file_descriptor_proto
+
+
+def test_metrics_endpoint(one):
+    with one.client() as c:
+        c.recommend("u-metrics", count=3)
+        c.report_events([{"kind": "click", "user_id": "u-metrics", "item_id": "x"}])
+        with pytest.raises(grpc.RpcError):
+            c.recommend("u-metrics", count=-1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{one.metrics_port}/metrics", timeout=5).read().decode()
+    for series in ('recserve_requests_total{code="OK",method="Recommend"}',
+                   'recserve_requests_total{code="INVALID_ARGUMENT",method="Recommend"}',
+                   'recserve_request_seconds_bucket{le="0.01",method="Recommend"}',
+                   "recserve_stage_seconds_bucket{", "recserve_stage_candidates_bucket{",
+                   'recserve_events_total{result="accepted"}', "recserve_degraded_responses_total",
+                   f'version="{one.version}"', "recserve_worker_rss_bytes{"):
+        assert series in text, series
+
+
+def test_two_workers_both_serve(two):
+    status = _worker_status(two)
+    assert len(status) == 2, f"only pids {list(status)} answered"
+    assert {s.worker_id for s in status.values()} == {0, 1}
+    assert all(s.bundle_version == two.version for s in status.values())
+
+
+def test_hot_reload_under_load_drops_nothing(two):
+    new = f"reload-{time.monotonic_ns()}"
+    stop, errors, versions = threading.Event(), [], set()
+
+    def hammer(i: int) -> None:
+        with two.client(options=OWN_CONNECTION) as c:
+            while not stop.is_set():
+                try:
+                    versions.add(c.recommend(f"load-{i}", count=5).bundle_version)
+                except grpc.RpcError as e:
+                    errors.append(f"{e.code().name}: {e.details()}")
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        _publish_copy(two.root, new)
+        _wait_for(lambda: {s.bundle_version for s in _worker_status(two).values()} == {new},
+                  what=f"every worker to serve {new}")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:5]
+    assert new in versions
+
+
+def test_broken_bundle_is_refused_and_old_keeps_serving(two):
+    serving = (two.root / "CURRENT").read_text().strip()
+    before = {pid: s.counters["reloads_refused"] for pid, s in _worker_status(two).items()}
+    bad = f"broken-{time.monotonic_ns()}"
+    _publish_copy(two.root, bad, corrupt=True)
+    try:
+        _wait_for(lambda: all(s.counters["reloads_refused"] == before[pid] + 1
+                              for pid, s in _worker_status(two).items()), what="every worker to refuse")
+        time.sleep(2.5)      # several polls later: refused once, not retried every second
+        status = _worker_status(two)
+        assert all(s.counters["reloads_refused"] == before[pid] + 1 for pid, s in status.items())
+        assert all(s.bundle_version == serving for s in status.values())
+        with two.client() as c:
+            assert c.recommend("u1", count=3).bundle_version == serving
+            r = c.reload(bad)
+        assert not r.ok and bad in r.message and r.version == serving
+    finally:
+        (two.root / "CURRENT").write_text(serving + "\n")
+
+
+def test_sigterm_drains_in_flight_calls(tmp_path, tiny_config, tiny_bundle):
+    # Spawned workers import the parent's main script, so this patch reaches them too.
+    script = tmp_path / "slow_serve.py"
+    script.write_text(textwrap.dedent(f"""\
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        import engine.engine
+
+        _recommend = engine.engine.Engine.recommend
+
+        def _slow(self, req):
+            if req.request_id == "slow":
+                time.sleep(3)
+            return _recommend(self, req)
+
+        engine.engine.Engine.recommend = _slow
+
+        if __name__ == "__main__":
+            from engine.cli import main
+            sys.exit(main())
+        """))
+    server = Server(tmp_path, tiny_config, tiny_bundle, entry=(str(script),))
+    try:
+        result: dict[str, object] = {}
+
+        def slow_call() -> None:
+            with server.client() as c:
+                try:
+                    result["resp"] = c.recommend("u1", count=3, request_id="slow", timeout=30)
+                except grpc.RpcError as e:
+                    result["err"] = f"{e.code().name}: {e.details()}"
+
+        t = threading.Thread(target=slow_call)
+        t.start()
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+
+        def refuses_new_connections() -> bool:
+            with server.client(options=OWN_CONNECTION) as c:
+                try:
+                    c.recommend("u1", count=1, timeout=0.5)
+                except grpc.RpcError as e:
+                    return e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return False
+
+        _wait_for(refuses_new_connections, timeout=5, what="the listener to close")
+        assert t.is_alive(), "the slow call should still be in flight"
+        t.join(30)
+        assert "resp" in result, result.get("err")
+        assert len(result["resp"].items) == 3
+        assert server.proc.wait(30) == 0, server.stderr()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("case", ["missing bundle", "broken bundle", "bad config"])
+def test_bad_start_exits_with_one_line(tmp_path, tiny_config, tiny_bundle, case):
+    config, bundle, expect = tiny_config, tiny_bundle, ""
+    if case == "missing bundle":
+        bundle, expect = tmp_path / "no-such-bundle", "no-such-bundle"
+    elif case == "broken bundle":
+        bundle = _copy_bundle(tiny_bundle, tmp_path / "bundle")
+        _publish_copy(bundle, "broken", corrupt=True)
+    else:
+        config, expect = tmp_path / "bad.toml", "no_such_key"
+        config.write_text("[serving]\nno_such_key = 1\n")
+    p = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--config", str(config), "--bundle",
+                        str(bundle), "--port", "0", "--workers", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
+    assert p.returncode != 0 and "recserve serving on" not in p.stdout
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("recserve serve: ") and expect in lines[0]
