@@ -130,7 +130,7 @@ def main_recommend(args: argparse.Namespace) -> int:
 
 def format_response(r: pb2.RecommendResponse, user: str = "") -> str:
     """The readable table `recserve recommend` prints."""
-    tasks = list(r.items[0].predictions) if r.items else []
+    tasks = sorted(r.items[0].predictions) if r.items else []
     rows = [["rank", "item", "score", *tasks, "routes"]]
     rows += [[str(k + 1), it.item_id, f"{it.score:.4f}", *(f"{it.predictions[t]:.3f}" for t in tasks),
               ",".join(it.routes)] for k, it in enumerate(r.items)]

@@ -189,16 +189,9 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        cfg = parse_config(raw, str(path))
-        for name, exp in cfg.experiments.items():
-            where = f"experiments.{name}.set"
-            try:
-                cfg._variants[name] = parse_config(_apply_overrides(raw, exp.set, where), str(path))
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
+        return parse_config(raw, str(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return cfg
 
 
 def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
@@ -252,6 +245,12 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
     cfg = Config(path, secs["data"], secs["train"], secs["index"], secs["serving"], pipe,
                  stage_specs, exps, raw)
     registry.check_sizes(cfg)
+    for name, exp in exps.items():
+        where = f"experiments.{name}.set"
+        try:  # overrides drop the experiments table, so this does not recurse further
+            cfg._variants[name] = parse_config(_apply_overrides(raw, exp.set, where), path)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

@@ -102,7 +102,9 @@ class Engine:
         p = self._live.pipelines[""]
         return [s.name for s in p.recall] + [s.name for s in p.stages]
 
-    def recommend(self, req: Request) -> Response:
+    def recommend(self, req: Request, observer=None) -> Response:
+        """Serve one request. `observer(stage_name, candidates)`, if given, sees the batch
+        after the merge and after every stage: for tests and "why was X dropped?" debugging."""
         t0 = time.perf_counter()
         live = self._live  # one bundle for the whole request, even if a swap lands meanwhile
         s = self.config.serving
@@ -113,6 +115,8 @@ class Engine:
         ctx = self._hydrate(req, live, exp, t0 + deadline_ms / 1000.0)
         trace: list[StageTrace] = [StageTrace("hydrate", (time.perf_counter() - t0) * 1e3, 0, 1)]
         cands = self._recall(ctx, pipe, trace, live)
+        if observer:
+            observer("merge", cands)
         degraded = False
         for st in pipe.stages:
             remaining = ctx.remaining_ms()
@@ -131,6 +135,8 @@ class Engine:
                 out, status, degraded = cands, "failed", True
             trace.append(StageTrace(st.name, (time.perf_counter() - ts) * 1e3, len(cands), len(out), status))
             cands = out
+            if observer:
+                observer(st.name, cands)
         if cands.primary != "fused" or len(cands) > req.count:
             cands = cands.keep_top(cands.scores[cands.primary], req.count, Guarantee.FINAL)
         return self._respond(req, live, cands, exp, degraded, trace, t0)
@@ -224,7 +230,7 @@ class Engine:
         futures = [(st, self._pool.submit(self._timed, st.fn, ctx)) for st in pipe.recall]
         parts = []
         for st, fut in futures:
-            left = max(st.budget_ms / 1000.0 - (time.perf_counter() - t0), 0.0)
+            left = max(min(st.budget_ms / 1000.0 - (time.perf_counter() - t0), ctx.remaining_ms() / 1000.0), 0.0)
             try:
                 cands, ms = fut.result(timeout=left)
                 parts.append(cands)

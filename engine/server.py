@@ -204,7 +204,10 @@ class _Supervisor:
         while not self.stop.is_set():
             waitables = ([c.proc.sentinel for c in self.children if c.proc.exitcode is None]
                          + [c.conn for c in self.children if not c.conn.closed])
-            mp_wait(waitables, timeout=0.5) if waitables else self.stop.wait(0.5)
+            if waitables:
+                mp_wait(waitables, timeout=0.5)
+            else:
+                self.stop.wait(0.5)
             now = time.monotonic()
             for i, c in enumerate(self.children):
                 msg = _recv(c)

@@ -1,0 +1,369 @@
+"""Load generator processes: closed loop (C clients back to back) or open loop (Poisson arrivals).
+
+Each generator is its own process (spawned, so it never shares the server's or the
+coordinator's GIL) running grpc.aio over several TCP connections. Open-loop latency is
+measured from each request's *intended* send time, so a server (or generator) that falls
+behind shows up in the percentiles instead of silently thinning the arrivals (coordinated
+omission). Only requests whose intended send time falls in the measured window (after the
+warm-up, before the duration or request budget runs out) count, and every one of them ends
+as OK or exactly one error code: `sent == ok + errors` always holds.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import multiprocessing as mp
+import random
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait as mp_wait
+from typing import Any
+
+import grpc
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+from loadtest.target import ProcProbe, scrape_stages
+from protos import pb2, pb2_grpc
+
+METHODS = ("Recommend", "ReportEvents")
+PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
+_HIST_MAX_US = 3_600_000_000
+_CONNECT_TIMEOUT_S = 30.0
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection per channel
+
+
+class LoadError(RuntimeError):
+    """A generator could not connect or crashed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    target: str
+    user_ids: str                # path of the bundle's tables/user_ids.npy
+    concurrency: int = 0         # > 0: closed loop with this many clients in all
+    qps: float = 0.0             # > 0: open loop at this offered rate in all
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    max_requests: int = 100_000  # measured requests in all; the window ends early when reached
+    zipf_s: float = 1.1          # user popularity exponent
+    unknown_share: float = 0.05  # requests from users the bundle has never seen
+    event_ratio: float = 0.0     # share of calls that report events on a just-served list
+    trace_sample: float = 0.02   # share of Recommend calls sent with debug=True (stage trace)
+    count: int = 0               # items per request; 0: the server's default
+    timeout_s: float = 5.0
+    token: str | None = None
+    procs: int = 1
+    channels: int = 8            # connections per generator process
+    seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        return "closed" if self.concurrency > 0 else "open"
+
+
+class Users:
+    """Zipf(s) over the bundle's users in one fixed random rank order (the same heavy users in
+    every generator process), plus a share of never-seen users who exercise cold start."""
+
+    def __init__(self, ids: np.ndarray, s: float, unknown_share: float, seed: int, stream: int):
+        self.ids = np.asarray(ids)[np.random.default_rng(seed).permutation(len(ids))]
+        w = np.arange(1, len(ids) + 1, dtype=np.float64) ** -s
+        self.cdf = np.cumsum(w) / w.sum()
+        self.unknown_share = unknown_share
+        self.rng = np.random.default_rng([seed, stream])
+        self.prefix = f"loadtest-new-{seed}-{stream}-"
+        self.n_new = 0
+        self.buf: list[str] = []
+
+    def next(self) -> str:
+        if not self.buf:
+            self.buf = self._draw(4096)
+        return self.buf.pop()
+
+    def _draw(self, n: int) -> list[str]:
+        ranks = np.minimum(np.searchsorted(self.cdf, self.rng.random(n), side="right"), len(self.cdf) - 1)
+        out = [str(u) for u in self.ids[ranks].tolist()]
+        for i in np.flatnonzero(self.rng.random(n) < self.unknown_share).tolist():
+            out[i] = f"{self.prefix}{self.n_new}"
+            self.n_new += 1
+        return out
+
+
+def _hist() -> HdrHistogram:
+    return HdrHistogram(1, _HIST_MAX_US, 3)
+
+
+def percentiles_ms(h: HdrHistogram) -> dict[str, float]:
+    out = {k: h.get_value_at_percentile(p) / 1e3 for k, p in PERCENTILES.items()}
+    return out | {"max": h.get_max_value() / 1e3, "mean": h.get_mean_value() / 1e3}
+
+
+# ----------------------------------------------------------------------------- generator process
+
+class _Driver:
+    """This process's share of the load, run on one asyncio loop."""
+
+    def __init__(self, spec: LoadSpec, idx: int, conn: Connection):
+        def share(n: int) -> int:
+            return n // spec.procs + (idx < n % spec.procs)
+
+        self.spec, self.idx, self.conn = spec, idx, conn
+        self.clients, self.qps, self.budget = share(spec.concurrency), spec.qps / spec.procs, share(spec.max_requests)
+        self.users = Users(np.load(spec.user_ids, allow_pickle=False), spec.zipf_s, spec.unknown_share,
+                           spec.seed, idx)
+        self.rng = random.Random(f"{spec.seed}-{idx}")
+        self.metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else None
+        self.served: collections.deque[tuple[str, str, list[str]]] = collections.deque(maxlen=256)
+        self.hist = {m: _hist() for m in METHODS}
+        self.codes: dict[str, collections.Counter[str]] = {m: collections.Counter() for m in METHODS}
+        self.lag = _hist()
+        self.stages: dict[str, list[float]] = {}   # name -> [sum ms, sum count_out, n]
+        self.server_ms = [0.0, 0]
+        self.degraded = 0
+        self.sent = 0
+        self.start = self.end = self.window_end = 0.0
+
+    async def run(self) -> dict[str, Any]:
+        channels, workers = await self._connect()
+        self.stubs = [pb2_grpc.RecServeStub(c) for c in channels]
+        self.conn.send(("ready", workers))
+        t0 = await asyncio.get_running_loop().run_in_executor(None, self.conn.recv)
+        self.start = t0 + self.spec.warmup_s
+        self.end = self.window_end = self.start + self.spec.duration_s
+        await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+        await (self._closed() if self.clients else self._open(t0))
+        await asyncio.gather(*(c.close() for c in channels))
+        return {"sent": self.sent, "window_s": self.window_end - self.start, "degraded": self.degraded,
+                "methods": {m: {"codes": dict(self.codes[m]), "hist": self.hist[m].encode()} for m in METHODS},
+                "lag": self.lag.encode(), "stages": self.stages, "server_ms": self.server_ms,
+                "connections": len(channels), "workers": workers}
+
+    async def _connect(self) -> tuple[list[grpc.aio.Channel], int]:
+        """`channels` connections spread evenly over the server's worker processes.
+
+        SO_REUSEPORT hands whole connections to workers by a hash, so a few connections can all
+        land on one worker and leave the other idle. Open three times as many, ask each which
+        worker answers (Admin.GetStatus), keep an equal number per worker. A server without
+        Admin (or with a token we lack) keeps the first ones. Returns (channels, workers seen).
+        """
+        want = self.spec.channels
+        chans = [grpc.aio.insecure_channel(self.spec.target, options=_OWN_CONNECTION) for _ in range(3 * want)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in chans)), _CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise LoadError(f"cannot connect to {self.spec.target} within {_CONNECT_TIMEOUT_S:.0f} s") from None
+        try:
+            status = await asyncio.gather(*(pb2_grpc.AdminStub(c).GetStatus(
+                pb2.GetStatusRequest(), timeout=self.spec.timeout_s, metadata=self.metadata) for c in chans))
+        except grpc.aio.AioRpcError:
+            keep, workers = chans[:want], 0
+        else:
+            groups: dict[int, list[grpc.aio.Channel]] = collections.defaultdict(list)
+            for c, s in zip(chans, status):
+                groups[s.pid].append(c)
+            per = min(max(1, want // len(groups)), *(len(g) for g in groups.values()))
+            keep, workers = [c for g in groups.values() for c in g[:per]], len(groups)
+        await asyncio.gather(*(c.close() for c in chans if c not in keep))
+        return keep, workers
+
+    async def _closed(self) -> None:
+        async def client(k: int) -> None:
+            n = k
+            while (t := time.monotonic()) < self.end and self.sent < self.budget:
+                await self._one(t, n)
+                n += self.clients
+
+        await asyncio.gather(*(client(k) for k in range(self.clients)))
+
+    async def _open(self, t0: float) -> None:
+        tasks: set[asyncio.Task] = set()
+        t, n = t0, 0
+        while True:
+            t += self.rng.expovariate(self.qps)
+            if t >= self.end or self.sent >= self.budget:
+                break
+            if (delay := t - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(self._one(t, n))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        await asyncio.gather(*tasks)
+
+    async def _one(self, intended: float, n: int) -> None:
+        """One call; counted exactly once if its intended send time lies in the window."""
+        measured = self.start <= intended < self.end
+        if measured:
+            self.sent += 1
+            if self.sent == self.budget:
+                self.window_end = intended
+            if not self.clients:
+                self.lag.record_value(max(1, int((time.monotonic() - intended) * 1e6)))
+        stub, s = self.stubs[n % len(self.stubs)], self.spec
+        user = ""
+        if self.served and self.rng.random() < s.event_ratio:
+            method, call = "ReportEvents", stub.ReportEvents(self._events(), timeout=s.timeout_s,
+                                                             metadata=self.metadata)
+        else:
+            user = self.users.next()
+            req = pb2.RecommendRequest(user_id=user, count=s.count, request_id=f"lt{self.idx}-{n}",
+                                       debug=self.rng.random() < s.trace_sample)
+            method, call = "Recommend", stub.Recommend(req, timeout=s.timeout_s, metadata=self.metadata)
+        code = "OK"
+        try:
+            resp = await call
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+        except Exception as e:  # noqa: BLE001 - a client-side fault is still one counted outcome
+            code = f"CLIENT_{type(e).__name__}"
+        done = time.monotonic()
+        if user and code == "OK":
+            if s.event_ratio > 0:
+                self.served.append((user, resp.request_id, [it.item_id for it in resp.items]))
+            if measured:
+                self._note(resp)
+        if measured:
+            self.codes[method][code] += 1
+            self.hist[method].record_value(max(1, int((done - intended) * 1e6)))
+
+    def _events(self) -> pb2.ReportEventsRequest:
+        """Impressions for every item of a just-served list and a click on one of them."""
+        user, rid, items = self.served.pop()
+        ev = [pb2.Event(kind=pb2.EVENT_KIND_IMPRESSION, user_id=user, item_id=i, request_id=rid) for i in items]
+        if items:
+            ev.append(pb2.Event(kind=pb2.EVENT_KIND_CLICK, user_id=user, item_id=self.rng.choice(items),
+                                request_id=rid))
+        return pb2.ReportEventsRequest(events=ev)
+
+    def _note(self, resp: pb2.RecommendResponse) -> None:
+        self.degraded += resp.degraded
+        self.server_ms[0] += resp.total_ms
+        self.server_ms[1] += 1
+        for t in resp.trace:
+            acc = self.stages.setdefault(t.name, [0.0, 0.0, 0])
+            acc[0] += t.ms
+            acc[1] += t.count_out
+            acc[2] += 1
+
+
+def _worker(spec: LoadSpec, idx: int, conn: Connection) -> None:
+    """Entry of one generator process: connect, say ready, wait for the start time, run, report."""
+    try:
+        conn.send(("done", asyncio.run(_Driver(spec, idx, conn).run())))
+    except Exception as e:  # noqa: BLE001 - reported to the coordinator as one line
+        conn.send(("error", f"generator {idx}: {type(e).__name__}: {e}"))
+
+
+# ----------------------------------------------------------------------------- coordinator
+
+def run_load(spec: LoadSpec, server_pid: int | None = None, metrics_url: str | None = None) -> dict[str, Any]:
+    """Run one load level and return its result (see `_merge` for the fields)."""
+    ctx = mp.get_context("spawn")
+    conns, procs = [], []
+    for i in range(spec.procs):
+        here, there = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(spec, i, there), name=f"loadtest-gen-{i}", daemon=True)
+        p.start()
+        there.close()
+        conns.append(here)
+        procs.append(p)
+    try:
+        workers = [_expect(c, "ready", _CONNECT_TIMEOUT_S + 60)[0] for c in conns]
+        t0 = time.monotonic() + 0.1
+        for c in conns:
+            c.send(t0)
+        probes = {"generator": ProcProbe([p.pid for p in procs], children=False)}
+        if server_pid:
+            probes["server"] = ProcProbe([server_pid])
+        start, end = t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s
+        time.sleep(max(0.0, start - time.monotonic()))
+        before = scrape_stages(metrics_url) if metrics_url else {}
+        for probe in probes.values():
+            probe.start()
+        while (left := end - time.monotonic()) > 0 and not all(c.poll() for c in conns):
+            mp_wait(conns, timeout=min(left, 0.5))
+            for probe in probes.values():
+                probe.sample()
+        usage = {k: probe.stop() for k, probe in probes.items()}
+        after = scrape_stages(metrics_url) if metrics_url else {}
+        results = [_expect(c, "done", spec.timeout_s + 60)[0] for c in conns]
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return _merge(spec, results, workers, usage, before, after)
+
+
+def _expect(conn: Connection, kind: str, timeout: float) -> tuple:
+    if not conn.poll(timeout):
+        raise LoadError(f"a generator process sent no '{kind}' within {timeout:.0f} s")
+    try:
+        msg = conn.recv()
+    except EOFError:
+        raise LoadError("a generator process died") from None
+    if msg[0] == "error":
+        raise LoadError(msg[1])
+    return msg[1:]
+
+
+def _merge(spec: LoadSpec, results: list[dict[str, Any]], workers: list[int], usage: dict[str, Any],
+           before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Sum the generators' counts and histograms into one result of this load level."""
+    window = max(r["window_s"] for r in results)
+    methods: dict[str, Any] = {}
+    errors: collections.Counter[str] = collections.Counter()
+    for m in METHODS:
+        h, codes = _hist(), collections.Counter()
+        for r in results:
+            h.decode_and_add(r["methods"][m]["hist"])
+            codes.update(r["methods"][m]["codes"])
+        if codes:
+            ok = codes.pop("OK", 0)
+            methods[m] = {"sent": ok + sum(codes.values()), "ok": ok, "errors": dict(codes),
+                          "latency_ms": percentiles_ms(h)}
+            errors.update(codes)
+    ok = sum(m["ok"] for m in methods.values())
+    lag = _hist()
+    for r in results:
+        lag.decode_and_add(r["lag"])
+    server_ms = [sum(r["server_ms"][i] for r in results) for i in (0, 1)]
+    return {
+        "mode": spec.mode, "concurrency": spec.concurrency or None, "offered_qps": spec.qps or None,
+        "window_s": window, "sent": sum(r["sent"] for r in results), "ok": ok, "errors": dict(errors),
+        "achieved_qps": ok / window if window > 0 else 0.0,
+        "latency_ms": methods.get("Recommend", {}).get("latency_ms", percentiles_ms(_hist())),
+        "methods": methods, "degraded": sum(r["degraded"] for r in results),
+        "server_ms_mean": server_ms[0] / server_ms[1] if server_ms[1] else None,
+        "send_lag_ms": percentiles_ms(lag) if spec.mode == "open" else None,
+        "stages": _stages(results, before, after),
+        "server": usage.get("server"), "generator": usage["generator"],
+        "connections": sum(r["connections"] for r in results), "server_workers_seen": max(workers),
+    }
+
+
+def _stages(results: list[dict[str, Any]], before: dict[str, tuple[float, float]],
+            after: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
+    """Mean ms per stage in pipeline order (as traced): from the server's Prometheus histograms
+    over the window when scraped (every request), else from the sampled debug traces."""
+    traced: dict[str, list[float]] = {}
+    for r in results:
+        for name, vals in r["stages"].items():
+            acc = traced.setdefault(name, [0.0, 0.0, 0])
+            for i, v in enumerate(vals):
+                acc[i] += v
+    out = []
+    for name in [*traced, *sorted(set(after) - set(traced))]:
+        b, a = before.get(name, (0.0, 0.0)), after.get(name, (0.0, 0.0))
+        s, n = a[0] - b[0], a[1] - b[1]
+        t = traced.get(name)
+        if n > 0:
+            row = {"name": name, "mean_ms": s * 1e3 / n, "n": int(n), "source": "prometheus"}
+        elif t:
+            row = {"name": name, "mean_ms": t[0] / t[2], "n": int(t[2]), "source": "trace"}
+        else:
+            continue
+        row["count_out"] = t[1] / t[2] if t else None
+        out.append(row)
+    return out

@@ -1,0 +1,149 @@
+"""The server side of a load test: start one on loopback, watch its processes, scrape its metrics."""
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).absolute().parents[1]
+READY = re.compile(r"^recserve serving on (\S+) workers=(\d+) bundle=(\S+)")
+
+
+class Server:
+    """`recserve serve` on loopback with a free port and a metrics port, as a subprocess.
+
+    Its stderr goes to `log` (the caller's stderr when None); stdout is read for the ready line."""
+
+    def __init__(self, config: str | Path, bundle: str | Path, workers: int = 1, log: Path | None = None,
+                 timeout_s: float = 300.0, extra: tuple[str, ...] = ()):
+        port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        cmd = [sys.executable, "-m", "engine.cli", "serve", "--config", str(config), "--bundle", str(bundle),
+               "--port", "0", "--workers", str(workers), "--metrics-port", str(port), *extra]
+        err = open(log, "w") if log else None
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        finally:
+            if err:
+                err.close()
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
+        end = time.monotonic() + timeout_s
+        while not (m := READY.match(self._line(lines, end, log))):
+            pass
+        self.target, self.workers, self.version = m[1], int(m[2]), m[3]
+
+    def _line(self, lines: queue.Queue[str], end: float, log: Path | None) -> str:
+        while True:
+            try:
+                return lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None or time.monotonic() > end:
+                    self.stop()
+                    where = f"; see {log}" if log else ""
+                    raise RuntimeError(f"server did not become ready (exit {self.proc.returncode}){where}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProcProbe:
+    """CPU (in cores) and peak RSS of processes, with their children, over a window."""
+
+    def __init__(self, pids: list[int], children: bool = True):
+        self.roots = [psutil.Process(p) for p in pids]
+        self.children = children
+
+    def _procs(self) -> list[psutil.Process]:
+        out = list(self.roots)
+        if self.children:
+            for r in self.roots:
+                try:
+                    out += r.children(recursive=True)
+                except psutil.NoSuchProcess:
+                    pass
+        return out
+
+    def _cpu(self) -> dict[int, float]:
+        out = {}
+        for p in self._procs():
+            try:
+                t = p.cpu_times()
+                out[p.pid] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def start(self) -> None:
+        self.t, self.cpu0, self.rss = time.monotonic(), self._cpu(), 0
+        self.sample()
+
+    def sample(self) -> None:
+        rss = 0
+        for p in self._procs():
+            try:
+                rss += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        self.rss = max(self.rss, rss)
+
+    def stop(self) -> dict[str, Any]:
+        self.sample()
+        cpu1, dt = self._cpu(), time.monotonic() - self.t
+        used = sum(v - self.cpu0.get(pid, 0.0) for pid, v in cpu1.items())
+        return {"cpu_cores": used / dt if dt > 0 else 0.0, "rss_mb_peak": self.rss / 2**20, "processes": len(cpu1)}
+
+
+def metrics_url(spec: str) -> str:
+    """`host:port`, `http://host:port` or a full URL -> the URL of the /metrics page."""
+    url = spec if "://" in spec else f"http://{spec}"
+    return url if urllib.parse.urlsplit(url).path not in ("", "/") else url.rstrip("/") + "/metrics"
+
+
+def scrape_stages(url: str) -> dict[str, tuple[float, float]]:
+    """Stage name -> (seconds sum, count) of the server's `recserve_stage_seconds` histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "recserve_stage_seconds":
+            continue
+        for s in fam.samples:
+            if s.name.endswith(("_sum", "_count")):
+                out.setdefault(s.labels["stage"], [0.0, 0.0])[s.name.endswith("_count")] += s.value
+    return {k: (v[0], v[1]) for k, v in out.items()}

@@ -1,0 +1,25 @@
+"""Shared fixtures: one tiny bundle per test session, built by the real offline pipeline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Path:
+    return ROOT / "configs" / "tiny.toml"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_config) -> Path:
+    """Bundle root built from configs/tiny.toml. RECSERVE_TEST_BUNDLE=DIR reuses (or fills) DIR."""
+    from engine.config import load_config
+    from model_export.build import build_bundle
+
+    root = Path(os.environ.get("RECSERVE_TEST_BUNDLE") or tmp_path_factory.mktemp("bundles") / "tiny")
+    build_bundle(load_config(tiny_config), root)
+    return root
