@@ -39,6 +39,7 @@ class _Step:
     budget_ms: float       # recall: timeout; stages: expected cost, used to decide skipping
     skippable: bool
     route_bit: int = 0
+    inline: bool = False   # recall: run on the request thread instead of the pool
 
 
 @dataclass
@@ -70,7 +71,7 @@ class _Live:
             env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit)
             fn = spec.factory(params, env)
             budget = getattr(params, "timeout_ms", None) or getattr(params, "budget_ms")
-            return _Step(name, fn, budget, getattr(fn, "skippable", False), bit)
+            return _Step(name, fn, budget, getattr(fn, "skippable", False), bit, getattr(params, "inline", False))
 
         return _Pipeline([step(n, 1 << i) for i, n in enumerate(cfg.pipeline.recall)],
                          [step(n, 0) for n in cfg.pipeline.stages])
@@ -226,21 +227,39 @@ class Engine:
                               deadline, exp)
 
     def _recall(self, ctx: RequestContext, pipe: _Pipeline, trace: list, live: _Live) -> Candidates:
+        """Pool routes start first; inline routes run meanwhile on this thread; then the pool
+        routes are collected, each waited for no longer than its timeout and the deadline."""
         t0 = time.perf_counter()
-        futures = [(st, self._pool.submit(self._timed, st.fn, ctx)) for st in pipe.recall]
-        parts = []
-        for st, fut in futures:
+        futures = {st.name: self._pool.submit(self._timed, st.fn, ctx) for st in pipe.recall if not st.inline}
+        results: dict[str, tuple] = {}
+        for st in pipe.recall:
+            if st.inline:
+                try:
+                    cands, ms = self._timed(st.fn, ctx)
+                    results[st.name] = (cands, ms, "ok" if ms <= st.budget_ms else "late")
+                except Exception:  # fail-open per route
+                    log.exception("recall route %s failed; skipped", st.name)
+                    results[st.name] = (None, (time.perf_counter() - t0) * 1e3, "failed")
+        for st in pipe.recall:
+            if st.inline:
+                continue
             left = max(min(st.budget_ms / 1000.0 - (time.perf_counter() - t0), ctx.remaining_ms() / 1000.0), 0.0)
             try:
-                cands, ms = fut.result(timeout=left)
-                parts.append(cands)
-                trace.append(StageTrace(st.name, ms, 0, len(cands), "ok"))
+                cands, ms = futures[st.name].result(timeout=left)
+                results[st.name] = (cands, ms, "ok")
             except FutureTimeout:
-                trace.append(StageTrace(st.name, (time.perf_counter() - t0) * 1e3, 0, 0, "timeout"))
+                results[st.name] = (None, (time.perf_counter() - t0) * 1e3, "timeout")
             except Exception:  # fail-open per route
                 log.exception("recall route %s failed; skipped", st.name)
-                trace.append(StageTrace(st.name, (time.perf_counter() - t0) * 1e3, 0, 0, "failed"))
+                results[st.name] = (None, (time.perf_counter() - t0) * 1e3, "failed")
+        parts = []
+        for st in pipe.recall:
+            cands, ms, status = results[st.name]
+            trace.append(StageTrace(st.name, ms, 0, len(cands) if cands is not None else 0, status))
+            if cands is not None:
+                parts.append(cands)
         ts = time.perf_counter()
+        trace.append(StageTrace("recall", (ts - t0) * 1e3, 0, sum(len(p) for p in parts)))  # wall time, routes overlap
         merged = merge(parts)
         if len(merged) == 0:  # every route failed or came back empty: never serve nothing
             merged = Candidates.from_route(live.fallback, np.zeros(live.fallback.size, np.float32), 0)

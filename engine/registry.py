@@ -90,3 +90,25 @@ class StageEnv:
     store: Any             # engine.store.FeatureStore
     config: Any            # engine.config.Config (the experiment's variant)
     route_bit: int = 0     # recall routes only: this route's bit in Candidates.routes
+
+
+@dataclass
+class RouteParams:
+    """Fields every recall route has; a route's Params extends it.
+
+    `inline` routes run on the request thread: for routes cheaper than a thread hand-off
+    (~0.5 ms under the GIL). Their timeout is checked after they return. Routes that spend
+    their time outside the GIL (faiss, ORT) run on the pool, where a late one is abandoned.
+    """
+
+    k: int = 100
+    timeout_ms: float = 20.0
+    inline: bool = False
+
+    def check(self) -> None:
+        from engine.config import ConfigError
+
+        if self.k <= 0:
+            raise ConfigError("k: must be > 0")
+        if self.timeout_ms <= 0:
+            raise ConfigError("timeout_ms: must be > 0")

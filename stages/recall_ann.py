@@ -4,20 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.candidates import Candidates
-from engine.config import ConfigError
-from engine.registry import StageEnv, register
+from engine.registry import RouteParams, StageEnv, register
 
 
 @dataclass
-class Params:
+class Params(RouteParams):
     k: int = 2000
     timeout_ms: float = 30.0
-
-    def check(self) -> None:
-        if self.k <= 0:
-            raise ConfigError("k: must be > 0")
-        if self.timeout_ms <= 0:
-            raise ConfigError("timeout_ms: must be > 0")
 
 
 @register("recall_ann", Params, recall=True)

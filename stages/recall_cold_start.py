@@ -16,21 +16,22 @@ import numpy as np
 
 from engine.candidates import Candidates
 from engine.config import ConfigError
-from engine.registry import StageEnv, register
+from engine.registry import RouteParams, StageEnv, register
 
 
 @dataclass
-class Params:
+class Params(RouteParams):
     k: int = 300
+    inline: bool = True            # one small matmul over the cold pool
     max_age_days: float = 3.0
     max_impressions: int = 50
     explore_share: float = 0.2
     refresh_s: float = 1.0
-    timeout_ms: float = 20.0
 
     def check(self) -> None:
-        if self.k <= 0 or self.max_age_days <= 0 or self.max_impressions < 0:
-            raise ConfigError("k, max_age_days: must be > 0; max_impressions >= 0")
+        super().check()
+        if self.max_age_days <= 0 or self.max_impressions < 0:
+            raise ConfigError("max_age_days > 0 and max_impressions >= 0 required")
         if not 0 <= self.explore_share <= 1:
             raise ConfigError("explore_share: must be in [0, 1]")
 

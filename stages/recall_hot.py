@@ -13,24 +13,23 @@ import numpy as np
 
 from engine.candidates import Candidates
 from engine.config import ConfigError
-from engine.registry import StageEnv, register
+from engine.registry import RouteParams, StageEnv, register
 
 
 @dataclass
-class Params:
+class Params(RouteParams):
     k: int = 500
+    inline: bool = True            # slices of precomputed lists: cheaper than a thread hand-off
     global_share: float = 0.5      # the rest comes from the user's top categories
     categories: int = 3            # how many of the user's favourite categories
     refresh_s: float = 1.0
-    timeout_ms: float = 20.0
 
     def check(self) -> None:
-        if self.k <= 0:
-            raise ConfigError("k: must be > 0")
+        super().check()
         if not 0 <= self.global_share <= 1:
             raise ConfigError("global_share: must be in [0, 1]")
-        if self.categories < 0 or self.refresh_s <= 0 or self.timeout_ms <= 0:
-            raise ConfigError("categories, refresh_s, timeout_ms: must be positive")
+        if self.categories < 0 or self.refresh_s <= 0:
+            raise ConfigError("categories >= 0 and refresh_s > 0 required")
 
 
 @register("recall_hot", Params, recall=True)

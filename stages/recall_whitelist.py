@@ -14,22 +14,21 @@ import numpy as np
 
 from engine.candidates import Candidates, Guarantee
 from engine.config import ConfigError
-from engine.registry import StageEnv, register
+from engine.registry import RouteParams, StageEnv, register
 
 _LEVELS = {"coarse": Guarantee.COARSE, "fine": Guarantee.FINE, "final": Guarantee.FINAL}
 
 
 @dataclass
-class Params:
-    file: str = ""
+class Params(RouteParams):
     k: int = 200
-    timeout_ms: float = 10.0
+    inline: bool = True            # a mask over a few pinned items
+    file: str = ""
 
     def check(self) -> None:
+        super().check()
         if not self.file:
             raise ConfigError("file: name the whitelist TOML file")
-        if self.k <= 0:
-            raise ConfigError("k: must be > 0")
 
 
 @register("recall_whitelist", Params, recall=True)

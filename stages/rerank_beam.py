@@ -50,35 +50,41 @@ def fuse(task_scores: dict[str, np.ndarray], weights: dict[str, float], fusion: 
 def beam_search(fused: np.ndarray, category: np.ndarray, author: np.ndarray, count: int, width: int,
                 category_penalty: float = 0.0, author_penalty: float = 0.0,
                 coverage_reward: float = 0.0) -> tuple[np.ndarray, float]:
-    """Indices (into the inputs) of the best list of length <= count found, and its reward."""
+    """Indices (into the inputs) of the best list of length <= count found, and its reward.
+
+    The pairwise adjacency penalty is one [M, M] matrix built up front, so each step is a
+    row gather plus a masked top-`width` over the [B, M] extensions.
+    """
     m = fused.size
     count = min(count, m)
     if count == 0:
         return np.empty(0, np.int64), 0.0
-    n_cat = int(category.max()) + 1
-    disc = 1.0 / np.log2(np.arange(count) + 2.0)
-    chosen = np.zeros((1, 0), np.int64)
+    gains = np.outer(1.0 / np.log2(np.arange(count) + 2.0), fused.astype(np.float64))  # [count, M]
+    penalty = None
+    if category_penalty or author_penalty:
+        penalty = (category_penalty * (category[:, None] == category[None, :])
+                   + author_penalty * (author[:, None] == author[None, :]))
+    same_cat = category[:, None] == category[None, :] if coverage_reward else None
+    chosen = np.zeros((1, count), np.int64)
     total = np.zeros(1)
-    used = np.zeros((1, m), bool)
-    covered = np.zeros((1, n_cat), bool)
+    blocked = np.zeros((1, m))            # -inf where an item is already in the beam's list
+    new_cat = np.ones((1, m), bool)       # the item's category is not yet in the beam's list
     for step in range(count):
-        gain = np.broadcast_to(fused * disc[step], used.shape).astype(np.float64)
-        if step:
-            last = chosen[:, -1]
-            gain = gain - category_penalty * (category[None, :] == category[last][:, None]) \
-                - author_penalty * (author[None, :] == author[last][:, None])
-        gain = gain + coverage_reward * ~covered[:, category]
-        cand = np.where(used, -np.inf, total[:, None] + gain).ravel()
-        k = min(width, int(np.isfinite(cand).sum()))
-        top = np.argpartition(-cand, k - 1)[:k] if k < cand.size else np.arange(cand.size)
-        top = top[np.argsort(-cand[top], kind="stable")]
+        cand = total[:, None] + gains[step] + blocked
+        if penalty is not None and step:
+            cand -= penalty[chosen[:, step - 1]]
+        if same_cat is not None:
+            cand += coverage_reward * new_cat
+        flat = cand.ravel()
+        k = min(width, m - step)
+        top = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+        top = top[np.argsort(-flat[top], kind="stable")]
         beam, item = np.divmod(top, m)
-        chosen = np.concatenate([chosen[beam], item[:, None]], axis=1)
-        total = cand[top]
-        used = used[beam].copy()
-        used[np.arange(k), item] = True
-        covered = covered[beam].copy()
-        covered[np.arange(k), category[item]] = True
+        chosen, total, blocked = chosen[beam], flat[top], blocked[beam]
+        chosen[:, step] = item
+        blocked[np.arange(k), item] = -np.inf
+        if same_cat is not None:
+            new_cat = new_cat[beam] & ~same_cat[item]
     return chosen[0], float(total[0])
 
 

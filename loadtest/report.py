@@ -1,0 +1,167 @@
+"""Load-test report: JSON (everything), Markdown (tables) and two PNGs (latency vs QPS, stage times).
+
+A report is `{"meta": {...}, "targets": [{"name", "target", "runs": [result, ...], "sweep"?}]}`
+where each result is what loadtest.generator.run_load returns; a second target (the baseline)
+is reported side by side with the first.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loadtest.generator import PERCENTILES
+
+PCTS = (*PERCENTILES, "max")
+
+
+def headline(t: dict[str, Any]) -> dict[str, Any]:
+    """The run a target is summed up by: a sweep's highest sustainable step (else its first), else the last."""
+    sweep = t.get("sweep")
+    if sweep:
+        ok = [r for r in t["runs"] if r["offered_qps"] == sweep["max_sustainable_qps"]]
+        return ok[0] if ok else t["runs"][0]
+    return t["runs"][-1]
+
+
+def summary_lines(r: dict[str, Any], target: str) -> list[str]:
+    """Five lines: the load, the counts, latency, resources, the slowest stages."""
+    load = f"{r['concurrency']} clients (closed loop)" if r["mode"] == "closed" else f"{r['offered_qps']:g} QPS offered (open loop)"
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"
+    lat = "  ".join(f"{k} {r['latency_ms'][k]:.2f}" for k in PCTS)
+    srv = r.get("server")
+    res = (f"server {srv['cpu_cores']:.2f} cores, {srv['rss_mb_peak']:.0f} MB RSS ({srv['processes']} processes)"
+           if srv else "server CPU/RSS not measured (no pid)")
+    slow = sorted(r["stages"], key=lambda s: -s["mean_ms"])[:4]
+    return [
+        f"load test of {target}: {load}, {r['window_s']:.1f} s measured",
+        f"sent {r['sent']} = ok {r['ok']} + errors {r['sent'] - r['ok']} ({errors}); {r['achieved_qps']:.1f} QPS ok",
+        f"latency ms: {lat}",
+        f"{res}; generator {r['generator']['cpu_cores']:.2f} cores",
+        "slowest stages (mean ms): " + (", ".join(f"{s['name']} {s['mean_ms']:.2f}" for s in slow) or "no trace"),
+    ]
+
+
+def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write report.json, report.md, latency_vs_qps.png and stages.png into `out`; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md",
+             "latency_png": out / "latency_vs_qps.png", "stages_png": out / "stages.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(markdown(report))
+    _plot_latency(report, paths["latency_png"])
+    _plot_stages(report, paths["stages_png"])
+    return paths
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    lines = [f"# recserve load test: {m['mode']}", "",
+             f"{m['started']}; {m['duration_s']:g} s measured per level after {m['warmup_s']:g} s warm-up; "
+             f"users Zipf s={m['zipf_s']:g} with {m['unknown_share']:.0%} unknown; "
+             f"events on {m['event_ratio']:.0%} of calls; {m['procs']} generator process(es).", ""]
+    if len(report["targets"]) > 1:
+        lines += ["## Side by side", "", "| target | load | QPS ok | p50 | p99 | p99.9 | errors | server cores |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for t in report["targets"]:
+            r = headline(t)
+            lines.append(f"| {t['name']} | {_load(r)} | {r['achieved_qps']:.1f} | {r['latency_ms']['p50']:.2f} | "
+                         f"{r['latency_ms']['p99']:.2f} | {r['latency_ms']['p99.9']:.2f} | {r['sent'] - r['ok']} | "
+                         f"{_cores(r.get('server'))} |")
+        lines.append("")
+    for t in report["targets"]:
+        lines += [f"## {t['name']} ({t['target']})", "",
+                  "| load | QPS ok | sent | ok | errors | " + " | ".join(f"{k} ms" for k in PCTS)
+                  + " | server cores | server RSS MB | generator cores |",
+                  "|---|---:|---:|---:|---:|" + "---:|" * len(PCTS) + "---:|---:|---:|"]
+        for r in t["runs"]:
+            srv = r.get("server")
+            res = f"{_cores(srv)} | {srv['rss_mb_peak']:.0f}" if srv else "- | -"
+            lines.append(f"| {_load(r)} | {r['achieved_qps']:.1f} | {r['sent']} | {r['ok']} | {r['sent'] - r['ok']} | "
+                         + " | ".join(f"{r['latency_ms'][k]:.2f}" for k in PCTS)
+                         + f" | {res} | {r['generator']['cpu_cores']:.2f} |")
+        lines.append("")
+        if sweep := t.get("sweep"):
+            best = sweep["max_sustainable_qps"]
+            lines += [f"Highest sustainable offered QPS (p99 <= {sweep['slo_ms']:g} ms, no errors): "
+                      f"**{best:g}**" if best else "No step met the SLO.", f"Stopped: {sweep['stopped']}.", ""]
+        errs = {k: v for r in t["runs"] for k, v in r["errors"].items()}
+        if errs:
+            lines += ["Errors by status code: " + "; ".join(
+                f"{_load(r)}: " + ", ".join(f"{k} {v}" for k, v in r["errors"].items()) for r in t["runs"] if r["errors"]), ""]
+        r = headline(t)
+        if r["stages"]:
+            lines += [f"Stages at {_load(r)} (mean ms; recall routes run concurrently; "
+                      f"server total {r['server_ms_mean'] or 0:.2f} ms vs client mean {r['latency_ms']['mean']:.2f} ms):", "",
+                      "| stage | mean ms | candidates out | samples | source |", "|---|---:|---:|---:|---|"]
+            lines += [f"| {s['name']} | {s['mean_ms']:.3f} | {_num(s['count_out'])} | {s['n']} | {s['source']} |"
+                      for s in r["stages"]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _load(r: dict[str, Any]) -> str:
+    return f"C={r['concurrency']}" if r["mode"] == "closed" else f"{r['offered_qps']:g} QPS"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def _cores(srv: dict[str, Any] | None) -> str:
+    return f"{srv['cpu_cores']:.2f}" if srv else "-"
+
+
+def _plot_latency(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ("-", "--", ":", "-.")
+    for t, ls in zip(report["targets"], styles):
+        runs = sorted(t["runs"], key=_x)
+        for k, color in zip(PERCENTILES, ("C0", "C1", "C3", "C4")):
+            ax.plot([_x(r) for r in runs], [r["latency_ms"][k] for r in runs], ls, marker="o", color=color,
+                    label=f"{t['name']} {k}")
+    if slo := report["meta"].get("slo_ms"):
+        ax.axhline(slo, color="grey", lw=1, label=f"SLO {slo:g} ms")
+    closed = report["meta"]["mode"] == "closed"
+    ax.set(xlabel="achieved QPS (closed loop)" if closed else "offered QPS (open loop)",
+           ylabel="latency ms (log)", yscale="log", title="Recommend latency against load")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _x(r: dict[str, Any]) -> float:
+    return r["achieved_qps"] if r["mode"] == "closed" else r["offered_qps"]
+
+
+def _plot_stages(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = [(t["name"], headline(t)) for t in report["targets"]]
+    names = list(dict.fromkeys(s["name"] for _, r in heads for s in r["stages"]))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(names), 4) + 1.5))
+    h = 0.8 / len(heads)
+    for i, (tname, r) in enumerate(heads):
+        ms = {s["name"]: s["mean_ms"] for s in r["stages"]}
+        ax.barh([j + i * h for j in range(len(names))], [ms.get(n, 0.0) for n in names], h,
+                label=f"{tname} at {_load(r)}")
+    ax.set_yticks([j + h * (len(heads) - 1) / 2 for j in range(len(names))], names)
+    ax.invert_yaxis()
+    ax.set(xlabel="mean ms per request", title="Per-stage server time (recall routes run concurrently)")
+    if names:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no stage data (no metrics endpoint and no traced sample)", ha="center",
+                transform=ax.transAxes)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
