@@ -47,6 +47,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.set_defaults(func=_check_config)
 
+    from engine.client import add_events_args, add_recommend_args, main_events, main_recommend
+    from engine.server import add_serve_args, serve
+
+    s = sub.add_parser("serve", help="serve a bundle over gRPC (health, reflection, metrics, hot reload)")
+    add_serve_args(s)
+    s.set_defaults(func=serve)
+
+    r = sub.add_parser("recommend", help="ask a server for a list and print it as a table")
+    add_recommend_args(r)
+    r.set_defaults(func=main_recommend)
+
+    e = sub.add_parser("events", help="send events (impression, click, like, finish, dislike) to a server")
+    add_events_args(e)
+    e.set_defaults(func=main_events)
+
     d = sub.add_parser("data", help="obtain real data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a data set into the local cache (never into the repo)")

@@ -64,6 +64,13 @@ class _Live:
         for name in config.experiments:
             self.pipelines[name] = self._build(config.variant(name))
 
+    def close(self) -> None:
+        """Stop the stages' background work (refresh threads); in-flight requests still finish."""
+        for p in self.pipelines.values():
+            for st in (*p.recall, *p.stages):
+                if hasattr(st.fn, "close"):
+                    st.fn.close()
+
     def _build(self, cfg: Config) -> _Pipeline:
         def step(name: str, bit: int) -> _Step:
             kind, params = cfg.stage[name]
@@ -165,17 +172,21 @@ class Engine:
             same_shape = (bundle.manifest["schema"]["n_items"] == old.bundle.manifest["schema"]["n_items"]
                           and bundle.manifest["schema"]["n_users"] == old.bundle.manifest["schema"]["n_users"])
             store = old.store if (same_shape or self._external_store) else EmbeddedStore(bundle, self._store_dir)
+            live = None
             try:
                 live = _Live(self.config, bundle, store)
                 self._smoke(live)
-            except (BundleError, ConfigError) as e:
-                raise BundleError(f"bundle {bundle.version} refused: {e}") from None
             except Exception as e:
-                raise BundleError(f"bundle {bundle.version} refused: smoke request failed: {e!r}") from None
+                if live is not None:
+                    live.close()
+                reason = str(e) if isinstance(e, (BundleError, ConfigError)) else f"smoke request failed: {e!r}"
+                raise BundleError(f"bundle {bundle.version} refused: {reason}") from None
             self._live = live
+            old.close()
             log.info("bundle %s now serving (was %s)", bundle.version, old.bundle.version)
 
     def close(self) -> None:
+        self._live.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request steps ----------------------------------------------------------------

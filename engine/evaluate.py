@@ -25,7 +25,7 @@ from engine.candidates import Candidates
 from engine.config import Config, DataConfig, Experiment, load_config, parse_config
 from engine.context import RequestContext
 from engine.engine import Engine
-from engine.request import Request
+from engine.request import Request, Response
 from engine.state import snapshot
 from engine.store import EmbeddedStore
 from indexes import measure_recall
@@ -201,6 +201,13 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
     sweep = {b: {"ms": [], "reward": [], "quality": []} for b in BEAM_WIDTHS}
     queries, overlap, expected_random, faults = [], [], [], 0
 
+    def serve(req: Request) -> tuple[np.ndarray, Response]:
+        """Served item indices and the response; counts responses with anything cut or failed."""
+        nonlocal faults
+        r = engine.recommend(req)
+        faults += r.degraded or any(s.status != "ok" for s in r.trace)
+        return np.array([live.item_index[i] for i in r.item_ids], np.int64), r
+
     for u, row in zip(tqdm(users, desc="eval users", unit="user"), ctx_rows):
         req = Request(str(ds.user_ids[u]), COUNT, dict(zip(ds.context_fields, ds.log_context[row].tolist())),
                       deadline_ms=DEADLINE_MS)
@@ -213,8 +220,7 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
         positives = np.unique(pos_item[pos_user == u])
         if value is not None:
             expected_random.append(float(value[eligible].mean() * DISCOUNT.sum()))
-        resp = engine.recommend(req)
-        served = np.array([live.item_index[i] for i in resp.item_ids], np.int64)
+        served, _ = serve(req)
         ranker_top = _top(eligible, _fused(_fine_probs(engine, ctx, eligible), bundle.tasks, rp))
         overlap.append(np.isin(served, ranker_top).sum() / COUNT)
         built = {"served": served, "popular": popular[mask[popular]][:COUNT],
@@ -225,9 +231,7 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
             lists[k].append(built[k])
             quality[k].append(_judge(built[k], value, positives))
         for b in BEAM_WIDTHS:
-            r = engine.recommend(dataclasses.replace(req, experiment=f"beam{b}"))
-            faults += r.degraded or any(s.status != "ok" for s in r.trace)
-            items = np.array([live.item_index[i] for i in r.item_ids], np.int64)
+            items, r = serve(dataclasses.replace(req, experiment=f"beam{b}"))
             sweep[b]["ms"].append(next(s.ms for s in r.trace if s.name == rerank))
             sweep[b]["reward"].append(list_reward(r.scores.astype(np.float64), category[items], author[items], rp))
             sweep[b]["quality"].append(_judge(items, value, positives))

@@ -7,8 +7,6 @@ every new item gets impressions and leaves the pool.
 """
 from __future__ import annotations
 
-import threading
-import time
 import zlib
 from dataclasses import dataclass
 
@@ -16,6 +14,7 @@ import numpy as np
 
 from engine.candidates import Candidates
 from engine.config import ConfigError
+from engine.refresh import Refresher
 from engine.registry import RouteParams, StageEnv, register
 
 
@@ -42,24 +41,19 @@ class RecallColdStart:
         self.p, self.bit, self.store = p, env.route_bit, env.store
         self.created = np.asarray(env.bundle.tables.item_created)
         self.emb = env.bundle.tables.item_emb
-        self._lock = threading.Lock()
-        self._at = -1e18
-        self._refresh()
+        self._refresher = Refresher(env.name, self._refresh, p.refresh_s)
 
     def _refresh(self) -> None:
         now = self.store.clock.days()
         pool = np.flatnonzero((now - self.created <= self.p.max_age_days)
                               & (self.store.item_n_imp() < self.p.max_impressions)).astype(np.int32)
-        self._pool, self._pool_emb = pool, np.ascontiguousarray(self.emb[pool])
-        self._at = time.monotonic()
+        self._snap = (pool, np.ascontiguousarray(self.emb[pool]))   # one atomic swap
+
+    def close(self) -> None:
+        self._refresher.close()
 
     def __call__(self, ctx) -> Candidates:
-        if time.monotonic() - self._at > self.p.refresh_s and self._lock.acquire(blocking=False):
-            try:
-                self._refresh()
-            finally:
-                self._lock.release()
-        pool, emb = self._pool, self._pool_emb
+        pool, emb = self._snap
         if pool.size == 0:
             return Candidates.empty()
         n_explore = int(round(self.p.k * self.p.explore_share))

@@ -5,14 +5,13 @@ within seconds), so a request only slices precomputed lists.
 """
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.candidates import Candidates
 from engine.config import ConfigError
+from engine.refresh import Refresher
 from engine.registry import RouteParams, StageEnv, register
 
 
@@ -38,9 +37,7 @@ class RecallHot:
         self.p, self.bit, self.store = p, env.route_bit, env.store
         self.category = np.asarray(env.bundle.tables.item_category)
         self.n_cat = int(env.bundle.manifest["schema"]["n_categories"])
-        self._lock = threading.Lock()
-        self._at = -1e18
-        self._refresh()
+        self._refresher = Refresher(env.name, self._refresh, p.refresh_s)
 
     def _refresh(self) -> None:
         """Top items by decayed score, globally and grouped by category (best first)."""
@@ -52,17 +49,14 @@ class RecallHot:
         order = np.argsort(cats, kind="stable")            # by category, hot order kept inside
         bounds = np.searchsorted(cats[order], np.arange(self.n_cat + 1))
         score = np.log1p(hot[top]).astype(np.float32)
-        self._global, self._gscore = top[: self.p.k].astype(np.int32), score[: self.p.k]
-        self._by_cat, self._by_cat_score, self._bounds = top[order].astype(np.int32), score[order], bounds
-        self._at = time.monotonic()
+        self._snap = (top[: self.p.k].astype(np.int32), score[: self.p.k],   # one atomic swap
+                      top[order].astype(np.int32), score[order], bounds)
+
+    def close(self) -> None:
+        self._refresher.close()
 
     def __call__(self, ctx) -> Candidates:
-        if time.monotonic() - self._at > self.p.refresh_s and self._lock.acquire(blocking=False):
-            try:
-                self._refresh()
-            finally:
-                self._lock.release()
-        g, gs, byc, bycs, b = self._global, self._gscore, self._by_cat, self._by_cat_score, self._bounds
+        g, gs, byc, bycs, b = self._snap
         n_global = int(round(self.p.k * self.p.global_share))
         parts, scores = [g[:n_global]], [gs[:n_global]]
         recent = ctx.user.recent[0]
