@@ -516,8 +516,9 @@ class _Reloader:
                 self.refused.add(name)
                 self.w.metrics.reloads.labels("refused").inc()
                 self.w.count("reloads_refused")
-                log.error("bundle %s refused: %s; still serving %s", name, _one_line(e), old_version)
-                return False, f"bundle {name} refused: {_one_line(e)}; still serving {old_version}"
+                msg = f"reload of {name} failed: {_one_line(e)}; still serving {old_version}"
+                log.error(msg)
+                return False, msg
             self.current = name
             new = self.w.engine.bundle_version
             self.w.metrics.bundle.labels(old_version).set(0)
