@@ -119,7 +119,7 @@ def main_recommend(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"recserve recommend: --context takes KEY=INT, got {args.context}", file=sys.stderr)
         return 2
-    with RecServeClient(args.target, args.token, args.tls_ca, args.timeout) as c:
+    with _connect(args) as c:
         try:
             r = c.recommend(args.user, args.count, context, args.exclude, args.experiment, args.debug)
         except grpc.RpcError as e:
@@ -151,7 +151,7 @@ def main_events(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"recserve events: {e}", file=sys.stderr)
         return 2
-    with RecServeClient(args.target, args.token, args.tls_ca, args.timeout) as c:
+    with _connect(args) as c:
         try:
             r = c.report_events(events)
         except grpc.RpcError as e:
@@ -190,6 +190,13 @@ def _events_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     users = args.user * n if len(args.user) == 1 else args.user
     kinds = args.kind * n if len(args.kind) == 1 else args.kind
     return [{"kind": k, "user_id": u, "item_id": i} for k, u, i in zip(kinds, users, args.item)]
+
+
+def _connect(args: argparse.Namespace) -> RecServeClient:
+    try:
+        return RecServeClient(args.target, args.token, args.tls_ca, args.timeout)
+    except OSError as e:
+        raise SystemExit(f"recserve: --tls-ca: {e}") from None
 
 
 def _rpc_failed(what: str, e: grpc.RpcError) -> int:

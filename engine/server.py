@@ -55,7 +55,6 @@ STARTUP_TIMEOUT_S = 600.0
 
 _LATENCY_BUCKETS = (.001, .002, .004, .006, .008, .01, .015, .02, .03, .05, .075, .1, .15, .25, .5, 1.0)
 _STAGE_BUCKETS = (.0001, .00025, .0005, .001, .002, .004, .008, .015, .03, .06, .1, .25)
-_CANDIDATE_BUCKETS = (0, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 3000, 5000, 10000)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -84,6 +83,7 @@ class _Opts:
     tls: tuple[bytes, bytes] | None   # (key, cert) PEM
     token: str | None
     grace: float
+    store_dir: str          # the embedded feature store's shared arrays: every worker sees every event
 
 
 class _Fail(Exception):
@@ -92,8 +92,7 @@ class _Fail(Exception):
 
 def serve(args: argparse.Namespace) -> int:
     """`recserve serve`: returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s recserve[%(process)d] %(message)s")
+    _setup_logging("")
     sup = _Supervisor()
     try:
         return sup.run(args)
@@ -120,6 +119,7 @@ class _Supervisor:
         self.stop = threading.Event()
         self.hold: socket.socket | None = None
         self.metrics_dir: str | None = None
+        self.store_dir: str | None = None
         self.children: list[_Child] = []
         self.restart_at: dict[int, float] = {}
         self.backoff: dict[int, float] = collections.defaultdict(lambda: 1.0)
@@ -145,7 +145,9 @@ class _Supervisor:
             raise _Fail(f"--workers must be >= 1, got {self.n}")
         self.host = args.host
         port, self.hold = _claim_port(args.host, args.port)
-        self.opts = _Opts(args.config, args.bundle, args.host, port, tls, args.token, args.grace)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.store_dir = tempfile.mkdtemp(prefix="recserve-store-", dir=shm)
+        self.opts = _Opts(args.config, args.bundle, args.host, port, tls, args.token, args.grace, self.store_dir)
         if args.metrics_port is not None:
             # must be set before any worker imports prometheus_client
             self.metrics_dir = tempfile.mkdtemp(prefix="recserve-metrics-")
@@ -166,8 +168,9 @@ class _Supervisor:
                 c.proc.kill()
         if self.hold:
             self.hold.close()
-        if self.metrics_dir:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        for d in (self.metrics_dir, self.store_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
 
     def _spawn(self, idx: int, fallback: str) -> _Child:
         rx, tx = self.ctx.Pipe(duplex=False)
@@ -298,6 +301,13 @@ def _mark_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def _setup_logging(tag: str) -> None:
+    """Our INFO lines, only warnings from libraries (faiss logs its loader at INFO)."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s recserve[%(process)d{tag}] %(name)s: %(message)s")
+    logging.getLogger("recserve").setLevel(logging.INFO)
+
+
 def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -309,8 +319,7 @@ def _worker_main(idx: int, opts: _Opts, fallback: str, conn: Connection) -> None
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s recserve[%(process)d w{idx}] %(message)s")
+    _setup_logging(f" w{idx}")
     try:
         w = _Worker(idx, opts, fallback)
     except Exception as e:    # noqa: BLE001 - reported as the server's one-line startup error
@@ -347,9 +356,10 @@ class _Worker:
         self.metrics = _Metrics()
         self.counters: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
-        root, name, bundle = _initial_bundle(opts.bundle, fallback)
-        self.engine = Engine(self.cfg, bundle)
+        root, name, bundle, refused = _initial_bundle(opts.bundle, fallback)
+        self.engine = Engine(self.cfg, bundle, store_dir=opts.store_dir)
         self.reloader = _Reloader(root, name, self)
+        self.reloader.refused |= refused
         self.metrics.bundle.labels(self.engine.bundle_version).set(1)
         self.server = grpc.server(ThreadPoolExecutor(RPC_THREADS, thread_name_prefix="rpc"),
                                   options=[("grpc.so_reuseport", 1)],
@@ -433,22 +443,23 @@ class _Abort(Exception):
         self.code, self.msg = code, msg
 
 
-def _initial_bundle(path: Path, fallback: str) -> tuple[Path | None, str, Any]:
-    """Load CURRENT of a bundle root (or the fallback version others serve if it is broken),
-    or a plain version folder, which is then never reloaded."""
+def _initial_bundle(path: Path, fallback: str) -> tuple[Path | None, str, Any, set[str]]:
+    """(root, version folder, bundle, refused versions): CURRENT of a bundle root, or the
+    fallback version the other workers serve if CURRENT is broken; or a plain version
+    folder, which is then never reloaded."""
     from engine.bundle import BundleError, load_bundle
 
     pointer = path / "CURRENT"
     if not pointer.exists():
-        return None, path.name, load_bundle(path)
+        return None, path.name, load_bundle(path), set()
     name = pointer.read_text().strip()
     try:
-        return path, name, load_bundle(path / name)
+        return path, name, load_bundle(path / name), set()
     except BundleError as e:
         if not fallback or fallback == name:
             raise
         log.error("bundle %s refused (%s); serving %s like the other workers", name, e, fallback)
-        return path, fallback, load_bundle(path / fallback)
+        return path, fallback, load_bundle(path / fallback), {name}
 
 
 class _Reloader:
@@ -465,19 +476,18 @@ class _Reloader:
             self._swap(name)
 
     def reload(self, path: str | None) -> tuple[bool, str]:
-        """Admin.ReloadBundle: load `path` (a version folder in the root) here, then publish it
-        in CURRENT for the other workers; without a path, re-read CURRENT now (retrying a refusal)."""
+        """Admin.ReloadBundle: load `path` (a version folder of the root: its name or absolute
+        path) here, then publish it in CURRENT for the other workers; without a path, re-read
+        CURRENT now, retrying a version refused before."""
         if self.root is None:
             return False, "started on a version folder, not a bundle root with CURRENT: nothing to reload"
         name = self._pointer() if path is None else self._version_name(path)
         if name is None:
             return False, (f"{self.root}/CURRENT is missing or empty" if path is None
                            else f"{path}: not a version folder inside {self.root}")
-        if name == self.current:
-            return True, f"already serving {name}"
         self.refused.discard(name)
         ok, msg = self._swap(name)
-        if ok and path is not None:
+        if ok and path is not None and self._pointer() != name:
             try:
                 _write_atomic(self.root / "CURRENT", name + "\n")
             except OSError as e:
@@ -494,12 +504,8 @@ class _Reloader:
             return None
 
     def _version_name(self, path: str) -> str | None:
-        p = Path(path)
-        if len(p.parts) > 1 or p.is_absolute():
-            if p.resolve().parent != self.root.resolve():
-                return None
-            p = Path(p.name)
-        return p.name if (self.root / p).is_dir() else None
+        p = (self.root / path).resolve()     # an absolute path replaces the root
+        return p.name if p.parent == self.root.resolve() and p.is_dir() else None
 
     def _swap(self, name: str) -> tuple[bool, str]:
         from engine.bundle import BundleError, load_bundle
@@ -525,7 +531,6 @@ class _Reloader:
             self.w.metrics.bundle.labels(new).set(1)
             self.w.metrics.reloads.labels("ok").inc()
             self.w.count("reloads_ok")
-            log.info("bundle swapped: %s -> %s", old_version, new)
             return True, f"serving {new}"
 
 
@@ -554,8 +559,9 @@ class _Metrics:
                                  buckets=_LATENCY_BUCKETS)
         self.stage = Histogram("recserve_stage_seconds", "latency per recall route and stage", ["stage"],
                                buckets=_STAGE_BUCKETS)
-        self.candidates = Histogram("recserve_stage_candidates", "candidates leaving each stage", ["stage"],
-                                    buckets=_CANDIDATE_BUCKETS)
+        # a counter, not a histogram: divided by recserve_stage_seconds_count it is the mean
+        # batch size, at a fraction of the cost (a histogram observe costs several us, per stage)
+        self.candidates = Counter("recserve_stage_candidates", "candidates leaving each stage", ["stage"])
         self.stage_status = Counter("recserve_stage_outcomes", "stage runs that did not end ok",
                                     ["stage", "status"])
         self.degraded = Counter("recserve_degraded_responses", "answers served degraded")
@@ -564,11 +570,15 @@ class _Metrics:
         self.bundle = Gauge("recserve_bundle_info", "1 for the bundle version a worker serves", ["version"],
                             multiprocess_mode="liveall")
         self.rss = Gauge("recserve_worker_rss_bytes", "resident memory of a worker", multiprocess_mode="liveall")
+        self._children: dict[str, tuple[Any, Any]] = {}
 
     def observe(self, resp: Any) -> None:
         for t in resp.trace:
-            self.stage.labels(t.name).observe(t.ms / 1000)
-            self.candidates.labels(t.name).observe(t.count_out)
+            if t.name not in self._children:      # labels() costs a lock and a dict per call
+                self._children[t.name] = (self.stage.labels(t.name), self.candidates.labels(t.name))
+            seconds, candidates = self._children[t.name]
+            seconds.observe(t.ms / 1000)
+            candidates.inc(t.count_out)
             if t.status != "ok":
                 self.stage_status.labels(t.name, t.status).inc()
         if resp.degraded:

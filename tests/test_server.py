@@ -6,6 +6,7 @@ tests don't disturb each other; tests that rewrite CURRENT work on their own bun
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import queue
@@ -24,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine.client import RecServeClient
+from engine.client import RecServeClient, add_events_args, add_recommend_args, main_events, main_recommend
 from engine.config import load_config
 from protos import pb2, pb2_grpc
 
@@ -70,9 +71,14 @@ class Server:
     def stderr(self) -> str:
         return self.stderr_path.read_text()
 
-    def terminate(self, timeout: float = 60) -> int:
+    def terminate(self, timeout: float = 60) -> int | None:
+        """SIGTERM and the exit code; a server that does not stop is killed and gives None."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -142,7 +148,7 @@ def cfg(tiny_config):
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory, tiny_config, tiny_bundle):
-    """One worker, with a token and metrics: events stay in one embedded store."""
+    """One worker, with a token and metrics."""
     port = _free_port()
     s = Server(tmp_path_factory.mktemp("one"), tiny_config, tiny_bundle, workers=1,
                extra=("--token", TOKEN, "--metrics-port", str(port)))
@@ -226,6 +232,22 @@ def test_events_rejected_with_index_and_reason(one):
     assert [x.index for x in r.rejected] == [1] and "kind" in r.rejected[0].reason
 
 
+def test_cli_commands(one, capsys):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_recommend_args(sub.add_parser("recommend"))
+    add_events_args(sub.add_parser("events"))
+    conn = ["--target", one.target, "--token", TOKEN]
+    assert main_recommend(parser.parse_args(["recommend", *conn, "--user", "u-cli", "--count", "3", "--debug"])) == 0
+    out = capsys.readouterr().out
+    item = out.splitlines()[1].split()[1]
+    assert "rank" in out and f"bundle {one.version}" in out and "rerank" in out
+    args = parser.parse_args(["events", *conn, "--user", "u-cli", "--kind", "click", "--item", item, "--item", ""])
+    assert main_events(args) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("accepted 1, rejected 1") and "#1 " in out
+
+
 def test_status_reports_the_worker(one):
     with one.client() as c:
         s = c.status()
@@ -263,7 +285,7 @@ def test_metrics_endpoint(one):
     for series in ('recserve_requests_total{code="OK",method="Recommend"}',
                    'recserve_requests_total{code="INVALID_ARGUMENT",method="Recommend"}',
                    'recserve_request_seconds_bucket{le="0.01",method="Recommend"}',
-                   "recserve_stage_seconds_bucket{", "recserve_stage_candidates_bucket{",
+                   "recserve_stage_seconds_bucket{", "recserve_stage_candidates_total{",
                    'recserve_events_total{result="accepted"}', "recserve_degraded_responses_total",
                    f'version="{one.version}"', "recserve_worker_rss_bytes{"):
         assert series in text, series
@@ -274,6 +296,22 @@ def test_two_workers_both_serve(two):
     assert len(status) == 2, f"only pids {list(status)} answered"
     assert {s.worker_id for s in status.values()} == {0, 1}
     assert all(s.bundle_version == two.version for s in status.values())
+
+
+def test_an_event_reaches_every_worker(two):
+    """The embedded store's arrays are shared files: what one worker learns, all serve."""
+    with two.client() as c:
+        served = [it.item_id for it in c.recommend("u-shared", count=10).items]
+        hidden = [x for x in served if x != "i10"][:5]   # i10 is pinned to the final list
+        assert c.report_events([{"kind": "impression", "user_id": "u-shared", "item_id": x}
+                                for x in hidden]).accepted == len(hidden)
+    pids = set()
+    for _ in range(40):
+        with two.client(options=OWN_CONNECTION) as c:
+            pids.add(c.status().pid)
+            again = {it.item_id for it in c.recommend("u-shared", count=10).items}
+        assert not again & set(hidden)
+    assert len(pids) == 2
 
 
 def test_hot_reload_under_load_drops_nothing(two):
