@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -48,6 +49,22 @@ class BundleClock:
 
     def days(self, unix: float | None = None) -> float:
         return self.t_end + ((time.time() if unix is None else unix) - self.created) / 86400.0
+
+
+class FeatureStore(Protocol):
+    """What the engine and stages ask of a backend: one vectorised call per kind of feature."""
+
+    name: str
+    clock: BundleClock
+
+    def user(self, user_id: str, index: int, default_profile: np.ndarray,
+             profiles: np.ndarray) -> UserFeatures: ...
+
+    def item_stats(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def apply(self, events: list[ResolvedEvent]) -> None: ...
 
 
 def _key(user_id: str) -> np.uint64:
@@ -141,11 +158,13 @@ class EmbeddedStore:
         a = self.a
         return a["item_n_imp"][items], a["item_n_pos"][items], a["item_hot"][items].astype(np.float32)
 
-    def item_hot(self) -> np.ndarray:
-        return self.a["item_hot"]
-
-    def item_n_imp(self) -> np.ndarray:
-        return self.a["item_n_imp"]
+    def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `n` items with the highest decayed score, best first, and their scores."""
+        hot = self.a["item_hot"]
+        n = min(n, hot.size)
+        top = np.argpartition(-hot, n - 1)[:n] if n < hot.size else np.arange(hot.size)
+        top = top[np.argsort(-hot[top], kind="stable")]
+        return top.astype(np.int32), np.asarray(hot[top], np.float64)
 
     # -- writes (event path) ----------------------------------------------------------
     def apply(self, events: list[ResolvedEvent]) -> None:

@@ -44,9 +44,8 @@ class RecallColdStart:
         self._refresher = Refresher(env.name, self._refresh, p.refresh_s)
 
     def _refresh(self) -> None:
-        now = self.store.clock.days()
-        pool = np.flatnonzero((now - self.created <= self.p.max_age_days)
-                              & (self.store.item_n_imp() < self.p.max_impressions)).astype(np.int32)
+        young = np.flatnonzero(self.store.clock.days() - self.created <= self.p.max_age_days).astype(np.int32)
+        pool = young[self.store.item_stats(young)[0] < self.p.max_impressions]
         self._snap = (pool, np.ascontiguousarray(self.emb[pool]))   # one atomic swap
 
     def close(self) -> None:

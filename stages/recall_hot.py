@@ -41,14 +41,11 @@ class RecallHot:
 
     def _refresh(self) -> None:
         """Top items by decayed score, globally and grouped by category (best first)."""
-        hot = np.asarray(self.store.item_hot(), np.float64)
-        pool = min(hot.size, max(self.p.k * 20, 20_000))
-        top = np.argpartition(-hot, pool - 1)[:pool] if pool < hot.size else np.arange(hot.size)
-        top = top[np.argsort(-hot[top], kind="stable")]
+        top, hot = self.store.hot_top(max(self.p.k * 20, 20_000))   # best first
         cats = self.category[top]
         order = np.argsort(cats, kind="stable")            # by category, hot order kept inside
         bounds = np.searchsorted(cats[order], np.arange(self.n_cat + 1))
-        score = np.log1p(hot[top]).astype(np.float32)
+        score = np.log1p(hot).astype(np.float32)
         self._snap = (top[: self.p.k].astype(np.int32), score[: self.p.k],   # one atomic swap
                       top[order].astype(np.int32), score[order], bounds)
 
