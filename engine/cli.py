@@ -62,6 +62,17 @@ def parser() -> argparse.ArgumentParser:
     add_events_args(e)
     e.set_defaults(func=main_events)
 
+    from engine.evaluate import add_eval_args, run_eval
+    from loadtest.cli import add_loadtest_args, run_loadtest
+
+    ev = sub.add_parser("eval", help="offline quality report of a bundle against the synthetic oracle")
+    add_eval_args(ev)
+    ev.set_defaults(func=run_eval)
+
+    lt = sub.add_parser("loadtest", help="closed/open-loop load, SLO sweep, reports and plots")
+    add_loadtest_args(lt)
+    lt.set_defaults(func=run_loadtest)
+
     d = sub.add_parser("data", help="obtain real data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a data set into the local cache (never into the repo)")

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             _show(client.recommend("someone-new", count=5), "== 6. A user the bundle has never seen")
         print(f"\n== 7. load test ({a.load_seconds:.0f} s closed loop)")
         from loadtest.cli import demo_summary
-        demo_summary(target, a.bundles, seconds=a.load_seconds, server_pid=proc.pid)
+        demo_summary(target, a.bundles, seconds=a.load_seconds, concurrency=4, server_pid=proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)

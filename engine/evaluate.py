@@ -145,7 +145,7 @@ def list_reward(fused: np.ndarray, category: np.ndarray, author: np.ndarray, p: 
                  - p.author_penalty * (author[1:] == author[:-1]).sum() + p.coverage_reward * new_cat.size)
 
 
-def _judge(items: np.ndarray, value: np.ndarray | None, positives: np.ndarray) -> dict[str, float]:
+def _judge(items: np.ndarray, value: np.ndarray | None, positives: np.ndarray | None) -> dict[str, float]:
     """True utility under the ground truth when there is one; else recall@COUNT and binary
     NDCG@COUNT against the user's held-out positives."""
     if value is not None:
@@ -172,8 +172,8 @@ def evaluate(bundle_path: str | Path, config_path: str | Path | None = None, n_u
         bundle = dataclasses.replace(bundle, state=st)
     rerank = next(n for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
     rp: RerankParams = cfg.stage[rerank][1]
-    ann_k = min(next(cfg.stage[n][1].k for n in cfg.pipeline.recall if cfg.stage[n][0] == "recall_ann"),
-                ds.n_items)
+    ann_k = min(next((cfg.stage[n][1].k for n in cfg.pipeline.recall if cfg.stage[n][0] == "recall_ann"),
+                     m["index"]["recall_k"]), ds.n_items)
     store = EmbeddedStore(bundle)
     store.clock = _StoppedClock(float(bundle.state.time))
     engine = Engine(_arms_config(cfg, rerank), bundle, store=store)
@@ -195,7 +195,8 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
     v = ds.window(ds.t_valid, ds.t_end)
     v = v[ds.log_labels[v, 0] > 0]
     pos_user, pos_item = ds.log_user[v], ds.log_item[v]
-    kinds = ("served", "oracle", "popular", "random") if ds.truth is not None else ("served", "popular", "random")
+    kinds = ("served", "ranker", "oracle", "popular", "random") if ds.truth is not None \
+        else ("served", "ranker", "popular", "random")
     lists: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
     quality: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     sweep = {b: {"ms": [], "reward": [], "quality": []} for b in BEAM_WIDTHS}
@@ -217,13 +218,13 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
         mask = np.zeros(n_items, bool)
         mask[eligible] = True
         value = _fused(ds.truth.user_probs(int(u)), ds.tasks, rp) if ds.truth is not None else None
-        positives = np.unique(pos_item[pos_user == u])
+        positives = np.unique(pos_item[pos_user == u]) if value is None else None
         if value is not None:
             expected_random.append(float(value[eligible].mean() * DISCOUNT.sum()))
         served, _ = serve(req)
         ranker_top = _top(eligible, _fused(_fine_probs(engine, ctx, eligible), bundle.tasks, rp))
         overlap.append(np.isin(served, ranker_top).sum() / COUNT)
-        built = {"served": served, "popular": popular[mask[popular]][:COUNT],
+        built = {"served": served, "ranker": ranker_top, "popular": popular[mask[popular]][:COUNT],
                  "random": rng.choice(eligible, min(COUNT, eligible.size), replace=False)}
         if value is not None:
             built["oracle"] = _top(eligible, value[eligible])
@@ -266,8 +267,10 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
                            "validation window, whose items its seen filter would drop"),
             "clock_days": float(st.time), "experiments": "control only (the config's experiments are not served)",
         },
-        "ann": {"k": ann_k, "queries": len(queries), "kind": m["index"]["kind"], "nprobe": m["index"]["nprobe"],
-                "recall": measure_recall(live.models.index, t.item_emb, np.stack(queries), ann_k)},
+        "ann": {"kind": m["index"]["kind"], "nprobe": m["index"]["nprobe"], "queries": len(queries), "served_k": ann_k,
+                "build": {"k": m["index"]["recall_k"], "recall": m["index"]["recall"]},
+                "recall": {str(k): measure_recall(live.models.index, t.item_emb, np.stack(queries), k)
+                           for k in sorted({ann_k, min(m["index"]["recall_k"], n_items)})}},
         "auc": {"source": "bundle manifest: computed by the build on the validation window",
                 "models": {model: {k[4:]: v for k, v in ms.items() if k.startswith("auc_")}
                            for model, ms in m["metrics"].items() if any(k.startswith("auc_") for k in ms)}},
@@ -275,7 +278,8 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
                         "p10": float(np.percentile(overlap, 10)), "min": float(np.min(overlap))},
         "lists": {k: {**mean(quality[k]), **normalise(quality[k]), **shape(lists[k])} for k in kinds},
         "beam_sweep": {"stage": rerank, "served_beam_width": rp.beam_width, "rows": [
-            {"beam_width": b, "rerank_ms": float(np.mean(s["ms"])), "rerank_ms_p99": float(np.percentile(s["ms"], 99)),
+            {"beam_width": b, "rerank_ms": float(np.mean(s["ms"])), "rerank_ms_p50": float(np.median(s["ms"])),
+             "rerank_ms_p99": float(np.percentile(s["ms"], 99)),
              "reward": float(np.mean(s["reward"])), **mean(s["quality"]), **normalise(s["quality"])}
             for b, s in sweep.items()]},
     }
@@ -295,19 +299,32 @@ def markdown(r: dict[str, Any]) -> str:
     list_cols = ["list", *next(iter(r["lists"].values())).keys()]
     sweep_cols = list(r["beam_sweep"]["rows"][0])
     auc = [{"model": mo, **ts} for mo, ts in r["auc"]["models"].items()]
+    auc_cols = sorted({t for row in auc for t in row} - {"model"})
     return "\n\n".join([
         f"# Evaluation of bundle {r['bundle']['version']} ({r['bundle']['dataset']})",
         f"Config `{r['config']}`; {p['users']} {p['population']} (seed {p['seed']}); lists of {p['count']}; "
         f"feature state {p['state']}; clock stopped at day {p['clock_days']:.2f}; {p['experiments']}; "
         f"deadline and route timeouts {p['deadline_ms']:.0f} ms ({p['faulty_responses']} responses with a route or "
         "stage cut, failed or skipped).",
-        f"## ANN recall\n\nrecall@{a['k']} of the {a['kind']} index (nprobe {a['nprobe']}) against exact inner-product "
-        f"search over item_emb, on the {a['queries']} users' real user-tower embeddings: **{a['recall']:.4f}**",
-        f"## AUC\n\nFrom the {r['auc']['source']}.\n\n" + _table(auc, ["model", *sorted({k for x in auc for k in x} - {"model"})]),
+        f"## ANN recall\n\nRecall@k of the {a['kind']} index (nprobe {a['nprobe']}) against exact inner-product search "
+        f"over item_emb, on the {a['queries']} users' real user-tower embeddings (one query per user): "
+        + ", ".join(f"**{v:.4f}** at k={k}" for k, v in a["recall"].items())
+        + f". The ann route asks for k={a['served_k']}; the build measured {a['build']['recall']:.4f} at "
+        f"k={a['build']['k']} on its own queries (sampled validation impressions).",
+        f"## AUC\n\nFrom the {r['auc']['source']}.\n\n" + _table(auc, ["model", *auc_cols]),
         f"## Pipeline consistency\n\nShare of the served top-{k} that is also in the top-{k} of the fine ranker + "
         f"fusion over the whole eligible catalog (same seen/blocked/excluded filters): mean "
         f"**{c[f'overlap@{k}']:.4f}**, p10 {c['p10']:.4f}, min {c['min']:.4f}.",
-        "## Lists\n\n" + _table([{"list": k, **v} for k, v in r["lists"].items()], list_cols),
+        "## Lists\n\nserved: the engine's list; ranker: top by fine ranker + fusion over the whole eligible "
+        "catalog (no funnel, no beam); oracle: top by true fused value; popular: top by positives in the "
+        "state; random: uniform. All from the same eligible items. utility: sum over positions of the true "
+        "fused value / log2(pos + 2), with the served rerank's fusion; utility_norm: (mean utility - mean "
+        "expected utility of a uniform list) / (oracle's - that). diversity: distinct categories per list; "
+        "coverage: distinct items over all users / catalog; cold_share: served slots holding items without "
+        "impressions in the state.\n\n" + _table([{"list": k, **v} for k, v in r["lists"].items()], list_cols),
         f"## Beam width (stage `{r['beam_sweep']['stage']}`, served width {r['beam_sweep']['served_beam_width']})\n\n"
+        "Each width served to the same users through the same engine; rerank ms from the response trace; "
+        "reward: the beam search's own objective (fused score / log2(pos + 2) minus category and author "
+        "repeat penalties plus the coverage reward) of the served list.\n\n"
         + _table(r["beam_sweep"]["rows"], sweep_cols),
     ]) + "\n"

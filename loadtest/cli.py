@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loadtest.generator import LoadError, LoadSpec, run_load
-from loadtest.report import headline, summary_lines, write_report
+from loadtest.report import codes_text, headline, load_label, summary_lines, write_report
 from loadtest.target import Server, metrics_url
 
 
@@ -48,7 +48,8 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--server-log", type=Path, help="stderr of the server started here (default: this stderr)")
     t.add_argument("--metrics-url", help="prometheus endpoint of --target (host:port or URL): per-stage times")
     t.add_argument("--server-pid", type=int, help="pid of --target's server: CPU and RSS of it and its children")
-    t.add_argument("--token", help="bearer token for ReportEvents (and Admin.GetStatus, used to balance connections)")
+    t.add_argument("--token", default=os.environ.get("RECSERVE_TOKEN") or None,
+                   help="bearer token for ReportEvents and Admin.GetStatus (default $RECSERVE_TOKEN)")
     t.add_argument("--baseline-target", help="host:port of a second server loaded the same way and reported alongside")
     t.add_argument("--baseline-metrics-url", help="prometheus endpoint of the baseline")
     t.add_argument("--baseline-pid", type=int, help="pid of the baseline server")
@@ -100,7 +101,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
                                       args.baseline_metrics_url and metrics_url(args.baseline_metrics_url),
                                       args.baseline_pid))
             report = {"meta": _meta(args), "targets": [_run_target(t, args) for t in targets]}
-    except (LoadError, RuntimeError, OSError) as e:
+    except (LoadError, RuntimeError, OSError, ValueError) as e:
         print(f"recserve loadtest: {e}", file=sys.stderr)
         return 1
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -114,8 +115,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
-def spec_from_args(args: argparse.Namespace, address: str) -> LoadSpec:
-    return LoadSpec(target=address, user_ids=user_ids_path(args.bundle), duration_s=args.duration,
+def _spec(args: argparse.Namespace, address: str, **level: Any) -> LoadSpec:
+    return LoadSpec(target=address, user_ids=user_ids_path(args.bundle), **level, duration_s=args.duration,
                     warmup_s=args.warmup, max_requests=args.max_requests, zipf_s=args.zipf,
                     unknown_share=args.unknown_share, event_ratio=args.event_ratio, trace_sample=args.trace_sample,
                     count=args.count, timeout_s=args.timeout, token=args.token, procs=args.procs,
@@ -129,14 +130,12 @@ def user_ids_path(bundle: str | Path) -> str:
 
 
 def _run_target(t: Target, args: argparse.Namespace) -> dict[str, Any]:
-    base = spec_from_args(args, t.address)
     out: dict[str, Any] = {"name": t.name, "target": t.address, "runs": []}
 
     def run(**level: Any) -> dict[str, Any]:
-        r = run_load(dataclasses.replace(base, **level), t.pid, t.metrics_url)
+        r = run_load(_spec(args, t.address, **level), t.pid, t.metrics_url)
         out["runs"].append(r)
-        load = f"C={r['concurrency']}" if r["mode"] == "closed" else f"{r['offered_qps']:g} QPS"
-        print(f"{t.name} {load}: {r['achieved_qps']:.1f} QPS ok, p50 {r['latency_ms']['p50']:.2f} "
+        print(f"{t.name} {load_label(r)}: {r['achieved_qps']:.1f} QPS ok, p50 {r['latency_ms']['p50']:.2f} "
               f"p99 {r['latency_ms']['p99']:.2f} ms, errors {r['sent'] - r['ok']}", file=sys.stderr)
         return r
 
@@ -151,8 +150,7 @@ def _run_target(t: Target, args: argparse.Namespace) -> dict[str, Any]:
         while q <= args.qps_max:
             r = run(qps=q)
             if r["sent"] > r["ok"] or r["latency_ms"]["p99"] > args.slo_ms:
-                stopped = (f"at {q:g} QPS: p99 {r['latency_ms']['p99']:.1f} ms, "
-                           f"{r['sent'] - r['ok']} errors {r['errors'] or ''}")
+                stopped = f"at {q:g} QPS: p99 {r['latency_ms']['p99']:.1f} ms, errors: {codes_text(r['errors'])}"
                 break
             best, q = q, q + args.qps_step
         out["sweep"] = {"slo_ms": args.slo_ms, "max_sustainable_qps": best, "stopped": stopped}

@@ -1,7 +1,9 @@
 """Load generator processes: closed loop (C clients back to back) or open loop (Poisson arrivals).
 
 Each generator is its own process (spawned, so it never shares the server's or the
-coordinator's GIL) running grpc.aio over several TCP connections. Open-loop latency is
+coordinator's GIL) running grpc.aio over several TCP connections. On the 2-core box one
+aio process drove ~2.3k calls/s at ~0.65 core, on par with blocking calls from threads,
+and the open loop needs thousands of pending timers rather than threads. Open-loop latency is
 measured from each request's *intended* send time, so a server (or generator) that falls
 behind shows up in the percentiles instead of silently thinning the arrivals (coordinated
 omission). Only requests whose intended send time falls in the measured window (after the
@@ -56,6 +58,12 @@ class LoadSpec:
     procs: int = 1
     channels: int = 8            # connections per generator process
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.concurrency > 0) == (self.qps > 0):
+            raise ValueError("give either concurrency (closed loop) or qps (open loop), both > 0")
+        if min(self.duration_s, self.max_requests, self.procs, self.channels, self.timeout_s) <= 0 or self.warmup_s < 0:
+            raise ValueError("duration, max_requests, procs, channels and timeout must be > 0, warm-up >= 0")
 
     @property
     def mode(self) -> str:
@@ -281,8 +289,8 @@ def run_load(spec: LoadSpec, server_pid: int | None = None, metrics_url: str | N
         before = scrape_stages(metrics_url) if metrics_url else {}
         for probe in probes.values():
             probe.start()
-        while (left := end - time.monotonic()) > 0 and not all(c.poll() for c in conns):
-            mp_wait(conns, timeout=min(left, 0.5))
+        while (left := end - time.monotonic()) > 0 and (busy := [c for c in conns if not c.poll()]):
+            mp_wait(busy, timeout=min(left, 0.5))
             for probe in probes.values():
                 probe.sample()
         usage = {k: probe.stop() for k, probe in probes.items()}
@@ -322,7 +330,7 @@ def _merge(spec: LoadSpec, results: list[dict[str, Any]], workers: list[int], us
         if codes:
             ok = codes.pop("OK", 0)
             methods[m] = {"sent": ok + sum(codes.values()), "ok": ok, "errors": dict(codes),
-                          "latency_ms": percentiles_ms(h)}
+                          "qps": ok / window if window > 0 else 0.0, "latency_ms": percentiles_ms(h)}
             errors.update(codes)
     ok = sum(m["ok"] for m in methods.values())
     lag = _hist()

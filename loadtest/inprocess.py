@@ -2,14 +2,13 @@
 
     python -m loadtest.inprocess --config configs/default.toml --bundle bundles/default [--requests 2000]
 
-Users are drawn from the bundle with a Zipf skew plus a share of unknown users; the first
+Users are drawn like the load generator's (Zipf over the bundle's users plus unknown users); the first
 `--warmup` requests are not counted. Writes JSON, Markdown and a stage-breakdown PNG.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,32 +18,17 @@ from engine.bundle import load_bundle
 from engine.config import load_config
 from engine.engine import Engine
 from engine.request import Request
-
-
-def user_sampler(user_ids: np.ndarray, unknown_share: float, seed: int = 0):
-    """Zipf-skewed known users (a few heavy users, a long tail) mixed with never-seen ids."""
-    rng = np.random.default_rng(seed)
-    ranks = np.arange(1, len(user_ids) + 1)
-    p = 1.0 / ranks ** 0.8
-    p /= p.sum()
-    perm = rng.permutation(len(user_ids))
-    n = 0
-    while True:
-        n += 1
-        if rng.random() < unknown_share:
-            yield f"new-{seed}-{n}"
-        else:
-            yield str(user_ids[perm[rng.choice(len(p), p=p)]])
+from loadtest.generator import Users
 
 
 def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknown_share: float,
         out: Path) -> dict:
     cfg = load_config(config)
     engine = Engine(cfg, load_bundle(bundle))
-    users = user_sampler(np.asarray(engine._live.bundle.user_ids), unknown_share)
+    users = Users(engine._live.bundle.user_ids, 1.1, unknown_share, seed=0, stream=0)
     total, stages = [], {}
     for i in tqdm(range(warmup + requests), desc="in-process requests", unit="req"):
-        resp = engine.recommend(Request(user_id=next(users), count=count, deadline_ms=10_000))
+        resp = engine.recommend(Request(user_id=users.next(), count=count, deadline_ms=10_000))
         if i < warmup:
             continue
         total.append(resp.total_ms)

@@ -26,8 +26,8 @@ def headline(t: dict[str, Any]) -> dict[str, Any]:
 
 def summary_lines(r: dict[str, Any], target: str) -> list[str]:
     """Five lines: the load, the counts, latency, resources, the slowest stages."""
-    load = f"{r['concurrency']} clients (closed loop)" if r["mode"] == "closed" else f"{r['offered_qps']:g} QPS offered (open loop)"
-    errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"
+    load = (f"{r['concurrency']} clients (closed loop)" if r["mode"] == "closed"
+            else f"{r['offered_qps']:g} QPS offered (open loop)")
     lat = "  ".join(f"{k} {r['latency_ms'][k]:.2f}" for k in PCTS)
     srv = r.get("server")
     res = (f"server {srv['cpu_cores']:.2f} cores, {srv['rss_mb_peak']:.0f} MB RSS ({srv['processes']} processes)"
@@ -35,7 +35,8 @@ def summary_lines(r: dict[str, Any], target: str) -> list[str]:
     slow = sorted(r["stages"], key=lambda s: -s["mean_ms"])[:4]
     return [
         f"load test of {target}: {load}, {r['window_s']:.1f} s measured",
-        f"sent {r['sent']} = ok {r['ok']} + errors {r['sent'] - r['ok']} ({errors}); {r['achieved_qps']:.1f} QPS ok",
+        f"sent {r['sent']} = ok {r['ok']} + errors {r['sent'] - r['ok']} ({codes_text(r['errors'])}); "
+        f"{r['achieved_qps']:.1f} QPS ok",
         f"latency ms: {lat}",
         f"{res}; generator {r['generator']['cpu_cores']:.2f} cores",
         "slowest stages (mean ms): " + (", ".join(f"{s['name']} {s['mean_ms']:.2f}" for s in slow) or "no trace"),
@@ -65,7 +66,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for t in report["targets"]:
             r = headline(t)
-            lines.append(f"| {t['name']} | {_load(r)} | {r['achieved_qps']:.1f} | {r['latency_ms']['p50']:.2f} | "
+            lines.append(f"| {t['name']} | {load_label(r)} | {r['achieved_qps']:.1f} | {r['latency_ms']['p50']:.2f} | "
                          f"{r['latency_ms']['p99']:.2f} | {r['latency_ms']['p99.9']:.2f} | {r['sent'] - r['ok']} | "
                          f"{_cores(r.get('server'))} |")
         lines.append("")
@@ -77,22 +78,23 @@ def markdown(report: dict[str, Any]) -> str:
         for r in t["runs"]:
             srv = r.get("server")
             res = f"{_cores(srv)} | {srv['rss_mb_peak']:.0f}" if srv else "- | -"
-            lines.append(f"| {_load(r)} | {r['achieved_qps']:.1f} | {r['sent']} | {r['ok']} | {r['sent'] - r['ok']} | "
-                         + " | ".join(f"{r['latency_ms'][k]:.2f}" for k in PCTS)
+            lines.append(f"| {load_label(r)} | {r['achieved_qps']:.1f} | {r['sent']} | {r['ok']} | "
+                         f"{r['sent'] - r['ok']} | " + " | ".join(f"{r['latency_ms'][k]:.2f}" for k in PCTS)
                          + f" | {res} | {r['generator']['cpu_cores']:.2f} |")
         lines.append("")
+        if lags := [f"{load_label(r)} {r['send_lag_ms']['p99']:.2f}" for r in t["runs"] if r["send_lag_ms"]]:
+            lines += ["Generator send lag behind the Poisson schedule, p99 ms (counted in the latencies): "
+                      + "; ".join(lags), ""]
         if sweep := t.get("sweep"):
             best = sweep["max_sustainable_qps"]
             lines += [f"Highest sustainable offered QPS (p99 <= {sweep['slo_ms']:g} ms, no errors): "
                       f"**{best:g}**" if best else "No step met the SLO.", f"Stopped: {sweep['stopped']}.", ""]
-        errs = {k: v for r in t["runs"] for k, v in r["errors"].items()}
-        if errs:
-            lines += ["Errors by status code: " + "; ".join(
-                f"{_load(r)}: " + ", ".join(f"{k} {v}" for k, v in r["errors"].items()) for r in t["runs"] if r["errors"]), ""]
+        if errs := [f"{load_label(r)}: {codes_text(r['errors'])}" for r in t["runs"] if r["errors"]]:
+            lines += ["Errors by status code: " + "; ".join(errs), ""]
         r = headline(t)
         if r["stages"]:
-            lines += [f"Stages at {_load(r)} (mean ms; recall routes run concurrently; "
-                      f"server total {r['server_ms_mean'] or 0:.2f} ms vs client mean {r['latency_ms']['mean']:.2f} ms):", "",
+            lines += [f"Stages at {load_label(r)} (mean ms; recall routes run concurrently; server total "
+                      f"{r['server_ms_mean'] or 0:.2f} ms vs client mean {r['latency_ms']['mean']:.2f} ms):", "",
                       "| stage | mean ms | candidates out | samples | source |", "|---|---:|---:|---:|---|"]
             lines += [f"| {s['name']} | {s['mean_ms']:.3f} | {_num(s['count_out'])} | {s['n']} | {s['source']} |"
                       for s in r["stages"]]
@@ -100,7 +102,11 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _load(r: dict[str, Any]) -> str:
+def codes_text(errors: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none"
+
+
+def load_label(r: dict[str, Any]) -> str:
     return f"C={r['concurrency']}" if r["mode"] == "closed" else f"{r['offered_qps']:g} QPS"
 
 
@@ -152,7 +158,7 @@ def _plot_stages(report: dict[str, Any], path: Path) -> None:
     for i, (tname, r) in enumerate(heads):
         ms = {s["name"]: s["mean_ms"] for s in r["stages"]}
         ax.barh([j + i * h for j in range(len(names))], [ms.get(n, 0.0) for n in names], h,
-                label=f"{tname} at {_load(r)}")
+                label=f"{tname} at {load_label(r)}")
     ax.set_yticks([j + h * (len(heads) - 1) / 2 for j in range(len(names))], names)
     ax.invert_yaxis()
     ax.set(xlabel="mean ms per request", title="Per-stage server time (recall routes run concurrently)")

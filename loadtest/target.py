@@ -84,7 +84,10 @@ class ProcProbe:
     """CPU (in cores) and peak RSS of processes, with their children, over a window."""
 
     def __init__(self, pids: list[int], children: bool = True):
-        self.roots = [psutil.Process(p) for p in pids]
+        try:
+            self.roots = [psutil.Process(p) for p in pids]
+        except psutil.NoSuchProcess as e:
+            raise ValueError(f"no process with pid {e.pid} to measure") from None
         self.children = children
 
     def _procs(self) -> list[psutil.Process]:
