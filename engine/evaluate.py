@@ -46,8 +46,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle root or version folder")
     p.add_argument("--config", default=None,
                    help="serving config (default: the config the bundle was built from, as recorded in its manifest)")
-    p.add_argument("--users", type=int, default=300, help="held-out users to sample")
-    p.add_argument("--out", default="reports/eval", help="folder for eval.json and eval.md")
+    p.add_argument("--users", type=int, default=300, help="held-out users to sample (default %(default)s)")
+    p.add_argument("--out", default="reports/eval", help="folder for eval.json and eval.md (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="user sample and random lists")
 
 
