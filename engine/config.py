@@ -110,6 +110,7 @@ class ServingConfig:
     ort_threads: int = 1               # per worker: N workers x 1 thread fill 2 cores without contention
     faiss_threads: int = 1
     lgbm_threads: int = 1
+    tree_runtime: str = "lleaves"      # lleaves (compiled, ~4.7x faster) | native (LightGBM predict)
     route_threads: int = 4             # recall routes run concurrently (faiss and ORT release the GIL)
     default_count: int = 20
     max_count: int = 200
@@ -120,10 +121,12 @@ class ServingConfig:
     seen_window: int = 200             # recent impressions per user remembered as seen
     hot_half_life_hours: float = 24.0
     workers: int = 2
+    snapshot_s: float = 60.0           # embedded store with --state-dir: snapshot period
+    event_buffer: int = 100_000        # Redis store: events held while Redis is down, then RESOURCE_EXHAUSTED
 
     def check(self) -> None:
         for k in ("ort_threads", "faiss_threads", "lgbm_threads", "route_threads", "default_count",
-                  "max_count", "max_inflight", "seen_window", "workers"):
+                  "max_count", "max_inflight", "seen_window", "workers", "snapshot_s", "event_buffer"):
             _positive(k, getattr(self, k))
         if self.default_count > self.max_count:
             raise _err("default_count", f"{self.default_count} exceeds max_count={self.max_count}")
@@ -132,6 +135,7 @@ class ServingConfig:
         if self.hot_half_life_hours <= 0:
             raise _err("hot_half_life_hours", "must be > 0")
         _one_of("on_deadline", self.on_deadline, ("degrade", "error"))
+        _one_of("tree_runtime", self.tree_runtime, ("lleaves", "native"))
 
 
 @dataclass

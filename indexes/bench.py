@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--tune-queries", type=int, default=200)
     ap.add_argument("--queries", type=int, default=500, help="held-out queries for recall and latency")
-    ap.add_argument("--threads", type=int, default=1, help="per search call")
+    ap.add_argument("--threads", type=int, default=1, help="per search call and for the build")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -113,7 +113,7 @@ def main() -> None:
         for kind, nlist in configs:
             cfg = IndexConfig(kind=kind, nlist=nlist, nprobe=1, train_size=max(100_000, 39 * nlist))
             t = time.perf_counter()
-            index = build_index(emb, cfg, progress=False)
+            index = build_index(emb, cfg, progress=False, threads=args.threads)
             build_s = time.perf_counter() - t
             index.threads = args.threads
             nprobe = tune_nprobe(index, emb, tune_q, args.k, args.target)

@@ -180,3 +180,15 @@ def test_swap_refuses_a_bad_bundle_and_keeps_serving(engine, tiny_bundle, tmp_pa
         engine.swap_bundle(load_bundle(bad_dir, verify=False))
     assert engine.bundle_version == good.version
     assert len(engine.recommend(Request(user_id="u1", count=5)).item_ids) == 5
+
+
+def test_compiled_trees_match_lightgbm(tiny_bundle):
+    """lleaves (served) and LightGBM's own predict agree on real coarse features."""
+    from engine.config import ServingConfig
+    from engine.models import Models
+
+    b = load_bundle(tiny_bundle)
+    x = np.random.default_rng(0).random((500, len(b.manifest["schema"]["coarse_features"]))).astype(np.float32)
+    fast = Models(b, ServingConfig(tree_runtime="lleaves")).predict_trees(x)
+    ref = Models(b, ServingConfig(tree_runtime="native")).predict_trees(x)
+    assert np.allclose(fast, ref, atol=1e-5)
