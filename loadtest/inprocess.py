@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from engine.bundle import load_bundle
-from engine.config import load_config
+from engine.config import _apply_overrides, load_config, parse_config
 from engine.engine import Engine
 from engine.request import Request
 from loadtest.generator import Users
 
 
 def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknown_share: float,
-        out: Path) -> dict:
+        out: Path, overrides: list[str] = ()) -> dict:
     cfg = load_config(config)
+    if overrides:  # `key=TOML value`, e.g. serving.tree_runtime="native": A/B on one config file
+        sets = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (o.split("=", 1) for o in overrides)}
+        cfg = parse_config(_apply_overrides(cfg.raw, sets, "--set"), config)
     engine = Engine(cfg, load_bundle(bundle))
     users = Users(engine._live.bundle.user_ids, 1.1, unknown_share, seed=0, stream=0)
     total, stages = [], {}
@@ -36,7 +40,7 @@ def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknow
             stages.setdefault(t.name, []).append(t.ms)
     pct = lambda xs, q: float(np.percentile(xs, q))
     report = {
-        "config": config, "bundle": engine.bundle_version, "requests": requests, "count": count,
+        "config": config, "overrides": list(overrides), "bundle": engine.bundle_version, "requests": requests, "count": count,
         "unknown_share": unknown_share,
         "total_ms": {"p50": pct(total, 50), "p90": pct(total, 90), "p99": pct(total, 99), "max": max(total)},
         "stages_ms": {k: {"p50": pct(v, 50), "p99": pct(v, 99), "mean": float(np.mean(v))} for k, v in stages.items()},
@@ -44,7 +48,8 @@ def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknow
     engine.close()
     out.mkdir(parents=True, exist_ok=True)
     (out / "inprocess.json").write_text(json.dumps(report, indent=1))
-    lines = [f"In-process, {requests} requests, count={count}, bundle {report['bundle']}", "",
+    lines = [f"In-process, {requests} requests, count={count}, bundle {report['bundle']}"
+             + (f", overrides {' '.join(overrides)}" if overrides else ""), "",
              "| step | p50 ms | p99 ms | mean ms |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['p50']:.3f} | {v['p99']:.3f} | {v['mean']:.3f} |" for k, v in report["stages_ms"].items()]
     t = report["total_ms"]
@@ -86,8 +91,10 @@ def main(argv=None) -> None:
     p.add_argument("--count", type=int, default=20)
     p.add_argument("--unknown-share", type=float, default=0.05)
     p.add_argument("--out", type=Path, default=Path("reports/inprocess"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help='config override, TOML value: --set serving.tree_runtime=\'"native"\'')
     a = p.parse_args(argv)
-    run(a.config, a.bundle, a.requests, a.warmup, a.count, a.unknown_share, a.out)
+    run(a.config, a.bundle, a.requests, a.warmup, a.count, a.unknown_share, a.out, a.set)
 
 
 if __name__ == "__main__":
