@@ -85,21 +85,29 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, config: Config, bundle: Bundle, store=None, store_dir: str | None = None):
+    def __init__(self, config: Config, bundle: Bundle, store=None, store_dir: str | None = None,
+                 make_store=None):
+        """`make_store(bundle)` builds the feature store for a bundle (engine.store.store_factory);
+        default: the embedded store, shared through `store_dir`."""
         if len(config.pipeline.recall) > 8:
             raise ConfigError("pipeline.recall: at most 8 routes (uint8 route bitmask)")
         self.config = config
-        self._store_dir = store_dir
+        self._make_store = make_store or (lambda b: EmbeddedStore(b, store_dir))
         self._external_store = store is not None
         self._pool = ThreadPoolExecutor(config.serving.route_threads, thread_name_prefix="recall")
         self._swap_lock = threading.Lock()
-        self._live = _Live(config, bundle, store or EmbeddedStore(bundle, store_dir))
+        self._live = _Live(config, bundle, store or self._make_store(bundle))
         self._smoke(self._live)
 
     # -- public API -------------------------------------------------------------------
     @property
     def bundle_version(self) -> str:
         return self._live.bundle.version
+
+    @property
+    def store(self):
+        """The serving bundle's feature store (engine.store.FeatureStore): for its stats."""
+        return self._live.store
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -120,6 +128,7 @@ class Engine:
         exp = req.experiment or self._assign(req.user_id)
         pipe = live.pipelines[exp]
         deadline_ms = req.deadline_ms if req.deadline_ms > 0 else s.deadline_ms
+        live.store.fell_back()  # reset: only this request's reads count
         ctx = self._hydrate(req, live, exp, t0 + deadline_ms / 1000.0)
         trace: list[StageTrace] = [StageTrace("hydrate", (time.perf_counter() - t0) * 1e3, 0, 1)]
         cands = self._recall(ctx, pipe, trace, live)
@@ -147,6 +156,7 @@ class Engine:
                 observer(st.name, cands)
         if cands.primary != "fused" or len(cands) > req.count:
             cands = cands.keep_top(cands.scores[cands.primary], req.count, Guarantee.FINAL)
+        degraded = live.store.fell_back() or degraded   # features came from the bundle, not the live state
         return self._respond(req, live, cands, exp, degraded, trace, t0)
 
     def report_events(self, events: list[Event]) -> tuple[int, list[tuple[int, str]]]:
@@ -171,7 +181,7 @@ class Engine:
             old = self._live
             same_shape = (bundle.manifest["schema"]["n_items"] == old.bundle.manifest["schema"]["n_items"]
                           and bundle.manifest["schema"]["n_users"] == old.bundle.manifest["schema"]["n_users"])
-            store = old.store if (same_shape or self._external_store) else EmbeddedStore(bundle, self._store_dir)
+            store = old.store if (same_shape or self._external_store) else self._make_store(bundle)
             live = None
             try:
                 live = _Live(self.config, bundle, store)
@@ -179,14 +189,20 @@ class Engine:
             except Exception as e:
                 if live is not None:
                     live.close()
+                if store is not old.store:
+                    store.close()
                 reason = str(e) if isinstance(e, (BundleError, ConfigError)) else f"smoke request failed: {e!r}"
                 raise BundleError(f"bundle {bundle.version} refused: {reason}") from None
             self._live = live
             old.close()
+            if store is not old.store:
+                old.store.close()
             log.info("bundle %s now serving (was %s)", bundle.version, old.bundle.version)
 
     def close(self) -> None:
+        """Stop background work; the feature store writes its last snapshot / flushes its buffer."""
         self._live.close()
+        self._live.store.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request steps ----------------------------------------------------------------

@@ -14,9 +14,9 @@ worker only: it loads the requested version there first and, only if that worked
 CURRENT, which every other worker picks up on its next poll (≤ 1 s). CURRENT stays the one
 source of truth, so a restarted worker or server serves what the others serve.
 
-With the embedded feature store each worker keeps its own user state: events reported to
-one worker are not seen by the others. Use the Redis store with more than one worker when
-that matters.
+Feature state (engine.store): the embedded store's arrays are shared files under /dev/shm,
+so an event reported to one worker is seen by all; `--state-dir` persists them across
+restarts. `--feature-store redis://...` shares one state between several servers.
 """
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("RECSERVE_TOKEN") or None,
                    help="bearer token required on ReportEvents and Admin (default: $RECSERVE_TOKEN)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    p.add_argument("--feature-store", default="embedded", metavar="URL",
+                   help="embedded (default, in-process) or redis://HOST:PORT/DB shared by several servers")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="embedded store: snapshot the feature state here every serving.snapshot_s and at "
+                        "shutdown, reload it at start (default: no persistence)")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class _Opts:
     token: str | None
     grace: float
     store_dir: str          # the embedded feature store's shared arrays: every worker sees every event
+    feature_store: str = "embedded"
+    state_dir: str | None = None
 
 
 class _Fail(Exception):
@@ -147,7 +154,14 @@ class _Supervisor:
         port, self.hold = _claim_port(args.host, args.port)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.store_dir = tempfile.mkdtemp(prefix="recserve-store-", dir=shm)
-        self.opts = _Opts(args.config, args.bundle, args.host, port, tls, args.token, args.grace, self.store_dir)
+        from engine.store import store_factory
+
+        try:
+            store_factory(args.feature_store, state_dir=args.state_dir)   # checks the URL and combination
+        except ValueError as e:
+            raise _Fail(str(e)) from None
+        self.opts = _Opts(args.config, args.bundle, args.host, port, tls, args.token, args.grace, self.store_dir,
+                          args.feature_store, str(args.state_dir) if args.state_dir else None)
         if args.metrics_port is not None:
             # must be set before any worker imports prometheus_client
             self.metrics_dir = tempfile.mkdtemp(prefix="recserve-metrics-")
@@ -350,6 +364,7 @@ class _Worker:
         from grpc_reflection.v1alpha import reflection
 
         from engine.engine import Engine
+        from engine.store import store_factory
 
         self.idx, self.opts, self.started = idx, opts, time.monotonic()
         self.cfg = load_config(opts.config)
@@ -357,7 +372,9 @@ class _Worker:
         self.counters: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         root, name, bundle, refused = _initial_bundle(opts.bundle, fallback)
-        self.engine = Engine(self.cfg, bundle, store_dir=opts.store_dir)
+        s = self.cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays
+        self.engine = Engine(self.cfg, bundle, make_store=store_factory(
+            opts.feature_store, opts.store_dir, opts.state_dir, s.snapshot_s, idx == 0, s.event_buffer))
         self.reloader = _Reloader(root, name, self)
         self.reloader.refused |= refused
         self.metrics.bundle.labels(self.engine.bundle_version).set(1)
@@ -388,6 +405,8 @@ class _Worker:
         self.reloader.poll()
         rss = _rss_bytes()
         self.metrics.rss.set(rss)
+        for k, v in self.engine.store.stats().items():
+            self.metrics.store.labels(k).set(v)
         with self.lock:
             self.counters["rss_bytes"] = rss
 
@@ -569,6 +588,8 @@ class _Metrics:
         self.reloads = Counter("recserve_bundle_reloads", "hot reload attempts", ["result"])
         self.bundle = Gauge("recserve_bundle_info", "1 for the bundle version a worker serves", ["version"],
                             multiprocess_mode="liveall")
+        self.store = Gauge("recserve_feature_store", "feature store counters: buffered events, fallbacks, ...",
+                           ["counter"], multiprocess_mode="liveall")
         self.rss = Gauge("recserve_worker_rss_bytes", "resident memory of a worker", multiprocess_mode="liveall")
         self._children: dict[str, tuple[Any, Any]] = {}
 
@@ -679,5 +700,6 @@ class _Admin(pb2_grpc.AdminServicer):
                 counters = dict(self.w.counters)
             return pb2.GetStatusResponse(
                 bundle_version=self.w.engine.bundle_version, uptime_s=time.monotonic() - self.w.started,
-                worker_id=self.w.idx, pid=os.getpid(), counters=counters)
+                worker_id=self.w.idx, pid=os.getpid(),
+                counters={**counters, **{f"store.{k}": v for k, v in self.w.engine.store.stats().items()}})
         return self.w.call("GetStatus", context, run)

@@ -13,6 +13,15 @@ import numpy as np
 LN2 = np.log(2.0)
 
 
+def decay(t_from, t_to, half_life_days: float):
+    """2^((t_from - t_to)/half_life): what an event at `t_from` weighs in a hot score as of `t_to`.
+
+    The one place of the decay math: the snapshot, the stores' event weights and the stores'
+    rescaling of hot scores from their reference time to now all call it.
+    """
+    return np.exp2((np.asarray(t_from, np.float64) - t_to) / half_life_days)
+
+
 @dataclass
 class FeatureState:
     user_recent: np.ndarray    # int32 [U, L] last positive items, most recent first, -1 padded
@@ -73,7 +82,7 @@ def snapshot(log_user, log_item, log_time, log_pos, n_users: int, n_items: int, 
     u, i, tm, p = log_user[:hi], log_item[:hi], log_time[:hi], log_pos[:hi].astype(bool)
     pos_rows = np.flatnonzero(p)
     hot = np.zeros(n_items, np.float64)
-    np.add.at(hot, i[pos_rows], np.exp2((tm[pos_rows] - t) / half_life_days))
+    np.add.at(hot, i[pos_rows], decay(tm[pos_rows], t, half_life_days))
     return FeatureState(
         user_recent=last_n_per_user(u[pos_rows], i[pos_rows], n_users, recent_len),
         user_seen=last_n_per_user(u, i, n_users, seen_len),

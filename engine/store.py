@@ -1,34 +1,50 @@
 """Feature store: user state and item counters, read per request, updated by events.
 
+Two backends behind one protocol (FeatureStore): the embedded default here, and Redis
+(engine.store_redis) for several server processes or machines sharing one state.
+
 The embedded backend keeps the bundle's feature state (engine.state.FeatureState) in
 arrays. Given a directory (the server passes one under /dev/shm), the arrays are
 memory-mapped files there, so every worker process of one server reads and writes the
 same state: an event reported to one worker is seen by the others on their next request.
 Writes take an fcntl lock on that directory; reads take none (a torn read costs at most
-one stale counter).
+one stale counter). Given a state directory too, the state is snapshotted there with
+msgpack every `snapshot_s` and at close, and reloaded at start when the snapshot's bundle
+version matches, so acknowledged events survive a clean restart.
 
 Users the bundle does not know get a slot in a fixed-size guest table, found by a 64-bit
 hash of their id with linear probing, so new users build history too.
+
+State semantics are those of engine.state.snapshot (the training features): `seen` holds
+the last impressions (repeats included), `recent` the last primary-task positives, and hot
+scores are stored relative to the bundle's `t_ref` but read decayed to the clock's now.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Mapping, Protocol
 
+import msgpack
 import numpy as np
 
 from engine.bundle import Bundle
 from engine.context import UserFeatures
+from engine.state import decay
+
+log = logging.getLogger("recserve.store")
 
 GUEST_SLOTS = 1 << 16
 _PROBES = 16
-POSITIVE_KINDS = ("click", "like", "finish")
+_GUEST = ("guest_key", "guest_recent", "guest_seen", "guest_counts")
+SNAPSHOT_FORMAT = 1
 
 
 @dataclass(slots=True)
@@ -60,11 +76,42 @@ class FeatureStore(Protocol):
     def user(self, user_id: str, index: int, default_profile: np.ndarray,
              profiles: np.ndarray) -> UserFeatures: ...
 
-    def item_stats(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def item_stats(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Impressions, positives and hot score as of now of the given items."""
 
-    def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `n` hottest items, best first, and their hot scores as of now."""
 
-    def apply(self, events: list[ResolvedEvent]) -> None: ...
+    def apply(self, events: list[ResolvedEvent]) -> None:
+        """Record events; raises engine.request.Overloaded when they cannot be taken."""
+
+    def fell_back(self) -> bool:
+        """Whether a read on this thread was served from the bundle's state instead of the
+        live state since the last call (which resets it): the engine marks the answer degraded."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for status and metrics."""
+
+    def close(self) -> None: ...
+
+
+def state_user(a: Mapping[str, np.ndarray], index: int, profile: np.ndarray) -> UserFeatures:
+    """A known user's features from state arrays (embedded store, Redis fallback)."""
+    return UserFeatures(index, profile[None], a["user_recent"][index][None].copy(), a["user_seen"][index].copy(),
+                        float(a["user_n_imp"][index]), float(a["user_n_pos"][index]))
+
+
+def new_user(profile: np.ndarray, recent_len: int, seen_len: int) -> UserFeatures:
+    return UserFeatures(-1, profile[None], np.full((1, recent_len), -1, np.int32),
+                        np.full(seen_len, -1, np.int32), 0.0, 0.0)
+
+
+def top_hot(hot: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the `n` largest entries of `hot`, best first, and their values."""
+    n = min(n, hot.size)
+    top = np.argpartition(-hot, n - 1)[:n] if n < hot.size else np.arange(hot.size)
+    top = top[np.argsort(-hot[top], kind="stable")]
+    return top.astype(np.int32), np.asarray(hot[top], np.float64)
 
 
 def _key(user_id: str) -> np.uint64:
@@ -74,8 +121,11 @@ def _key(user_id: str) -> np.uint64:
 class EmbeddedStore:
     name = "embedded"
 
-    def __init__(self, bundle: Bundle, shared_dir: str | Path | None = None):
+    def __init__(self, bundle: Bundle, shared_dir: str | Path | None = None, state_dir: str | Path | None = None,
+                 snapshot_s: float = 60.0, snapshot_writer: bool = True):
+        """`snapshot_writer`: this process writes the periodic snapshots (one per shared dir is enough)."""
         st = bundle.state
+        self.version = bundle.version
         self.primary = bundle.tasks[0]
         self.half_life = float(bundle.manifest["state"]["half_life_days"])
         self.t_ref = float(st.t_ref)
@@ -87,18 +137,25 @@ class EmbeddedStore:
                 "guest_seen": np.full((GUEST_SLOTS, S), -1, np.int32),
                 "guest_counts": np.zeros((GUEST_SLOTS, 2), np.float32)}
         self._dir = Path(shared_dir) if shared_dir else None
+        self._state_file = Path(state_dir) / f"embedded-{bundle.version}.msgpack" if state_dir else None
+        self._tlock = threading.Lock()
+        self.snapshots = 0
         if self._dir is None:
             self.a = {k: np.array(v) for k, v in init.items()}
-            self._tlock = threading.Lock()
+            self._load()
         else:
             self._dir.mkdir(parents=True, exist_ok=True)
-            self._tlock = threading.Lock()
             with self._write_lock():
                 stamp = self._dir / "bundle"
                 fresh = not stamp.exists() or stamp.read_text() != bundle.version
                 self.a = {k: self._open(k, v, fresh) for k, v in init.items()}
                 if fresh:
+                    self._load()
                     stamp.write_text(bundle.version)
+        self._stop = threading.Event()
+        if self._state_file and snapshot_writer:
+            threading.Thread(target=self._snapshot_loop, args=(snapshot_s,), name="store-snapshot",
+                             daemon=True).start()
 
     def _open(self, name: str, init: np.ndarray, fresh: bool) -> np.ndarray:
         path = self._dir / f"{name}.npy"
@@ -122,6 +179,60 @@ class EmbeddedStore:
                 finally:
                     fcntl.flock(f, fcntl.LOCK_UN)
 
+    # -- persistence ------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the state to the state dir atomically (tmp file + rename); guest rows only where used."""
+        with self._write_lock():
+            slots = np.flatnonzero(self.a["guest_key"])
+            arrays = {k: v[slots] if k in _GUEST else np.array(v) for k, v in self.a.items()}
+        arrays["guest_slot"] = slots
+        tmp = self._state_file.with_name(f".{self._state_file.name}.{os.getpid()}.tmp")
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(msgpack.packb({"format": SNAPSHOT_FORMAT, "bundle": self.version, "unix": time.time(),
+                                   "arrays": sorted(arrays)}))
+            for k in sorted(arrays):      # one array per object: no second copy of the whole state
+                v = arrays[k]
+                f.write(msgpack.packb([k, v.dtype.str, list(v.shape), v.tobytes()]))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_file)
+        self.snapshots += 1
+
+    def _load(self) -> None:
+        """Fill the arrays from the state dir's snapshot of this bundle version, if there is one."""
+        if self._state_file is None or not self._state_file.exists():
+            return
+        with open(self._state_file, "rb") as f:
+            objs = msgpack.Unpacker(f, max_buffer_size=0)
+            head = next(objs)
+            if head.get("format") != SNAPSHOT_FORMAT or head.get("bundle") != self.version:
+                log.warning("%s: not a snapshot of bundle %s; starting from the bundle's state",
+                            self._state_file, self.version)
+                return
+            got = {k: np.frombuffer(b, np.dtype(dt)).reshape(shape) for k, dt, shape, b in objs}
+        slots = got.pop("guest_slot")
+        for k, v in got.items():
+            if k in _GUEST:
+                self.a[k][slots] = v
+            else:
+                self.a[k][...] = v
+        log.info("feature state restored from %s (written %.0f s ago)", self._state_file, time.time() - head["unix"])
+
+    def _snapshot_loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.save()
+            except OSError:
+                log.exception("feature state snapshot to %s failed", self._state_file)
+
+    def close(self) -> None:
+        """Stop the snapshot thread and write a last snapshot: every process sharing the arrays
+        does, so the last one to stop includes every event any of them acknowledged."""
+        self._stop.set()
+        if self._state_file:
+            self.save()
+
     # -- reads (hot path) -------------------------------------------------------------
     def _guest_slot(self, user_id: str, create: bool) -> int:
         key, keys = _key(user_id), self.a["guest_key"]
@@ -141,55 +252,75 @@ class EmbeddedStore:
              profiles: np.ndarray) -> UserFeatures:
         a = self.a
         if index >= 0:
-            return UserFeatures(index, profiles[index][None], a["user_recent"][index][None].copy(),
-                                a["user_seen"][index].copy(), float(a["user_n_imp"][index]),
-                                float(a["user_n_pos"][index]))
+            return state_user(a, index, profiles[index])
         s = self._guest_slot(user_id, create=False)
-        L, S = a["user_recent"].shape[1], a["user_seen"].shape[1]
         if s < 0:
-            return UserFeatures(-1, default_profile[None], np.full((1, L), -1, np.int32),
-                                np.full(S, -1, np.int32), 0.0, 0.0)
+            return new_user(default_profile, a["user_recent"].shape[1], a["user_seen"].shape[1])
         c = a["guest_counts"][s]
         return UserFeatures(-1, default_profile[None], a["guest_recent"][s][None].copy(),
                             a["guest_seen"][s].copy(), float(c[0]), float(c[1]))
 
     def item_stats(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Impressions, positives and hot score (relative to `t_ref`) of the given items."""
         a = self.a
-        return a["item_n_imp"][items], a["item_n_pos"][items], a["item_hot"][items].astype(np.float32)
+        hot = a["item_hot"][items] * decay(self.t_ref, self.clock.days(), self.half_life)
+        return a["item_n_imp"][items], a["item_n_pos"][items], hot.astype(np.float32)
 
     def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `n` items with the highest decayed score, best first, and their scores."""
-        hot = self.a["item_hot"]
-        n = min(n, hot.size)
-        top = np.argpartition(-hot, n - 1)[:n] if n < hot.size else np.arange(hot.size)
-        top = top[np.argsort(-hot[top], kind="stable")]
-        return top.astype(np.int32), np.asarray(hot[top], np.float64)
+        top, hot = top_hot(self.a["item_hot"], n)
+        return top, hot * decay(self.t_ref, self.clock.days(), self.half_life)
+
+    def fell_back(self) -> bool:
+        return False
+
+    def stats(self) -> dict[str, int]:
+        return {"snapshots": self.snapshots}
 
     # -- writes (event path) ----------------------------------------------------------
     def apply(self, events: list[ResolvedEvent]) -> None:
         a = self.a
         with self._write_lock():
             for e in events:
+                imp, pos = e.kind == "impression", e.kind == self.primary
+                if imp:
+                    a["item_n_imp"][e.item] += 1
+                if pos:
+                    a["item_n_pos"][e.item] += 1
+                    a["item_hot"][e.item] += decay(e.t, self.t_ref, self.half_life)
+                if not (imp or pos):
+                    continue
                 if e.user >= 0:
-                    recent, seen, n_imp, n_pos = (a["user_recent"][e.user], a["user_seen"][e.user],
-                                                  a["user_n_imp"][e.user:e.user + 1],
-                                                  a["user_n_pos"][e.user:e.user + 1])
+                    recent, seen = a["user_recent"][e.user], a["user_seen"][e.user]
+                    n_imp, n_pos = a["user_n_imp"][e.user:e.user + 1], a["user_n_pos"][e.user:e.user + 1]
                 else:
                     s = self._guest_slot(e.user_id, create=True)
                     if s < 0:
-                        continue  # guest table full around this hash: item counters still count
+                        continue  # guest table full around this hash: no history, the items still counted
                     recent, seen = a["guest_recent"][s], a["guest_seen"][s]
                     n_imp, n_pos = a["guest_counts"][s, 0:1], a["guest_counts"][s, 1:2]
-                if e.kind == "impression":
+                if imp:
                     n_imp += 1
-                    a["item_n_imp"][e.item] += 1
-                if e.item not in seen:
                     seen[1:] = seen[:-1]
                     seen[0] = e.item
-                if e.kind == self.primary:
+                if pos:
                     n_pos += 1
-                    a["item_n_pos"][e.item] += 1
-                    a["item_hot"][e.item] += np.exp2((e.t - self.t_ref) / self.half_life)
                     recent[1:] = recent[:-1]
                     recent[0] = e.item
+
+
+def store_factory(url: str | None, shared_dir: str | None = None, state_dir: str | None = None,
+                  snapshot_s: float = 60.0, snapshot_writer: bool = True,
+                  event_buffer: int = 100_000) -> Callable[[Bundle], FeatureStore]:
+    """`--feature-store URL` -> what the engine calls for each bundle it builds a store for.
+
+    None or "embedded": the embedded store (shared through `shared_dir`, persisted to
+    `state_dir`); redis://HOST:PORT/DB (or rediss://, unix://): the Redis store.
+    """
+    if url in (None, "", "embedded"):
+        return lambda b: EmbeddedStore(b, shared_dir, state_dir, snapshot_s, snapshot_writer)
+    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        if state_dir:
+            raise ValueError("--state-dir persists the embedded store; Redis persists itself (see docs/feature_store.md)")
+        from engine.store_redis import RedisStore
+
+        return lambda b: RedisStore(b, url, event_buffer)
+    raise ValueError(f"--feature-store {url!r}: expected 'embedded' or redis://HOST:PORT/DB")

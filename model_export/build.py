@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from engine.bundle import MANIFEST, BundleError, current_version, resolve
 from engine.config import Config
@@ -29,7 +28,6 @@ from model_export.export import export_checked, ort_session
 from model_export.models import save_checkpoints
 
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
-EMBED_CHUNK = 65536         # catalog rows per item-tower call: bounded memory at 1M items
 PARITY_ROWS = 256           # candidates (N) in the parity cases
 FINGERPRINT_SECTIONS = ("data", "train", "index")
 
@@ -47,7 +45,7 @@ def build_bundle(cfg: Config, out_root: Path, force: bool = False) -> Path:
         print(f"bundle {reusable.name} was built from this config (fingerprint {fingerprint}); reusing it")
         return reusable
     t0 = time.time()
-    torch.set_num_threads(2)
+    torch.set_num_threads(train.TRAIN_THREADS)
     torch.manual_seed(cfg.train.seed)
     writer = BundleWriter(out_root)
     try:
@@ -87,15 +85,14 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
 
     st_hist, st_valid, st_end = step("feature state", lambda: [state(t) for t in (ds.t_history, ds.t_valid,
                                                                                     ds.t_end)])
-    content = ds.item_content / np.maximum(np.linalg.norm(ds.item_content, axis=1, keepdims=True), 1e-6)
-    tt = step("two-tower", lambda: train.fit_two_tower(ds, content.astype(np.float32), tc))
-    tables = Tables(np.empty((ds.n_items, tc.embed_dim), np.float32), tt.tables["item_id_emb"], ds.item_category,
-                    ds.item_author, content.astype(np.float32), ds.item_created, tt.tables["user_id_emb"],
-                    ds.user_profile, ds.profile_cardinality, ds.context_cardinality)
+    content = (ds.item_content / np.maximum(np.linalg.norm(ds.item_content, axis=1, keepdims=True), 1e-6)
+               ).astype(np.float32)
+    tt = step("two-tower", lambda: train.fit_two_tower(ds, content, tc, st_hist))
     rng = np.random.default_rng(tc.seed)
     models: dict[str, Any] = {}
 
-    # towers: export, parity, then the whole catalog through the exported item tower
+    # towers: export with parity, then the whole catalog through the exported item tower
+    tables = train.serving_tables(ds, content, tt.tables)
     users = rng.choice(ds.n_users, min(PARITY_ROWS, ds.n_users), replace=False)
     users[0] = -1                                                    # a new user: zero id row, no history
     u_x = user_tower_input(tables, users, ds.user_profile[np.maximum(users, 0)],
@@ -106,29 +103,26 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     for name, tower, x in (("user_tower", tt.model.user_tower, u_x), ("item_tower", tt.model.item_tower, i_x)):
         models[name] = _onnx_entry(name, tower, step(f"export {name}", lambda: export_checked(
             name, tower, w.path(f"models/{name}.onnx"), [{"x": x[:1]}, {"x": x}], tc.parity_tol)))
-    item_sess = ort_session(w.path("models/item_tower.onnx"), threads=2)
-    for s in tqdm(range(0, ds.n_items, EMBED_CHUNK), desc="embed catalog", unit="chunk", leave=False):
-        idx = np.arange(s, min(s + EMBED_CHUNK, ds.n_items))
-        tables.item_emb[idx] = item_sess.run(None, {"x": item_tower_input(
-            tables, tt.tables["category_emb"], tt.tables["author_emb"], idx)})[0]
-    user_sess = ort_session(w.path("models/user_tower.onnx"), threads=2)
+    item_sess, user_sess = (ort_session(w.path(f"models/{n}.onnx")) for n in ("item_tower", "user_tower"))
 
     def user_emb(x: np.ndarray) -> np.ndarray:
         return user_sess.run(None, {"x": x})[0]
 
-    metrics: dict[str, dict[str, float]] = {"two_tower": train.two_tower_recall(ds, tables, user_emb, st_valid)}
-    print("  two-tower " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["two_tower"].items()))
+    step("embed catalog", lambda: train.embed_catalog(tables, tt.tables, lambda x: item_sess.run(None, {"x": x})[0]))
+    metrics: dict[str, dict[str, float]] = {
+        "two_tower": train.two_tower_recall(ds, tables, user_emb, st_valid, ds.t_valid, np.inf)}
+    print("  two-tower validation " + ", ".join(f"{k} {v:.4g}" for k, v in metrics["two_tower"].items()))
 
     # rankers: rows of the ranker window (state at t_history) and of the validation window (state at t_valid)
     rank_rows = _sample(ds.window(ds.t_history, ds.t_valid), tc.max_rank_rows, rng)
     valid_rows = _sample(ds.window(ds.t_valid, np.inf), tc.max_rank_rows, rng)
     tr = step("ranker features", lambda: train.ranker_rows(ds, tables, rank_rows, st_hist, user_emb, "train"))
     va = step("ranker features", lambda: train.ranker_rows(ds, tables, valid_rows, st_valid, user_emb, "valid"))
-    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, tc))
+    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, ds.tasks[0], tc))
     booster.save_model(str(w.path("models/coarse_trees.txt")))
     models["coarse_trees"] = {"file": "models/coarse_trees.txt", "inputs": list(COARSE_FEATURES), "outputs": ["p"],
                               "trees": booster.num_trees(), "leaves": tc.gbdt_leaves}
-    dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, tc))
+    dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, ds.tasks[0], tc))
     fine, metrics["fine"] = step("fine ranker", lambda: train.fit_fine(tr, va, tables, ds.tasks, tc))
     n = min(PARITY_ROWS, len(va.user))
     seq, mask = sequence_input(tables, va.recent[:n])
@@ -217,7 +211,7 @@ def _schema(ds: Dataset, cfg: Config) -> dict[str, Any]:
 
 
 def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
-    print(f"\n{'model':<14} {'metric':<22} {'value':>8}")
+    print(f"\n{'model':<14} {'metric':<26} {'value':>8}")
     for model, ms in metrics.items():
         for k, v in ms.items():
-            print(f"{model:<14} {k:<22} {v:>8.4f}")
+            print(f"{model:<14} {k:<26} {v:>8.4g}")

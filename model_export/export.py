@@ -6,6 +6,7 @@ serving shapes (user/seq batch 1 broadcast over N candidates) and in training sh
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,10 @@ class ParityError(RuntimeError):
     """ONNX Runtime and torch disagree beyond tolerance: the exported graph must not ship."""
 
 
-def ort_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session configured as the server configures it (no spinning between calls)."""
+def ort_session(path: str | Path) -> ort.InferenceSession:
+    """A one-thread CPU session that does not spin between calls, as the server configures it."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -35,8 +36,10 @@ def export_onnx(model: nn.Module, path: Path, example: dict[str, np.ndarray]) ->
     model.eval()
     names, outs = list(model.onnx_inputs), list(model.onnx_outputs)
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    torch.onnx.export(model, args, str(path), dynamo=False, opset_version=OPSET, input_names=names,
-                      output_names=outs, dynamic_axes={n: {0: _BATCH_AXIS[n]} for n in names + outs})
+    with warnings.catch_warnings():   # the TorchScript exporter is deprecated, and chosen on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=outs, dynamic_axes={n: {0: _BATCH_AXIS[n]} for n in names + outs})
 
 
 def check_parity(name: str, model: nn.Module, path: Path, cases: list[dict[str, np.ndarray]],
