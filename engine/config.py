@@ -162,22 +162,24 @@ class Config:
     experiments: dict[str, Experiment]
     raw: dict[str, Any]                      # the parsed TOML, for hashing and overrides
 
-    def fingerprint(self, *sections: str) -> str:
-        """sha256 of the named raw sections: a bundle built from equal sections is reusable."""
-        blob = repr([(s, _sorted(self.raw.get(s, {}))) for s in sections]).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+    # What a bundle is built from: its data, models and index, plus the serving keys that
+    # shape the shipped feature state. Equal fingerprints mean the bundle can be reused.
+    BUILD_KEYS = ("data", "train", "index", "serving.seen_window", "serving.hot_half_life_hours")
+
+    def fingerprint(self) -> str:
+        """sha256 of the build keys' values (defaults included), so editing any of them rebuilds."""
+        values = []
+        for key in self.BUILD_KEYS:
+            section, _, field_name = key.partition(".")
+            obj = getattr(self, section)
+            values.append((key, getattr(obj, field_name) if field_name else dataclasses.asdict(obj)))
+        return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
 
     def variant(self, experiment: str) -> "Config":
         """This config with the experiment's overrides applied (already checked at load)."""
         return self._variants[experiment] if experiment else self
 
     _variants: dict[str, "Config"] = dataclasses.field(default_factory=dict)
-
-
-def _sorted(x: Any) -> Any:
-    if isinstance(x, dict):
-        return sorted((k, _sorted(v)) for k, v in x.items())
-    return x
 
 
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig,

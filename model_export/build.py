@@ -29,7 +29,7 @@ from model_export.models import save_checkpoints
 
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
 PARITY_ROWS = 256           # candidates (N) in the parity cases
-FINGERPRINT_SECTIONS = ("data", "train", "index")
+RECORDED_SECTIONS = ("data", "train", "index", "serving")   # raw config kept in the manifest
 
 
 def build_bundle(cfg: Config, out_root: Path, force: bool = False) -> Path:
@@ -39,7 +39,7 @@ def build_bundle(cfg: Config, out_root: Path, force: bool = False) -> Path:
     Torch state_dicts go to out_root/checkpoints/<version>/ (beside the bundle, not in it).
     """
     out_root = Path(out_root)
-    fingerprint = cfg.fingerprint(*FINGERPRINT_SECTIONS)
+    fingerprint = cfg.fingerprint()
     reusable = _reusable(out_root, fingerprint)
     if reusable is not None and not force:
         print(f"bundle {reusable.name} was built from this config (fingerprint {fingerprint}); reusing it")
@@ -148,7 +148,7 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
         w.array(rel, a)
     manifest = {
         "config": {"path": cfg.path, "fingerprint": fingerprint,
-                   **{s: cfg.raw.get(s, {}) for s in FINGERPRINT_SECTIONS}},
+                   **{s: cfg.raw.get(s, {}) for s in RECORDED_SECTIONS}},
         "dataset": ds.name,
         "schema": _schema(ds, cfg),
         "state": {"t_ref": st_end.t_ref, "time": st_end.time, "half_life_days": half_life},

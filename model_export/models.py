@@ -134,7 +134,7 @@ class _Ranker(nn.Module):
 
 
 class CoarseDNN(_Ranker):
-    """Coarse phase 2. ONNX: "user" [Bu, Du], "item" [N, Di] -> "p" [N] click probability."""
+    """Coarse phase 2. ONNX: "user" [Bu, Du], "item" [N, Di] -> "p" [N], probability of the first task."""
 
     onnx_inputs, onnx_outputs = ("user", "item"), ("p",)
 
