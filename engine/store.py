@@ -9,8 +9,9 @@ memory-mapped files there, so every worker process of one server reads and write
 same state: an event reported to one worker is seen by the others on their next request.
 Writes take an fcntl lock on that directory; reads take none (a torn read costs at most
 one stale counter). Given a state directory too, the state is snapshotted there with
-msgpack every `snapshot_s` and at close, and reloaded at start when the snapshot's bundle
-version matches, so acknowledged events survive a clean restart.
+msgpack every `snapshot_s` and at close, and reloaded at start when the snapshot was taken
+over the same catalog (`catalog_id`), so acknowledged events survive a clean restart and a
+new model bundle over the same items and users.
 
 Users the bundle does not know get a slot in a fixed-size guest table, found by a 64-bit
 hash of their id with linear probing, so new users build history too.
@@ -114,6 +115,14 @@ def top_hot(hot: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return top.astype(np.int32), np.asarray(hot[top], np.float64)
 
 
+def catalog_id(bundle: Bundle) -> str:
+    """What live state is keyed by: the item and user id tables and the ring sizes. A new
+    model bundle over the same catalog keeps the state (events since the last bundle)."""
+    files, st = bundle.manifest["files"], bundle.state
+    return (f"{files['tables/item_ids.npy']['sha256']}:{files['tables/user_ids.npy']['sha256']}"
+            f":{st.user_recent.shape[1]}:{st.user_seen.shape[1]}")
+
+
 def _key(user_id: str) -> np.uint64:
     return np.uint64(int.from_bytes(hashlib.blake2b(user_id.encode(), digest_size=8).digest(), "little") | 1)
 
@@ -137,7 +146,8 @@ class EmbeddedStore:
                 "guest_seen": np.full((GUEST_SLOTS, S), -1, np.int32),
                 "guest_counts": np.zeros((GUEST_SLOTS, 2), np.float32)}
         self._dir = Path(shared_dir) if shared_dir else None
-        self._state_file = Path(state_dir) / f"embedded-{bundle.version}.msgpack" if state_dir else None
+        self.catalog = catalog_id(bundle)
+        self._state_file = Path(state_dir) / f"embedded-{self.catalog[:16]}.msgpack" if state_dir else None
         self._tlock = threading.Lock()
         self.snapshots = 0
         if self._dir is None:
@@ -153,9 +163,11 @@ class EmbeddedStore:
                     self._load()
                     stamp.write_text(bundle.version)
         self._stop = threading.Event()
+        self._thread = None
         if self._state_file and snapshot_writer:
-            threading.Thread(target=self._snapshot_loop, args=(snapshot_s,), name="store-snapshot",
-                             daemon=True).start()
+            self._thread = threading.Thread(target=self._snapshot_loop, args=(snapshot_s,), name="store-snapshot",
+                                            daemon=True)
+            self._thread.start()
 
     def _open(self, name: str, init: np.ndarray, fresh: bool) -> np.ndarray:
         path = self._dir / f"{name}.npy"
@@ -189,10 +201,9 @@ class EmbeddedStore:
         tmp = self._state_file.with_name(f".{self._state_file.name}.{os.getpid()}.tmp")
         self._state_file.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(msgpack.packb({"format": SNAPSHOT_FORMAT, "bundle": self.version, "unix": time.time(),
-                                   "arrays": sorted(arrays)}))
-            for k in sorted(arrays):      # one array per object: no second copy of the whole state
-                v = arrays[k]
+            f.write(msgpack.packb({"format": SNAPSHOT_FORMAT, "catalog": self.catalog, "bundle": self.version,
+                                   "unix": time.time()}))
+            for k, v in arrays.items():      # one array per object: no second copy of the whole state
                 f.write(msgpack.packb([k, v.dtype.str, list(v.shape), v.tobytes()]))
             f.flush()
             os.fsync(f.fileno())
@@ -200,17 +211,19 @@ class EmbeddedStore:
         self.snapshots += 1
 
     def _load(self) -> None:
-        """Fill the arrays from the state dir's snapshot of this bundle version, if there is one."""
+        """Fill the arrays from the state dir's snapshot over this catalog, if there is one."""
         if self._state_file is None or not self._state_file.exists():
             return
-        with open(self._state_file, "rb") as f:
-            objs = msgpack.Unpacker(f, max_buffer_size=0)
-            head = next(objs)
-            if head.get("format") != SNAPSHOT_FORMAT or head.get("bundle") != self.version:
-                log.warning("%s: not a snapshot of bundle %s; starting from the bundle's state",
-                            self._state_file, self.version)
-                return
-            got = {k: np.frombuffer(b, np.dtype(dt)).reshape(shape) for k, dt, shape, b in objs}
+        try:
+            with open(self._state_file, "rb") as f:
+                objs = msgpack.Unpacker(f, max_buffer_size=0)
+                head = next(objs)
+                if head.get("format") != SNAPSHOT_FORMAT or head.get("catalog") != self.catalog:
+                    raise ValueError(f"not a format {SNAPSHOT_FORMAT} snapshot over this catalog")
+                got = {k: np.frombuffer(b, np.dtype(dt)).reshape(shape) for k, dt, shape, b in objs}
+        except Exception:  # noqa: BLE001 - a broken snapshot must not keep the server down
+            log.exception("%s unusable; starting from the bundle's state", self._state_file)
+            return
         slots = got.pop("guest_slot")
         for k, v in got.items():
             if k in _GUEST:
@@ -230,8 +243,13 @@ class EmbeddedStore:
         """Stop the snapshot thread and write a last snapshot: every process sharing the arrays
         does, so the last one to stop includes every event any of them acknowledged."""
         self._stop.set()
+        if self._thread:
+            self._thread.join()
         if self._state_file:
-            self.save()
+            try:
+                self.save()
+            except OSError:
+                log.exception("last feature state snapshot to %s failed", self._state_file)
 
     # -- reads (hot path) -------------------------------------------------------------
     def _guest_slot(self, user_id: str, create: bool) -> int:
@@ -319,7 +337,8 @@ def store_factory(url: str | None, shared_dir: str | None = None, state_dir: str
         return lambda b: EmbeddedStore(b, shared_dir, state_dir, snapshot_s, snapshot_writer)
     if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
         if state_dir:
-            raise ValueError("--state-dir persists the embedded store; Redis persists itself (see docs/feature_store.md)")
+            raise ValueError("--state-dir persists the embedded store; Redis persists itself "
+                             "(docs/feature_store.md)")
         from engine.store_redis import RedisStore
 
         return lambda b: RedisStore(b, url, event_buffer)

@@ -28,6 +28,7 @@ from model_export.export import export_checked, ort_session
 from model_export.models import save_checkpoints
 
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
+RECALL_MARGIN = 0.005       # tuned on other queries than it is reported on: aim a little higher
 PARITY_ROWS = 256           # candidates (N) in the parity cases
 RECORDED_SECTIONS = ("data", "train", "index", "serving")   # raw config kept in the manifest
 
@@ -187,18 +188,23 @@ def _sample(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
 
 def _index(ds: Dataset, cfg: Config, tables: Tables, user_emb: train.EmbedFn, st: FeatureState,
            w: BundleWriter, rng: np.random.Generator) -> dict[str, Any]:
-    rows = _sample(ds.window(ds.t_valid, np.inf), cfg.index.recall_queries, rng)
+    # nprobe is tuned on one set of real user queries and recall reported on another: tuned
+    # and measured on the same queries, 0.95 came out 0.943-0.956 on fresh ones.
+    rows = _sample(ds.window(ds.t_valid, np.inf), 2 * cfg.index.recall_queries, rng)
     u = ds.log_user[rows]
     queries = user_emb(user_tower_input(tables, u, ds.user_profile[u], ds.log_context[rows], st.user_recent[u]))
+    tune_q, held_q = queries[::2], queries[1::2]
     index = build_index(tables.item_emb, cfg.index)
     k = min(cfg.index.recall_k, ds.n_items)
     if index.kind != "flat":
-        tune_nprobe(index, tables.item_emb, queries, k, RECALL_TARGET)
-    rec = measure_recall(index, tables.item_emb, queries, k)
-    print(f"  index {index.kind}: nlist {index.nlist}, nprobe {index.nprobe}, recall@{k} {rec:.4f} "
-          f"on {len(queries)} user queries")
+        tune_nprobe(index, tables.item_emb, tune_q, k, RECALL_TARGET + RECALL_MARGIN)
+    recall_at = {kk: measure_recall(index, tables.item_emb, held_q, kk) for kk in sorted({k, min(1000, k)})}
+    print(f"  index {index.kind}: nlist {index.nlist}, nprobe {index.nprobe}, "
+          + ", ".join(f"recall@{kk} {r:.4f}" for kk, r in recall_at.items())
+          + f" on {len(held_q)} held-out user queries")
     index.save(w.path("index/items.faiss"))
-    return {"kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "recall_k": k, "recall": rec}
+    return {"kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "recall_k": k,
+            "recall": recall_at[k], "recall_at": {str(kk): r for kk, r in recall_at.items()}}
 
 
 def _schema(ds: Dataset, cfg: Config) -> dict[str, Any]:
