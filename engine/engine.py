@@ -75,7 +75,7 @@ class _Live:
         def step(name: str, bit: int) -> _Step:
             kind, params = cfg.stage[name]
             spec = registry.kind(kind)
-            env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit)
+            env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit, self.item_index)
             fn = spec.factory(params, env)
             budget = getattr(params, "timeout_ms", None) or getattr(params, "budget_ms")
             return _Step(name, fn, budget, getattr(fn, "skippable", False), bit, getattr(params, "inline", False))

@@ -90,6 +90,20 @@ class StageEnv:
     store: Any             # engine.store.FeatureStore
     config: Any            # engine.config.Config (the experiment's variant)
     route_bit: int = 0     # recall routes only: this route's bit in Candidates.routes
+    item_index: dict[str, int] | None = None   # external item id -> catalog index, built once per bundle
+
+    def read_sidecar(self, param: str, rel: str) -> dict[str, Any]:
+        """A stage's TOML side file (whitelist, blocklist), relative to the config; errors name the key."""
+        import tomllib
+        from pathlib import Path
+
+        from engine.config import ConfigError
+
+        path = Path(self.config.path).parent / rel
+        try:
+            return tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"stage.{self.name}.{param}: {path}: {e}") from None
 
 
 @dataclass

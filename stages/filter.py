@@ -8,9 +8,7 @@ exempt from author_cap only: nobody is shown what they excluded or saw.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -45,13 +43,8 @@ class Filter:
         if p.rule == "blocked":
             blocked = np.zeros(len(self.author), bool)
             if p.blocklist:
-                path = Path(env.config.path).parent / p.blocklist
-                try:
-                    ids = tomllib.loads(path.read_text()).get("items", [])
-                except (OSError, tomllib.TOMLDecodeError) as e:
-                    raise ConfigError(f"stage.{env.name}.blocklist: {path}: {e}") from None
-                index = {s: i for i, s in enumerate(np.asarray(env.bundle.item_ids).tolist())}
-                blocked[[index[s] for s in ids if s in index]] = True
+                ids = env.read_sidecar("blocklist", p.blocklist).get("items", [])
+                blocked[[env.item_index[s] for s in ids if s in env.item_index]] = True
             self.blocked = blocked
             self.max_age, self.created, self.clock = p.max_age_days, np.asarray(t.item_created), env.store.clock
 

@@ -6,9 +6,7 @@ A segment is `profile_field=value`; an entry without one applies to every user.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -35,16 +33,12 @@ class Params(RouteParams):
 class RecallWhitelist:
     def __init__(self, p: Params, env: StageEnv):
         self.bit = env.route_bit
-        path = Path(env.config.path).parent / p.file
-        try:
-            entries = tomllib.loads(path.read_text()).get("item", [])
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"stage.{env.name}.file: {path}: {e}") from None
-        index = {s: i for i, s in enumerate(np.asarray(env.bundle.item_ids).tolist())}
+        entries = env.read_sidecar("file", p.file).get("item", [])
+        index = env.item_index
         fields = list(env.bundle.manifest["schema"]["profile_fields"])
         items, levels, seg_field, seg_value = [], [], [], []
         for n, e in enumerate(entries[: p.k]):
-            where = f"stage.{env.name}.file: {path.name}: item[{n}]"
+            where = f"stage.{env.name}.file: {p.file}: item[{n}]"
             if e.get("id") not in index:
                 raise ConfigError(f"{where}: id {e.get('id')!r} is not in the bundle's catalog")
             if e.get("guaranteed_until", "coarse") not in _LEVELS:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers import wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -132,13 +133,6 @@ def _worker_status(server: Server, tries: int = 60) -> dict[int, pb2.GetStatusRe
             break
     return seen
 
-
-def _wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +326,7 @@ def test_hot_reload_under_load_drops_nothing(two):
     try:
         time.sleep(0.5)
         _publish_copy(two.root, new)
-        _wait_for(lambda: {s.bundle_version for s in _worker_status(two).values()} == {new},
+        wait_for(lambda: {s.bundle_version for s in _worker_status(two).values()} == {new},
                   what=f"every worker to serve {new}")
         time.sleep(0.5)
     finally:
@@ -349,7 +343,7 @@ def test_broken_bundle_is_refused_and_old_keeps_serving(two):
     bad = f"broken-{time.monotonic_ns()}"
     _publish_copy(two.root, bad, corrupt=True)
     try:
-        _wait_for(lambda: all(s.counters["reloads_refused"] == before[pid] + 1
+        wait_for(lambda: all(s.counters["reloads_refused"] == before[pid] + 1
                               for pid, s in _worker_status(two).items()), what="every worker to refuse")
         time.sleep(2.5)      # several polls later: refused once, not retried every second
         status = _worker_status(two)
@@ -408,7 +402,7 @@ def test_sigterm_drains_in_flight_calls(tmp_path, tiny_config, tiny_bundle):
                     return e.code() == grpc.StatusCode.UNAVAILABLE
             return False
 
-        _wait_for(refuses_new_connections, timeout=5, what="the listener to close")
+        wait_for(refuses_new_connections, timeout=5, what="the listener to close")
         assert t.is_alive(), "the slow call should still be in flight"
         t.join(30)
         assert "resp" in result, result.get("err")

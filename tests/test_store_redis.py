@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from helpers import wait_for
 import redis
 
 from engine.config import load_config
@@ -111,13 +112,6 @@ def db(redis_server) -> int:
     """A DB number of its own for each test (16 per server)."""
     return next(_dbs) % 16
 
-
-def _wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _user(store, bundle, user_id: str, index: int = -1):
@@ -227,7 +221,7 @@ def test_redis_down_fails_open_buffers_and_converges(redis_server, db, bundle, t
         assert store.stats()["rejected"] == 45
 
         redis_server.start()                                    # back, and empty: re-seed, then replay
-        _wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="buffer flushed")
+        wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="buffer flushed")
         r = redis_server.client(db)
         seen = [int(x) for x in r.lrange("u:guest-outage:seen", 0, -1)]
         assert seen == [bundle.item_ids.tolist().index(x) for x in reversed(hidden)]   # in order
@@ -264,7 +258,7 @@ def test_slow_redis_bounded_latency_and_exactly_once(redis_server, db, bundle, t
         assert store.stats()["buffered"] == 5
         time.sleep(0.5)
         redis_server.resume()
-        _wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="buffer flushed")
+        wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="buffer flushed")
         assert int(redis_server.client(db).hget("item:imp", 11)) == before + 5
         assert not engine.recommend(Request(user_id="u8", count=20)).degraded
     finally:
@@ -330,7 +324,7 @@ def test_redis_restart_under_load(redis_server, db, bundle, tiny_bundle, tiny_co
             def all_in_redis() -> bool:
                 return all(r.lpos(f"u:{u}:seen", index[i]) is not None for u, i in acked)
 
-            _wait_for(all_in_redis, what="every acknowledged event in Redis")
+            wait_for(all_in_redis, what="every acknowledged event in Redis")
             time.sleep(1.0)
             counters = dict(c.status().counters)
     finally:
