@@ -48,30 +48,21 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check_config)
 
     from engine.client import add_events_args, add_recommend_args, main_events, main_recommend
-    from engine.server import add_serve_args, serve
-
-    s = sub.add_parser("serve", help="serve a bundle over gRPC (health, reflection, metrics, hot reload)")
-    add_serve_args(s)
-    s.set_defaults(func=serve)
-
-    r = sub.add_parser("recommend", help="ask a server for a list and print it as a table")
-    add_recommend_args(r)
-    r.set_defaults(func=main_recommend)
-
-    e = sub.add_parser("events", help="send events (impression, click, like, finish, dislike) to a server")
-    add_events_args(e)
-    e.set_defaults(func=main_events)
-
     from engine.evaluate import add_eval_args, run_eval
+    from engine.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
 
-    ev = sub.add_parser("eval", help="offline quality report of a bundle against the synthetic oracle")
-    add_eval_args(ev)
-    ev.set_defaults(func=run_eval)
-
-    lt = sub.add_parser("loadtest", help="closed/open-loop load, SLO sweep, reports and plots")
-    add_loadtest_args(lt)
-    lt.set_defaults(func=run_loadtest)
+    for name, help_text, add_args, run in (
+        ("serve", "serve a bundle over gRPC (health, reflection, metrics, hot reload)", add_serve_args, serve),
+        ("recommend", "ask a server for a list and print it as a table", add_recommend_args, main_recommend),
+        ("events", "send events (impression, click, like, finish, dislike) to a server", add_events_args,
+         main_events),
+        ("eval", "offline quality report of a bundle against the synthetic oracle", add_eval_args, run_eval),
+        ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),
+    ):
+        sp = sub.add_parser(name, help=help_text)
+        add_args(sp)
+        sp.set_defaults(func=run)
 
     d = sub.add_parser("data", help="obtain real data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.generator import LoadError, LoadSpec, run_load
-from loadtest.report import codes_text, headline, load_label, summary_lines, write_report
+from loadtest.report import codes_text, headline, load_label, summary_lines, sweep_ratio, write_report
 from loadtest.target import Server, metrics_url
 
 
@@ -50,6 +50,9 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--server-pid", type=int, help="pid of --target's server: CPU and RSS of it and its children")
     t.add_argument("--token", default=os.environ.get("RECSERVE_TOKEN") or None,
                    help="bearer token for ReportEvents and Admin.GetStatus (default $RECSERVE_TOKEN)")
+    t.add_argument("--baseline", action="store_true",
+                   help="also start the untuned baseline (loadtest/baseline.py: same models, same proto) from "
+                        "--config/--bundle, load it the same way and report it alongside")
     t.add_argument("--baseline-target", help="host:port of a second server loaded the same way and reported alongside")
     t.add_argument("--baseline-metrics-url", help="prometheus endpoint of the baseline")
     t.add_argument("--baseline-pid", type=int, help="pid of the baseline server")
@@ -82,6 +85,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if not args.target and not args.config:
         print("recserve loadtest: give --target HOST:PORT or --config (to start a server here)", file=sys.stderr)
         return 2
+    if args.baseline and not args.config:
+        print("recserve loadtest: --baseline needs --config (the baseline serves the same pipeline)", file=sys.stderr)
+        return 2
     try:
         with contextlib.ExitStack() as stack:
             if args.target:
@@ -96,7 +102,13 @@ def run_loadtest(args: argparse.Namespace) -> int:
                              main.pid, args.token)
                 return 0
             targets = [main]
-            if args.baseline_target:
+            if args.baseline:
+                from loadtest.baseline import BaselineServer
+
+                base = stack.enter_context(BaselineServer(args.config, args.bundle))
+                print(f"started baseline {base.target}", file=sys.stderr)
+                targets.append(Target("baseline", base.target, None, base.pid))
+            elif args.baseline_target:
                 targets.append(Target("baseline", args.baseline_target,
                                       args.baseline_metrics_url and metrics_url(args.baseline_metrics_url),
                                       args.baseline_pid))
@@ -111,6 +123,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
         if sweep := t.get("sweep"):
             print(f"highest sustainable QPS (p99 <= {sweep['slo_ms']:g} ms): {sweep['max_sustainable_qps']}; "
                   f"stopped: {sweep['stopped']}")
+    if ratio := sweep_ratio(report):
+        print(ratio)
     print("report: " + "  ".join(str(p) for p in paths.values()))
     return 0
 

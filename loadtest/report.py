@@ -69,6 +69,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {t['name']} | {load_label(r)} | {r['achieved_qps']:.1f} | {r['latency_ms']['p50']:.2f} | "
                          f"{r['latency_ms']['p99']:.2f} | {r['latency_ms']['p99.9']:.2f} | {r['sent'] - r['ok']} | "
                          f"{_cores(r.get('server'))} |")
+        if ratio := sweep_ratio(report):
+            lines.append(f"\n{ratio}")
         lines.append("")
     for t in report["targets"]:
         lines += [f"## {t['name']} ({t['target']})", "",
@@ -100,6 +102,17 @@ def markdown(report: dict[str, Any]) -> str:
                       for s in r["stages"]]
             lines.append("")
     return "\n".join(lines)
+
+
+def sweep_ratio(report: dict[str, Any]) -> str | None:
+    """One line comparing the first two targets' highest sustainable QPS, when both were swept."""
+    swept = [t for t in report["targets"][:2] if t.get("sweep")]
+    if len(swept) < 2:
+        return None
+    a, b = (t["sweep"]["max_sustainable_qps"] or 0 for t in swept)
+    ratio = f"{a / b:.1f}x" if b else f"n/a ({swept[1]['name']} met the SLO at no step)"
+    return (f"highest sustainable QPS at p99 <= {swept[0]['sweep']['slo_ms']:g} ms: {swept[0]['name']} {a:g}, "
+            f"{swept[1]['name']} {b:g}; ratio {ratio}")
 
 
 def codes_text(errors: dict[str, int]) -> str:

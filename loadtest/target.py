@@ -31,6 +31,11 @@ class Server:
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--config", str(config), "--bundle", str(bundle),
                "--port", "0", "--workers", str(workers), "--metrics-port", str(port), *extra]
+        m = self._start(cmd, READY, log, timeout_s)
+        self.target, self.workers, self.version = m[1], int(m[2]), m[3]
+
+    def _start(self, cmd: list[str], ready: re.Pattern[str], log: Path | None, timeout_s: float) -> re.Match[str]:
+        """Run `cmd` from the repo root; return the match of its first stdout line that `ready` matches."""
         err = open(log, "w") if log else None
         try:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -40,9 +45,9 @@ class Server:
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
         end = time.monotonic() + timeout_s
-        while not (m := READY.match(self._line(lines, end, log))):
+        while not (m := ready.match(self._line(lines, end, log))):
             pass
-        self.target, self.workers, self.version = m[1], int(m[2]), m[3]
+        return m
 
     def _line(self, lines: queue.Queue[str], end: float, log: Path | None) -> str:
         while True:
