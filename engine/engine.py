@@ -60,23 +60,25 @@ class _Live:
         n_pos = np.asarray(bundle.state.item_n_pos)
         self.fallback = np.argsort(-n_pos, kind="stable")[:1000].astype(np.int32)
         self.route_names = list(config.pipeline.recall)
+        self._stages: dict[tuple, object] = {}
         self.pipelines = {"": self._build(config)}
         for name in config.experiments:
             self.pipelines[name] = self._build(config.variant(name))
 
     def close(self) -> None:
         """Stop the stages' background work (refresh threads); in-flight requests still finish."""
-        for p in self.pipelines.values():
-            for st in (*p.recall, *p.stages):
-                if hasattr(st.fn, "close"):
-                    st.fn.close()
+        for fn in self._stages.values():
+            if hasattr(fn, "close"):
+                fn.close()
 
     def _build(self, cfg: Config) -> _Pipeline:
         def step(name: str, bit: int) -> _Step:
             kind, params = cfg.stage[name]
-            spec = registry.kind(kind)
-            env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit, self.item_index)
-            fn = spec.factory(params, env)
+            key = (name, kind, bit, repr(params))
+            fn = self._stages.get(key)
+            if fn is None:  # experiments that leave a stage alone share it (and its refresh thread)
+                env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit, self.item_index)
+                fn = self._stages[key] = registry.kind(kind).factory(params, env)
             budget = getattr(params, "timeout_ms", None) or getattr(params, "budget_ms")
             return _Step(name, fn, budget, getattr(fn, "skippable", False), bit, getattr(params, "inline", False))
 
