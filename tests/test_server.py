@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -430,3 +431,38 @@ def test_bad_start_exits_with_one_line(tmp_path, tiny_config, tiny_bundle, case)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert lines[0].startswith("recserve serve: ") and expect in lines[0]
+
+
+def test_overload_answers_resource_exhausted_at_once(tmp_path, tiny_config, tiny_bundle):
+    """Beyond serving.max_inflight a call is refused immediately, never queued without bound."""
+    for f in tiny_config.parent.glob("*list_tiny.toml"):
+        shutil.copy(f, tmp_path / f.name)
+    cfg = tmp_path / "tiny-max1.toml"
+    cfg.write_text(tiny_config.read_text().replace("[serving]\n", "[serving]\nmax_inflight = 1\n", 1))
+    s = Server(tmp_path, cfg, tiny_bundle, workers=1)
+    try:
+        codes: list[grpc.StatusCode] = []
+        lock = threading.Lock()
+
+        def hammer(i: int) -> None:
+            with s.client(options=OWN_CONNECTION) as c:
+                for n in range(15):
+                    t0 = time.monotonic()
+                    try:
+                        c.recommend(f"u{i}-{n}", count=10)
+                        code = grpc.StatusCode.OK
+                    except grpc.RpcError as e:
+                        code = e.code()
+                        assert time.monotonic() - t0 < 1.0, "an overloaded call must be refused at once"
+                    with lock:
+                        codes.append(code)
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0 and codes.count(grpc.StatusCode.OK) > 0
+    finally:
+        s.terminate()
