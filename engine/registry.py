@@ -126,3 +126,17 @@ class RouteParams:
             raise ConfigError("k: must be > 0")
         if self.timeout_ms <= 0:
             raise ConfigError("timeout_ms: must be > 0")
+
+
+@dataclass
+class CutParams:
+    """Fields of a ranking stage that truncates: how many it keeps and its expected cost."""
+
+    keep: int = 1000
+    budget_ms: float = 10.0
+
+    def check(self) -> None:
+        from engine.config import ConfigError
+
+        if self.keep <= 0 or self.budget_ms <= 0:
+            raise ConfigError("keep, budget_ms: must be > 0")

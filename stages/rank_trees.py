@@ -11,18 +11,12 @@ import numpy as np
 
 from engine import featurize
 from engine.candidates import Candidates, Guarantee
-from engine.config import ConfigError
-from engine.registry import StageEnv, register
+from engine.registry import CutParams, StageEnv, register
 
 
 @dataclass
-class Params:
+class Params(CutParams):
     keep: int = 1000
-    budget_ms: float = 10.0
-
-    def check(self) -> None:
-        if self.keep <= 0 or self.budget_ms <= 0:
-            raise ConfigError("keep, budget_ms: must be > 0")
 
 
 @register("rank_trees", Params, provides=("trees",))
