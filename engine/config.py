@@ -254,13 +254,15 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
     for name, exp in exps.items():
         where = f"experiments.{name}.set"
         try:  # overrides drop the experiments table, so this does not recurse further
-            cfg._variants[name] = parse_config(_apply_overrides(raw, exp.set, where), path)
+            cfg._variants[name] = parse_config(apply_overrides(raw, exp.set, where), path)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 
-def _apply_overrides(raw: dict, sets: dict[str, Any], where: str) -> dict:
+def apply_overrides(raw: dict, sets: dict[str, Any], where: str) -> dict:
+    """A copy of a raw config with dotted keys set (`"stage.rerank.beam_width": 1`), without its
+    experiments table: what an experiment variant, a benchmark `--set` or an eval arm starts from."""
     out = copy.deepcopy(raw)
     out.pop("experiments", None)
     for dotted, value in sets.items():

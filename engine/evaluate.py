@@ -9,7 +9,6 @@ or, on MovieLens, against the held-out period's positives. docs/quality.md reads
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import time
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from engine import featurize
 from engine.bundle import Bundle, load_bundle
 from engine.candidates import Candidates
-from engine.config import Config, DataConfig, Experiment, load_config, parse_config
+from engine.config import Config, DataConfig, apply_overrides, load_config, parse_config
 from engine.context import RequestContext
 from engine.engine import Engine
 from engine.request import Request, Response
@@ -78,16 +77,10 @@ def _arms_config(cfg: Config, rerank: str) -> Config:
     arm per beam width, so the sweep runs through the same engine, hydration and filters.
     Route timeouts are lifted to DEADLINE_MS: a route abandoned on a busy machine would make
     lists differ between arms for reasons that are not the arm."""
-    raw = copy.deepcopy({k: v for k, v in cfg.raw.items() if k != "experiments"})
-    for n in cfg.pipeline.recall:
-        raw["stage"][n]["timeout_ms"] = DEADLINE_MS
-    arms = {}
-    for b in BEAM_WIDTHS:
-        r = copy.deepcopy(raw)
-        r["stage"][rerank]["beam_width"] = b
-        arms[f"beam{b}"] = parse_config(r, cfg.path)
-    return dataclasses.replace(parse_config(raw, cfg.path), experiments={a: Experiment() for a in arms},
-                               _variants=arms)
+    raw = apply_overrides(cfg.raw, {f"stage.{n}.timeout_ms": DEADLINE_MS for n in cfg.pipeline.recall}, "eval")
+    raw["experiments"] = {f"beam{b}": {"share": 0.0, "set": {f"stage.{rerank}.beam_width": b}}
+                          for b in BEAM_WIDTHS}
+    return parse_config(raw, cfg.path)
 
 
 def _held_out(ds: Dataset, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

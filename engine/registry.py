@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+from engine.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,6 @@ def kinds() -> list[str]:
 
 def check_sizes(cfg) -> None:
     """Refuse impossible sizes and missing score columns along the declared pipeline."""
-    from engine.config import ConfigError
-
     size = 0
     for name in cfg.pipeline.recall:
         _, p = cfg.stage[name]
@@ -94,11 +96,6 @@ class StageEnv:
 
     def read_sidecar(self, param: str, rel: str) -> dict[str, Any]:
         """A stage's TOML side file (whitelist, blocklist), relative to the config; errors name the key."""
-        import tomllib
-        from pathlib import Path
-
-        from engine.config import ConfigError
-
         path = Path(self.config.path).parent / rel
         try:
             return tomllib.loads(path.read_text())
@@ -120,8 +117,6 @@ class RouteParams:
     inline: bool = False
 
     def check(self) -> None:
-        from engine.config import ConfigError
-
         if self.k <= 0:
             raise ConfigError("k: must be > 0")
         if self.timeout_ms <= 0:
@@ -136,7 +131,5 @@ class CutParams:
     budget_ms: float = 10.0
 
     def check(self) -> None:
-        from engine.config import ConfigError
-
         if self.keep <= 0 or self.budget_ms <= 0:
             raise ConfigError("keep, budget_ms: must be > 0")

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LN2 = np.log(2.0)
-
 
 def decay(t_from, t_to, half_life_days: float):
     """2^((t_from - t_to)/half_life): what an event at `t_from` weighs in a hot score as of `t_to`.

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.bundle import load_bundle
-from engine.config import _apply_overrides, load_config, parse_config
+from engine.config import apply_overrides, load_config, parse_config
 from engine.engine import Engine
 from engine.request import Request
 from loadtest.generator import Users
@@ -27,9 +27,10 @@ def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknow
     cfg = load_config(config)
     if overrides:  # `key=TOML value`, e.g. serving.tree_runtime="native": A/B on one config file
         sets = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (o.split("=", 1) for o in overrides)}
-        cfg = parse_config(_apply_overrides(cfg.raw, sets, "--set"), config)
-    engine = Engine(cfg, load_bundle(bundle))
-    users = Users(engine._live.bundle.user_ids, 1.1, unknown_share, seed=0, stream=0)
+        cfg = parse_config(apply_overrides(cfg.raw, sets, "--set"), config)
+    loaded = load_bundle(bundle)
+    engine = Engine(cfg, loaded)
+    users = Users(loaded.user_ids, 1.1, unknown_share, seed=0, stream=0)
     total, stages = [], {}
     for i in tqdm(range(warmup + requests), desc="in-process requests", unit="req"):
         resp = engine.recommend(Request(user_id=users.next(), count=count, deadline_ms=10_000))
