@@ -7,12 +7,8 @@ ready, prints `recserve serving on HOST:PORT workers=N bundle=VERSION`, serves /
 (prometheus multiprocess mode, so one scrape sees every worker), restarts a worker that
 dies, and on SIGTERM forwards it and exits 0 once every worker drained and exited 0.
 
-Hot reload: every worker polls the bundle root's CURRENT pointer each second and swaps a
-new version in through `Engine.swap_bundle`. A version that fails to load is logged,
-counted and remembered, and the old one keeps serving. `Admin.ReloadBundle` reaches one
-worker only: it loads the requested version there first and, only if that worked, writes
-CURRENT, which every other worker picks up on its next poll (≤ 1 s). CURRENT stays the one
-source of truth, so a restarted worker or server serves what the others serve.
+What each call does (validation, error mapping, metrics, hot reload through CURRENT) lives
+in engine.service, shared with the Ray Serve backend (engine.ray_app, `--backend ray`).
 
 Feature state (engine.store): the embedded store's arrays are shared files under /dev/shm,
 so an event reported to one worker is seen by all; `--state-dir` persists them across
@@ -22,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hmac
 import logging
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -38,23 +32,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait as mp_wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
 from engine.config import ConfigError, load_config
-from engine.request import EVENT_KINDS, DeadlineExceeded, Event, InvalidRequest, Overloaded, Request
+from engine.service import POLL_S, Service, one_line
 from protos import pb2, pb2_grpc
 
 log = logging.getLogger("recserve.server")
 
 RPC_THREADS = 8             # handler threads per worker; the engine parallelises inside a call
-POLL_S = 1.0                # CURRENT poll, RSS gauge and orphan check period
-DEADLINE_MARGIN_MS = 2.0    # left of the client's deadline for serialising the answer
 STARTUP_TIMEOUT_S = 600.0
-
-_LATENCY_BUCKETS = (.001, .002, .004, .006, .008, .01, .015, .02, .03, .05, .075, .1, .15, .25, .5, 1.0)
-_STAGE_BUCKETS = (.0001, .00025, .0005, .001, .002, .004, .008, .015, .03, .06, .1, .25)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -337,52 +326,38 @@ def _worker_main(idx: int, opts: _Opts, fallback: str, conn: Connection) -> None
     try:
         w = _Worker(idx, opts, fallback)
     except Exception as e:    # noqa: BLE001 - reported as the server's one-line startup error
-        conn.send(("error", _one_line(e)))
+        conn.send(("error", one_line(e)))
         sys.exit(1)
-    conn.send(("ready", w.reloader.current, w.engine.bundle_version))
+    conn.send(("ready", w.svc.reloader.current, w.svc.engine.bundle_version))
     conn.close()
     parent = os.getppid()
     while not stop.wait(POLL_S):
-        w.tick()
+        w.svc.tick()
         if os.getppid() != parent:
             log.error("parent process died; stopping")
             break
     w.stop(opts.grace)
 
 
-def _one_line(e: BaseException) -> str:
-    """The message of our own errors (they name the culprit), else type and first line."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    return text if type(e).__name__ in ("BundleError", "ConfigError") else f"{type(e).__name__}: {text}"
-
-
 class _Worker:
-    """One Engine behind one gRPC server bound with SO_REUSEPORT."""
+    """One Service behind one gRPC server bound with SO_REUSEPORT."""
 
     def __init__(self, idx: int, opts: _Opts, fallback: str):
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from engine.engine import Engine
         from engine.store import store_factory
 
-        self.idx, self.opts, self.started = idx, opts, time.monotonic()
-        self.cfg = load_config(opts.config)
-        self.metrics = _Metrics()
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.lock = threading.Lock()
-        root, name, bundle, refused = _initial_bundle(opts.bundle, fallback)
-        s = self.cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays
-        self.engine = Engine(self.cfg, bundle, make_store=store_factory(
-            opts.feature_store, opts.store_dir, opts.state_dir, s.snapshot_s, idx == 0, s.event_buffer))
-        self.reloader = _Reloader(root, name, self)
-        self.reloader.refused |= refused
-        self.metrics.bundle.labels(self.engine.bundle_version).set(1)
+        cfg = load_config(opts.config)
+        s = cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays
+        self.svc = Service(cfg, opts.bundle, store_factory(
+            opts.feature_store, opts.store_dir, opts.state_dir, s.snapshot_s, idx == 0, s.event_buffer),
+            opts.token, idx, fallback)
         self.server = grpc.server(ThreadPoolExecutor(RPC_THREADS, thread_name_prefix="rpc"),
                                   options=[("grpc.so_reuseport", 1)],
-                                  maximum_concurrent_rpcs=self.cfg.serving.max_inflight)
-        pb2_grpc.add_RecServeServicer_to_server(_RecServe(self), self.server)
-        pb2_grpc.add_AdminServicer_to_server(_Admin(self), self.server)
+                                  maximum_concurrent_rpcs=s.max_inflight)
+        pb2_grpc.add_RecServeServicer_to_server(self.svc.rpcs, self.server)
+        pb2_grpc.add_AdminServicer_to_server(self.svc.admin, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         services = [pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("RecServe", "Admin")]
@@ -399,307 +374,9 @@ class _Worker:
         self.server.start()
         for s in ("", *services):
             self.health.set(s, health_pb2.HealthCheckResponse.SERVING)
-        self.tick()
-
-    def tick(self) -> None:
-        self.reloader.poll()
-        rss = _rss_bytes()
-        self.metrics.rss.set(rss)
-        for k, v in self.engine.store.stats().items():
-            self.metrics.store.labels(k).set(v)
-        with self.lock:
-            self.counters["rss_bytes"] = rss
 
     def stop(self, grace: float) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
-        self.engine.close()
-        log.info("worker %d drained and stopped", self.idx)
-
-    def count(self, key: str, n: int = 1) -> None:
-        with self.lock:
-            self.counters[key] += n
-
-    def call(self, method: str, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
-        """Run one RPC: error mapping, metrics and counters in one place."""
-        t0 = time.perf_counter()
-        self.count("inflight")
-        try:
-            result, code, msg = fn(), grpc.StatusCode.OK, ""
-        except _Abort as e:
-            result, code, msg = None, e.code, e.msg
-        except InvalidRequest as e:
-            result, code, msg = None, grpc.StatusCode.INVALID_ARGUMENT, str(e)
-        except Overloaded as e:
-            result, code, msg = None, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e) or "overloaded"
-        except DeadlineExceeded as e:
-            result, code, msg = None, grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded"
-        except Exception as e:    # noqa: BLE001 - a bug answers INTERNAL, it never kills the worker
-            log.exception("%s failed", method)
-            result, code, msg = None, grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
-        self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
-        with self.lock:
-            self.counters["inflight"] -= 1
-            self.counters[f"rpc.{method}.{code.name}"] += 1
-        if code is not grpc.StatusCode.OK:
-            context.abort(code, msg)
-        return result
-
-    def check_token(self, context: grpc.ServicerContext) -> None:
-        if self.opts.token is None:
-            return
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.opts.token}".encode()):
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
-
-
-class _Abort(Exception):
-    """Refuse a call with this status from inside a handler."""
-
-    def __init__(self, code: grpc.StatusCode, msg: str):
-        super().__init__(msg)
-        self.code, self.msg = code, msg
-
-
-def _initial_bundle(path: Path, fallback: str) -> tuple[Path | None, str, Any, set[str]]:
-    """(root, version folder, bundle, refused versions): CURRENT of a bundle root, or the
-    fallback version the other workers serve if CURRENT is broken; or a plain version
-    folder, which is then never reloaded."""
-    from engine.bundle import BundleError, load_bundle
-
-    pointer = path / "CURRENT"
-    if not pointer.exists():
-        return None, path.name, load_bundle(path), set()
-    name = pointer.read_text().strip()
-    try:
-        return path, name, load_bundle(path / name), set()
-    except BundleError as e:
-        if not fallback or fallback == name:
-            raise
-        log.error("bundle %s refused (%s); serving %s like the other workers", name, e, fallback)
-        return path, fallback, load_bundle(path / fallback), {name}
-
-
-class _Reloader:
-    """Follows CURRENT; remembers refused versions so a bad one is not retried every poll."""
-
-    def __init__(self, root: Path | None, current: str, worker: _Worker):
-        self.root, self.current, self.w = root, current, worker
-        self.refused: set[str] = set()
-        self.lock = threading.Lock()
-
-    def poll(self) -> None:
-        name = self._pointer()
-        if name and name != self.current and name not in self.refused:
-            self._swap(name)
-
-    def reload(self, path: str | None) -> tuple[bool, str]:
-        """Admin.ReloadBundle: load `path` (a version folder of the root: its name or absolute
-        path) here, then publish it in CURRENT for the other workers; without a path, re-read
-        CURRENT now, retrying a version refused before."""
-        if self.root is None:
-            return False, "started on a version folder, not a bundle root with CURRENT: nothing to reload"
-        name = self._pointer() if path is None else self._version_name(path)
-        if name is None:
-            return False, (f"{self.root}/CURRENT is missing or empty" if path is None
-                           else f"{path}: not a version folder inside {self.root}")
-        self.refused.discard(name)
-        ok, msg = self._swap(name)
-        if ok and path is not None and self._pointer() != name:
-            try:
-                _write_atomic(self.root / "CURRENT", name + "\n")
-            except OSError as e:
-                return False, f"serving {name} on this worker only: cannot write CURRENT: {e}"
-            msg += "; CURRENT updated, other workers follow within ~1 s"
-        return ok, msg
-
-    def _pointer(self) -> str | None:
-        if self.root is None:
-            return None
-        try:
-            return (self.root / "CURRENT").read_text().strip() or None
-        except OSError:
-            return None
-
-    def _version_name(self, path: str) -> str | None:
-        p = (self.root / path).resolve()     # an absolute path replaces the root
-        return p.name if p.parent == self.root.resolve() and p.is_dir() else None
-
-    def _swap(self, name: str) -> tuple[bool, str]:
-        from engine.bundle import BundleError, load_bundle
-
-        with self.lock:
-            if name == self.current:
-                return True, f"already serving {name}"
-            old_version = self.w.engine.bundle_version
-            try:
-                self.w.engine.swap_bundle(load_bundle(self.root / name))
-            except Exception as e:    # noqa: BLE001 - whatever breaks, the old bundle keeps serving
-                if not isinstance(e, BundleError):
-                    log.exception("loading bundle %s failed", name)
-                self.refused.add(name)
-                self.w.metrics.reloads.labels("refused").inc()
-                self.w.count("reloads_refused")
-                msg = f"reload of {name} failed: {_one_line(e)}; still serving {old_version}"
-                log.error(msg)
-                return False, msg
-            self.current = name
-            new = self.w.engine.bundle_version
-            self.w.metrics.bundle.labels(old_version).set(0)
-            self.w.metrics.bundle.labels(new).set(1)
-            self.w.metrics.reloads.labels("ok").inc()
-            self.w.count("reloads_ok")
-            return True, f"serving {new}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:               # not Linux: peak RSS is the best portable figure
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class _Metrics:
-    """Prometheus series of one worker; in multiprocess mode the parent's scrape sums them."""
-
-    def __init__(self):
-        from prometheus_client import Counter, Gauge, Histogram
-
-        self.requests = Counter("recserve_requests", "RPCs by method and status code", ["method", "code"])
-        self.latency = Histogram("recserve_request_seconds", "server-side RPC latency", ["method"],
-                                 buckets=_LATENCY_BUCKETS)
-        self.stage = Histogram("recserve_stage_seconds", "latency per recall route and stage", ["stage"],
-                               buckets=_STAGE_BUCKETS)
-        # a counter, not a histogram: divided by recserve_stage_seconds_count it is the mean
-        # batch size, at a fraction of the cost (a histogram observe costs several us, per stage)
-        self.candidates = Counter("recserve_stage_candidates", "candidates leaving each stage", ["stage"])
-        self.stage_status = Counter("recserve_stage_outcomes", "stage runs that did not end ok",
-                                    ["stage", "status"])
-        self.degraded = Counter("recserve_degraded_responses", "answers served degraded")
-        self.events = Counter("recserve_events", "reported events", ["result"])
-        self.reloads = Counter("recserve_bundle_reloads", "hot reload attempts", ["result"])
-        self.bundle = Gauge("recserve_bundle_info", "1 for the bundle version a worker serves", ["version"],
-                            multiprocess_mode="liveall")
-        self.store = Gauge("recserve_feature_store", "feature store counters: buffered events, fallbacks, ...",
-                           ["counter"], multiprocess_mode="liveall")
-        self.rss = Gauge("recserve_worker_rss_bytes", "resident memory of a worker", multiprocess_mode="liveall")
-        self._children: dict[str, tuple[Any, Any]] = {}
-
-    def observe(self, resp: Any) -> None:
-        for t in resp.trace:
-            if t.name not in self._children:      # labels() costs a lock and a dict per call
-                self._children[t.name] = (self.stage.labels(t.name), self.candidates.labels(t.name))
-            seconds, candidates = self._children[t.name]
-            seconds.observe(t.ms / 1000)
-            candidates.inc(t.count_out)
-            if t.status != "ok":
-                self.stage_status.labels(t.name, t.status).inc()
-        if resp.degraded:
-            self.degraded.inc()
-
-
-# ----------------------------------------------------------------------------- services
-
-_KINDS = {v: n.removeprefix("EVENT_KIND_").lower() for n, v in pb2.EventKind.items()
-          if n.removeprefix("EVENT_KIND_").lower() in EVENT_KINDS}
-
-
-class _RecServe(pb2_grpc.RecServeServicer):
-    def __init__(self, w: _Worker):
-        self.w = w
-
-    def Recommend(self, request, context):
-        return self.w.call("Recommend", context, lambda: self._recommend(request, context))
-
-    def ReportEvents(self, request, context):
-        return self.w.call("ReportEvents", context, lambda: self._report(request, context))
-
-    def _recommend(self, m: pb2.RecommendRequest, context: grpc.ServicerContext) -> pb2.RecommendResponse:
-        s, cfg = self.w.cfg.serving, self.w.cfg
-        if not m.user_id:
-            raise InvalidRequest("user_id", "must not be empty")
-        if not 0 <= m.count <= s.max_count:
-            raise InvalidRequest("count", f"{m.count} is outside 0..{s.max_count} (0: default {s.default_count})")
-        if len(m.exclude_item_ids) > s.max_excludes:
-            raise InvalidRequest("exclude_item_ids",
-                                 f"{len(m.exclude_item_ids)} ids exceed serving.max_excludes={s.max_excludes}")
-        if m.experiment and m.experiment not in cfg.experiments:
-            known = ", ".join(sorted(cfg.experiments)) or "none configured"
-            raise InvalidRequest("experiment", f"unknown experiment '{m.experiment}' (known: {known})")
-        deadline_ms = 0.0
-        remaining = context.time_remaining()
-        if remaining is not None and remaining < 1e6:   # no client deadline reads as ~forever
-            deadline_ms = remaining * 1000 - DEADLINE_MARGIN_MS
-            if deadline_ms <= 0:
-                raise DeadlineExceeded("the client's deadline leaves no time to serve")
-        resp = self.w.engine.recommend(Request(
-            user_id=m.user_id, count=m.count or s.default_count, context=dict(m.context),
-            exclude=list(m.exclude_item_ids), experiment=m.experiment, debug=m.debug,
-            deadline_ms=deadline_ms, request_id=m.request_id))
-        self.w.metrics.observe(resp)
-        return self._to_proto(resp, m.debug)
-
-    @staticmethod
-    def _to_proto(r: Any, debug: bool) -> pb2.RecommendResponse:
-        scores = r.scores.tolist()
-        tasks = {t: v.tolist() for t, v in r.task_scores.items()}
-        items = [pb2.Item(item_id=item, score=scores[k], predictions={t: v[k] for t, v in tasks.items()},
-                          routes=r.routes[k])
-                 for k, item in enumerate(r.item_ids)]
-        trace = [pb2.StageTrace(name=t.name, ms=t.ms, count_in=t.count_in, count_out=t.count_out,
-                                status=t.status) for t in r.trace] if debug else []
-        return pb2.RecommendResponse(items=items, degraded=r.degraded, experiment=r.experiment,
-                                     bundle_version=r.bundle_version, request_id=r.request_id,
-                                     trace=trace, total_ms=r.total_ms)
-
-    def _report(self, m: pb2.ReportEventsRequest, context: grpc.ServicerContext) -> pb2.ReportEventsResponse:
-        self.w.check_token(context)
-        events, index, rejected = [], [], []
-        for i, e in enumerate(m.events):
-            kind = _KINDS.get(e.kind)
-            if kind is None:
-                rejected.append((i, f"kind: unknown event kind {e.kind}"))
-                continue
-            events.append(Event(kind=kind, user_id=e.user_id, item_id=e.item_id, timestamp=e.timestamp,
-                                request_id=e.request_id))
-            index.append(i)
-        accepted, engine_rejected = self.w.engine.report_events(events) if events else (0, [])
-        rejected += [(index[j], reason) for j, reason in engine_rejected]
-        rejected.sort()
-        self.w.metrics.events.labels("accepted").inc(accepted)
-        self.w.metrics.events.labels("rejected").inc(len(rejected))
-        self.w.count("events_accepted", accepted)
-        self.w.count("events_rejected", len(rejected))
-        return pb2.ReportEventsResponse(
-            accepted=accepted, rejected=[pb2.RejectedEvent(index=i, reason=r) for i, r in rejected])
-
-
-class _Admin(pb2_grpc.AdminServicer):
-    def __init__(self, w: _Worker):
-        self.w = w
-
-    def ReloadBundle(self, request, context):
-        def run():
-            self.w.check_token(context)
-            ok, msg = self.w.reloader.reload(request.path if request.HasField("path") else None)
-            return pb2.ReloadBundleResponse(ok=ok, version=self.w.engine.bundle_version, message=msg)
-        return self.w.call("ReloadBundle", context, run)
-
-    def GetStatus(self, request, context):
-        def run():
-            self.w.check_token(context)
-            with self.w.lock:
-                counters = dict(self.w.counters)
-            return pb2.GetStatusResponse(
-                bundle_version=self.w.engine.bundle_version, uptime_s=time.monotonic() - self.w.started,
-                worker_id=self.w.idx, pid=os.getpid(),
-                counters={**counters, **{f"store.{k}": v for k, v in self.w.engine.store.stats().items()}})
-        return self.w.call("GetStatus", context, run)
+        self.svc.close()
+        log.info("worker %d drained and stopped", self.svc.idx)
