@@ -9,7 +9,7 @@ BUNDLES ?= bundles/default
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[train,test,loadtest]"
+	$(PY) -m pip install -q -e ".[train,test,loadtest,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

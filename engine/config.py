@@ -139,6 +139,29 @@ class ServingConfig:
 
 
 @dataclass
+class RayConfig:
+    """`recserve serve --backend ray` only (engine.ray_app); the native server ignores it."""
+    num_cpus: float = 1.0              # CPUs a replica reserves: one engine is one GIL, ~one core
+    max_ongoing_requests: int = 8      # per replica, like the native worker's handler threads
+    max_queued_requests: int = 64      # per proxy beyond the replicas' slots: then RESOURCE_EXHAUSTED
+    target_ongoing_requests: float = 2.0  # --autoscale: replicas are added above this many per replica
+    split_fine: bool = False           # fine ranker in its own deployment, batched across requests
+    fine_replicas: int = 1
+    fine_num_cpus: float = 1.0
+    fine_max_batch: int = 8            # requests per ONNX call of the fine ranker deployment
+    fine_batch_wait_ms: float = 2.0    # how long a batch waits to fill
+
+    def check(self) -> None:
+        for k in ("max_ongoing_requests", "max_queued_requests", "fine_replicas", "fine_max_batch"):
+            _positive(k, getattr(self, k))
+        for k in ("num_cpus", "fine_num_cpus", "fine_batch_wait_ms"):
+            if getattr(self, k) < 0:
+                raise _err(k, "must be >= 0")
+        if self.target_ongoing_requests <= 0:
+            raise _err("target_ongoing_requests", "must be > 0")
+
+
+@dataclass
 class PipelineConfig:
     recall: list[str] = field(default_factory=list)   # stage names run concurrently, then merged
     stages: list[str] = field(default_factory=list)   # stage names run in order on the merged batch
@@ -161,6 +184,7 @@ class Config:
     stage: dict[str, Any]                    # name -> (kind, Params) checked by the registry
     experiments: dict[str, Experiment]
     raw: dict[str, Any]                      # the parsed TOML, for hashing and overrides
+    ray: RayConfig = field(default_factory=RayConfig)
 
     # What a bundle is built from: its data, models and index, plus the serving keys that
     # shape the shipped feature state. Equal fingerprints mean the bundle can be reused.
@@ -183,7 +207,7 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig,
-             "serving": ServingConfig, "pipeline": PipelineConfig}
+             "serving": ServingConfig, "pipeline": PipelineConfig, "ray": RayConfig}
 
 
 def load_config(path: str | Path) -> Config:
@@ -249,7 +273,7 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
     if any(e.share < 0 for e in exps.values()) or total > 1 + 1e-9:
         raise ConfigError(f"experiments: shares must be >= 0 and sum to <= 1 (sum {total:g})")
     cfg = Config(path, secs["data"], secs["train"], secs["index"], secs["serving"], pipe,
-                 stage_specs, exps, raw)
+                 stage_specs, exps, raw, secs["ray"])
     registry.check_sizes(cfg)
     for name, exp in exps.items():
         where = f"experiments.{name}.set"

@@ -51,9 +51,9 @@ class _Pipeline:
 class _Live:
     """Everything tied to one bundle version; replaced whole on swap."""
 
-    def __init__(self, config: Config, bundle: Bundle, store):
+    def __init__(self, config: Config, bundle: Bundle, store, remote_models: dict | None = None):
         self.bundle, self.store = bundle, store
-        self.models = Models(bundle, config.serving)
+        self.models = Models(bundle, config.serving, remote_models)
         self.user_index = {s: i for i, s in enumerate(np.asarray(bundle.user_ids).tolist())}
         self.item_index = {s: i for i, s in enumerate(np.asarray(bundle.item_ids).tolist())}
         self.item_ids = np.asarray(bundle.item_ids)
@@ -88,9 +88,10 @@ class _Live:
 
 class Engine:
     def __init__(self, config: Config, bundle: Bundle, store=None, store_dir: str | None = None,
-                 make_store=None):
+                 make_store=None, remote_models: dict | None = None):
         """`make_store(bundle)` builds the feature store for a bundle (engine.store.store_factory);
-        default: the embedded store, shared through `store_dir`."""
+        default: the embedded store, shared through `store_dir`. `remote_models`: models served
+        out of process (engine.models.RemoteModel by name)."""
         if len(config.pipeline.recall) > 8:
             raise ConfigError("pipeline.recall: at most 8 routes (uint8 route bitmask)")
         self.config = config
@@ -98,7 +99,8 @@ class Engine:
         self._external_store = store is not None
         self._pool = ThreadPoolExecutor(config.serving.route_threads, thread_name_prefix="recall")
         self._swap_lock = threading.Lock()
-        self._live = _Live(config, bundle, store or self._make_store(bundle))
+        self._remote = remote_models
+        self._live = _Live(config, bundle, store or self._make_store(bundle), remote_models)
         self._smoke(self._live)
 
     # -- public API -------------------------------------------------------------------
@@ -186,7 +188,7 @@ class Engine:
             store = old.store if (same_shape or self._external_store) else self._make_store(bundle)
             live = None
             try:
-                live = _Live(self.config, bundle, store)
+                live = _Live(self.config, bundle, store, self._remote)
                 self._smoke(live)
             except Exception as e:
                 if live is not None:

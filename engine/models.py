@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import Callable
 
 import lightgbm as lgb
 import numpy as np
@@ -19,6 +20,8 @@ from engine.config import ServingConfig
 from indexes import load_index
 
 ONNX_MODELS = ("user_tower", "coarse_dnn", "fine")
+
+RemoteModel = Callable[[str, dict[str, np.ndarray]], np.ndarray]   # (bundle version, feeds) -> first output
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -32,11 +35,16 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class Models:
-    def __init__(self, bundle: Bundle, serving: ServingConfig):
+    def __init__(self, bundle: Bundle, serving: ServingConfig, remote: dict[str, RemoteModel] | None = None):
+        """`remote`: models served elsewhere (e.g. the fine ranker as its own Ray deployment,
+        batched across requests); they are not loaded here."""
         self.bundle = bundle
+        self.remote = remote or {}
         so = session_options(serving.ort_threads)
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name in ONNX_MODELS:
+            if name in self.remote:
+                continue
             path = bundle.file(f"models/{name}.onnx")
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -49,6 +57,8 @@ class Models:
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """First output of an ONNX model (ORT releases the GIL while it runs)."""
+        if name in self.remote:
+            return self.remote[name](self.bundle.version, feeds)
         return self.sessions[name].run(None, feeds)[0]
 
     def predict_trees(self, x: np.ndarray) -> np.ndarray:

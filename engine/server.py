@@ -65,6 +65,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="embedded store: snapshot the feature state here every serving.snapshot_s and at "
                         "shutdown, reload it at start (default: no persistence)")
+    ray = p.add_argument_group("Ray Serve backend (pip install '.[ray]'; docs/deploy.md)")
+    ray.add_argument("--backend", choices=("native", "ray"), default="native",
+                     help="native: this machine's worker processes; ray: a Ray Serve application")
+    ray.add_argument("--ray-address", default=None,
+                     help="Ray cluster to deploy to (e.g. 127.0.0.1:6379 or auto); default: start a local one")
+    ray.add_argument("--ray-cpus", type=int, default=0, help="CPUs of the local Ray instance (default: all)")
+    ray.add_argument("--replicas", type=int, default=0, help="RecServe replicas (default 1)")
+    ray.add_argument("--autoscale", metavar="MIN,MAX", help="autoscale RecServe replicas on ongoing requests")
+    ray.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
+                     help="where Ray runs its gRPC proxy (HeadOnly for several nodes on one host)")
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,8 @@ class _Fail(Exception):
 def serve(args: argparse.Namespace) -> int:
     """`recserve serve`: returns the process exit code."""
     _setup_logging("")
+    if args.backend == "ray":
+        return _serve_ray(args)
     sup = _Supervisor()
     try:
         return sup.run(args)
@@ -97,6 +109,20 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     finally:
         sup.cleanup()
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    try:
+        from engine import ray_app
+    except ImportError as e:
+        print(f"recserve serve --backend ray: {e.name or e} is not installed: pip install '.[ray]'",
+              file=sys.stderr, flush=True)
+        return 1
+    try:
+        return ray_app.serve_ray(args)
+    except ray_app.Fail as e:
+        print(f"recserve serve: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 # ----------------------------------------------------------------------------- parent

@@ -45,9 +45,10 @@ class Service:
     """One Engine and the RPCs over it (`rpcs`: RecServe, `admin`: Admin servicers)."""
 
     def __init__(self, cfg: Config, bundle: Path, make_store: Callable, token: str | None = None,
-                 worker_id: int = 0, fallback: str = ""):
+                 worker_id: int = 0, fallback: str = "", remote_models: dict | None = None):
         """`bundle`: a bundle root holding CURRENT (followed) or one version folder (fixed);
-        `fallback`: the version other processes serve, used if CURRENT names a broken one."""
+        `fallback`: the version other processes serve, used if CURRENT names a broken one;
+        `remote_models`: see Engine."""
         from engine.engine import Engine
 
         self.idx, self.token, self.started = worker_id, token, time.monotonic()
@@ -57,7 +58,7 @@ class Service:
         self.counters: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         root, name, first, refused = _initial_bundle(bundle, fallback)
-        self.engine = Engine(cfg, first, make_store=make_store)
+        self.engine = Engine(cfg, first, make_store=make_store, remote_models=remote_models)
         self.reloader = _Reloader(root, name, self)
         self.reloader.refused |= refused
         self.metrics.bundle.labels(self.engine.bundle_version).set(1)

@@ -74,12 +74,11 @@ def _load(name: str, path: Path) -> ModuleType:
 def _import_stubs() -> tuple[ModuleType, ModuleType]:
     d = _stub_dir()
     pb2 = _load(f"{__name__}.recserve_pb2", d / "recserve_pb2.py")
-    # the generated grpc module does `import recserve_pb2`: satisfy it without touching sys.path
+    # The generated grpc module does `import recserve_pb2`, and the message classes name
+    # `recserve_pb2` as their module, which pickle (Ray Serve ships requests to replicas that
+    # way) must import: register that name too, without touching sys.path.
     sys.modules["recserve_pb2"] = pb2
-    try:
-        pb2_grpc = _load(f"{__name__}.recserve_pb2_grpc", d / "recserve_pb2_grpc.py")
-    finally:
-        del sys.modules["recserve_pb2"]
+    pb2_grpc = _load(f"{__name__}.recserve_pb2_grpc", d / "recserve_pb2_grpc.py")
     return pb2, pb2_grpc
 
 
