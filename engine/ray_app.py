@@ -34,6 +34,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,12 @@ class RecServeDeployment:
 
         cfg = load_config(config)
         s = cfg.serving
+        self.fine = fine
         remote = {"fine": _RemoteFine(fine)} if fine is not None else None
-        self.svc = Service(cfg, Path(bundle), store_factory(feature_store, event_buffer=s.event_buffer),
-                           token, remote_models=remote)
+        # off Serve's event loop: the engine's smoke request may block on the fine ranker's handle
+        with ThreadPoolExecutor(1) as ex:
+            self.svc = ex.submit(Service, cfg, Path(bundle), store_factory(
+                feature_store, event_buffer=s.event_buffer), token, remote_models=remote).result()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="recserve-tick", daemon=True)
         self._ticker.start()
@@ -122,11 +126,16 @@ class RecServeDeployment:
         return self.svc.admin.ReloadBundle(request, _Context(grpc_context))
 
     def GetStatus(self, request: pb2.GetStatusRequest, grpc_context) -> pb2.GetStatusResponse:
-        return self.svc.admin.GetStatus(request, _Context(grpc_context))
+        resp = self.svc.admin.GetStatus(request, _Context(grpc_context))
+        if self.fine is not None:       # one FineRanker replica's batching: requests / batches
+            for k, v in self.fine.stats.remote().result(timeout_s=5).items():
+                resp.counters[f"fine.{k}"] = v
+        return resp
 
-    def __del__(self):
-        self._stop.set()
-        self.svc.close()
+    def __del__(self):                  # Serve calls it when it stops the replica
+        if hasattr(self, "svc"):         # not if __init__ failed
+            self._stop.set()
+            self.svc.close()
 
 
 @serve.deployment(name="FineRanker")
@@ -142,6 +151,7 @@ class FineRankerDeployment:
         self.root = Path(bundle)
         self.opts = session_options(ort_threads)
         self.sessions: dict[str, Any] = {}
+        self.counts = {"requests": 0, "batches": 0, "rows": 0}
         self.score.set_max_batch_size(max_batch)
         self.score.set_batch_wait_timeout_s(wait_ms / 1000)
 
@@ -161,7 +171,14 @@ class FineRankerDeployment:
                 self.sessions.pop(next(iter(self.sessions)))
         return sess
 
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
     def _run(self, versions: list[str], feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        c = self.counts
+        c["requests"] += len(feeds)
+        c["batches"] += 1
+        c["rows"] += sum(f["item"].shape[0] for f in feeds)
         out: list[np.ndarray | None] = [None] * len(feeds)
         for version in dict.fromkeys(versions):
             idx = [i for i, v in enumerate(versions) if v == version]
@@ -271,11 +288,15 @@ def serve_ray(args: argparse.Namespace) -> int:
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICERS))
         app = build_app(cfg, str(args.config.resolve()), str(args.bundle.resolve()), args.feature_store,
                         args.token, replicas, autoscale)
-        serve.run(app, name=APP, route_prefix="/", blocking=False)
+        try:
+            serve.run(app, name=APP, route_prefix="/", blocking=False)
+        except RuntimeError as e:        # a replica failed to start: its traceback is in Ray's log above
+            serve.delete(APP)
+            raise Fail(f"Ray Serve could not deploy {APP}: {str(e).splitlines()[0]}") from None
         version = _status(port, args.token).bundle_version
         n = f"autoscale={autoscale[0]},{autoscale[1]}" if autoscale else f"replicas={replicas}"
-        print(f"recserve serving on 0.0.0.0:{port} backend=ray {n} bundle={version}"
-              f"{' split_fine' if cfg.ray.split_fine else ''}", flush=True)
+        print(f"recserve serving on 0.0.0.0:{port} backend=ray {n} bundle={version} "
+              f"fine={'split' if cfg.ray.split_fine else 'local'}", flush=True)
         stop.wait()
         log.info("stopping: deleting the Serve application (in-flight calls drain)")
         serve.delete(APP)

@@ -42,11 +42,11 @@ OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]   # a new TCP connectio
 class Server:
     """`recserve serve` in a subprocess; waits for its ready line."""
 
-    def __init__(self, tmp: Path, config: Path, bundle: Path, workers: int = 1, extra: tuple[str, ...] = (),
-                 entry: tuple[str, ...] = ("-m", "engine.cli")):
+    def __init__(self, tmp: Path, config: Path, bundle: Path, workers: int | None = 1, extra: tuple[str, ...] = (),
+                 entry: tuple[str, ...] = ("-m", "engine.cli"), port: int = 0):
         self.stderr_path = tmp / f"server-{time.monotonic_ns()}.stderr"
         cmd = [sys.executable, *entry, "serve", "--config", str(config), "--bundle", str(bundle),
-               "--port", "0", "--workers", str(workers), *extra]
+               "--port", str(port), *(("--workers", str(workers)) if workers else ()), *extra]
         with open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
         lines: queue.Queue[str] = queue.Queue()
@@ -64,8 +64,9 @@ class Server:
                 break
         words = line.split()
         self.target = words[3]
-        self.workers = int(words[4].removeprefix("workers="))
-        self.version = words[5].removeprefix("bundle=")
+        self.info = dict(w.split("=", 1) for w in words[4:] if "=" in w)   # workers=, bundle=, backend=...
+        self.workers = int(self.info.get("workers", 0))
+        self.version = self.info["bundle"]
 
     def client(self, token: str | None = TOKEN, **kw) -> RecServeClient:
         return RecServeClient(self.target, token=token, **kw)
