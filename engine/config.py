@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 class ConfigError(ValueError):
@@ -210,7 +210,9 @@ _SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig,
              "serving": ServingConfig, "pipeline": PipelineConfig, "ray": RayConfig}
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config at `path`, with `KEY=TOML value` overrides (`serving.tree_runtime="native"`,
+    `ray.split_fine=true`) applied on top: an A/B or a deployment variant without a second file."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -218,6 +220,18 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    if overrides:
+        sets = {}
+        for o in overrides:
+            key, eq, value = o.partition("=")
+            try:
+                sets[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"--set {o!r}: expected KEY=TOML value, e.g. ray.split_fine=true "
+                                  "or serving.tree_runtime='\"native\"'") from None
+            if not eq or not key.strip():
+                raise ConfigError(f"--set {o!r}: expected KEY=TOML value")
+        raw = apply_overrides(raw, sets, "--set") | ({"experiments": raw["experiments"]} if "experiments" in raw else {})
     try:
         return parse_config(raw, str(path))
     except ConfigError as e:

@@ -93,11 +93,11 @@ class _RemoteFine:
 class RecServeDeployment:
     """One Service per replica; method names are the proto's RPC names (Ray's gRPC routing)."""
 
-    def __init__(self, config: str, bundle: str, feature_store: str, token: str | None,
+    def __init__(self, config: str, overrides: list[str], bundle: str, feature_store: str, token: str | None,
                  fine: Any = None):
         from engine.store import store_factory
 
-        cfg = load_config(config)
+        cfg = load_config(config, overrides)
         s = cfg.serving
         self.fine = fine
         remote = {"fine": _RemoteFine(fine)} if fine is not None else None
@@ -196,8 +196,8 @@ class FineRankerDeployment:
         return await asyncio.to_thread(self._run, versions, feeds)
 
 
-def build_app(cfg: Config, config_path: str, bundle: str, feature_store: str, token: str | None,
-              replicas: int, autoscale: tuple[int, int] | None):
+def build_app(cfg: Config, config_path: str, overrides: list[str], bundle: str, feature_store: str,
+              token: str | None, replicas: int, autoscale: tuple[int, int] | None):
     """The Serve application: RecServe replicas, plus the FineRanker deployment if split."""
     r = cfg.ray
     scale: dict[str, Any] = ({"autoscaling_config": AutoscalingConfig(
@@ -212,7 +212,7 @@ def build_app(cfg: Config, config_path: str, bundle: str, feature_store: str, to
     return RecServeDeployment.options(
         ray_actor_options={"num_cpus": r.num_cpus}, max_ongoing_requests=r.max_ongoing_requests,
         max_queued_requests=r.max_queued_requests, graceful_shutdown_timeout_s=10, **scale,
-    ).bind(config_path, bundle, feature_store, token, fine)
+    ).bind(config_path, overrides, bundle, feature_store, token, fine)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -263,7 +263,7 @@ def serve_ray(args: argparse.Namespace) -> int:
     import ray
 
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.set)
     except Exception as e:    # noqa: BLE001 - ConfigError and friends: one line
         raise Fail(str(e)) from None
     if not args.bundle.is_dir():
@@ -286,8 +286,8 @@ def serve_ray(args: argparse.Namespace) -> int:
         serve.start(proxy_location=args.proxy_location,
                     http_options={"host": "127.0.0.1", "port": _free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICERS))
-        app = build_app(cfg, str(args.config.resolve()), str(args.bundle.resolve()), args.feature_store,
-                        args.token, replicas, autoscale)
+        app = build_app(cfg, str(args.config.resolve()), list(args.set), str(args.bundle.resolve()),
+                        args.feature_store, args.token, replicas, autoscale)
         try:
             serve.run(app, name=APP, route_prefix="/", blocking=False)
         except RuntimeError as e:        # a replica failed to start: its traceback is in Ray's log above

@@ -48,6 +48,8 @@ STARTUP_TIMEOUT_S = 600.0
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="pipeline TOML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override with a TOML value, e.g. --set ray.split_fine=true (repeatable)")
     p.add_argument("--bundle", required=True, type=Path,
                    help="bundle root holding CURRENT (hot-reloaded) or one version folder (fixed)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -90,6 +92,7 @@ class _Opts:
     store_dir: str          # the embedded feature store's shared arrays: every worker sees every event
     feature_store: str = "embedded"
     state_dir: str | None = None
+    overrides: tuple[str, ...] = ()
 
 
 class _Fail(Exception):
@@ -151,7 +154,7 @@ class _Supervisor:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda *_: self.stop.set())
         try:
-            cfg = load_config(args.config)
+            cfg = load_config(args.config, args.set)
         except ConfigError as e:
             raise _Fail(str(e)) from None
         if not args.bundle.is_dir():
@@ -176,7 +179,7 @@ class _Supervisor:
         except ValueError as e:
             raise _Fail(str(e)) from None
         self.opts = _Opts(args.config, args.bundle, args.host, port, tls, args.token, args.grace, self.store_dir,
-                          args.feature_store, str(args.state_dir) if args.state_dir else None)
+                          args.feature_store, str(args.state_dir) if args.state_dir else None, tuple(args.set))
         if args.metrics_port is not None:
             # must be set before any worker imports prometheus_client
             self.metrics_dir = tempfile.mkdtemp(prefix="recserve-metrics-")
@@ -374,7 +377,7 @@ class _Worker:
 
         from engine.store import store_factory
 
-        cfg = load_config(opts.config)
+        cfg = load_config(opts.config, opts.overrides)
         s = cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays
         self.svc = Service(cfg, opts.bundle, store_factory(
             opts.feature_store, opts.store_dir, opts.state_dir, s.snapshot_s, idx == 0, s.event_buffer),

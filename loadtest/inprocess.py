@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from engine.bundle import load_bundle
-from engine.config import apply_overrides, load_config, parse_config
+from engine.config import load_config
 from engine.engine import Engine
 from engine.request import Request
 from loadtest.generator import Users
@@ -24,10 +23,7 @@ from loadtest.generator import Users
 
 def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknown_share: float,
         out: Path, overrides: list[str] = ()) -> dict:
-    cfg = load_config(config)
-    if overrides:  # `key=TOML value`, e.g. serving.tree_runtime="native": A/B on one config file
-        sets = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (o.split("=", 1) for o in overrides)}
-        cfg = parse_config(apply_overrides(cfg.raw, sets, "--set"), config)
+    cfg = load_config(config, overrides)   # e.g. serving.tree_runtime="native": A/B on one config file
     loaded = load_bundle(bundle)
     engine = Engine(cfg, loaded)
     users = Users(loaded.user_ids, 1.1, unknown_share, seed=0, stream=0)

@@ -49,3 +49,13 @@ def test_order_of_stage_columns_is_checked(tmp_path):
     bad.write_text(text.replace('"coarse_trees", "coarse_dnn"', '"coarse_dnn", "coarse_trees"'))
     with pytest.raises(ConfigError, match="needs score 'trees'"):
         load_config(bad)
+
+
+def test_overrides_apply_on_top_and_keep_the_experiments(tiny_config):
+    cfg = load_config(tiny_config, ["ray.split_fine=true", "serving.tree_runtime='native'"])
+    assert cfg.ray.split_fine and cfg.serving.tree_runtime == "native"
+    assert set(cfg.experiments) == set(load_config(tiny_config).experiments)
+    for bad, says in ((["ray.nope=1"], "ray.nope: unknown key"), (["ray.split_fine"], "KEY=TOML value"),
+                      (["ray.fine_max_batch=0"], "fine_max_batch")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(tiny_config, bad)
