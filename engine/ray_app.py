@@ -226,6 +226,9 @@ def check_args(args: argparse.Namespace, cfg: Config) -> tuple[int, tuple[int, i
     if args.tls_cert or args.tls_key:
         raise Fail("--backend ray: Ray Serve's gRPC proxy has no TLS; terminate TLS in front of it "
                    "(docs/deploy.md) or use the native server")
+    if args.metrics_port is not None:
+        raise Fail("--backend ray: replicas have no /metrics of their own; Ray exports Serve's request "
+                   "metrics from every node (docs/deploy.md)")
     if args.state_dir:
         raise Fail("--backend ray: --state-dir persists the embedded store of one machine; "
                    "use --feature-store redis://... or rediscluster://...")

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).absolute().parents[1]
-READY = re.compile(r"^recserve serving on (\S+) workers=(\d+) bundle=(\S+)")
+READY = re.compile(r"^recserve serving on (\S+) .*\bbundle=(\S+)")
 
 
 class Server:
@@ -25,14 +25,17 @@ class Server:
 
     Its stderr goes to `log` (the caller's stderr when None); stdout is read for the ready line."""
 
-    def __init__(self, config: str | Path, bundle: str | Path, workers: int = 1, log: Path | None = None,
+    def __init__(self, config: str | Path, bundle: str | Path, workers: int | None = 1, log: Path | None = None,
                  timeout_s: float = 300.0, extra: tuple[str, ...] = ()):
+        """`workers=None`: a server without worker processes or /metrics (`--backend ray` in `extra`)."""
         port = free_port()
-        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics" if workers is not None else None
+        native = ("--workers", str(workers), "--metrics-port", str(port)) if workers is not None else ()
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--config", str(config), "--bundle", str(bundle),
-               "--port", "0", "--workers", str(workers), "--metrics-port", str(port), *extra]
+               "--port", "0", *native, *extra]
         m = self._start(cmd, READY, log, timeout_s)
-        self.target, self.workers, self.version = m[1], int(m[2]), m[3]
+        self.target, self.version = m[1], m[2]
+        self.workers = int(w[1]) if (w := re.search(r"\bworkers=(\d+)", m[0])) else 0
 
     def _start(self, cmd: list[str], ready: re.Pattern[str], log: Path | None, timeout_s: float) -> re.Match[str]:
         """Run `cmd` from the repo root; return the match of its first stdout line that `ready` matches."""
