@@ -1,44 +1,98 @@
 """Redis feature store: one live state shared by every server process and machine.
 
-Key space (one Redis DB belongs to one recserve deployment; item fields and members are the
-bundle's item indices, user keys the external user id, known or not):
-    meta:bundle         bundle version whose state the DB holds
-    meta:catalog        item and user id tables (sha256) and ring sizes that state is keyed by
-    meta:seed           lock (SET NX semantics, expiring) of the server seeding the DB
-    ev:<writer>         last event batch applied from one server process
-    u:<user>:recent     list: last primary-task positives, most recent first (LPUSH + LTRIM)
-    u:<user>:seen       list: last impressions
-    u:<user>:n          hash: imp, pos
-    item:imp, item:pos  hash: item index -> count
-    item:hot            sorted set: item index -> sum of decay(t_event, t_ref) over positives
+Two deployments, one key layout: a standalone Redis (`redis://HOST:PORT/DB`, `rediss://`,
+`unix://`) or a Redis Cluster (`rediscluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT,...`, any
+reachable subset of the nodes; the rest is discovered with CLUSTER SLOTS).
 
-Seeding: the first server to find the DB empty (first start, or a Redis restarted without
-persistence) or holding an older bundle over another catalog empties it and loads its
-bundle's end-of-log state in pipelined chunks under the lock; the others wait until
-meta:bundle names their version. A newer bundle over the same catalog adopts the DB as it
-is, so events accepted since the last bundle survive a model update.
+Key space (one Redis DB, or one cluster, belongs to one recserve deployment; item fields and
+members are the bundle's item indices, user keys the external user id, known or not):
+    meta:{g}:bundle        bundle version whose state the DB holds
+    meta:{g}:catalog       item and user id tables (sha256) and ring sizes that state is keyed by
+    meta:{g}:seed          lock (SET NX semantics, expiring) of the server seeding the DB
+    item:{g}:imp, :pos     hash: item index -> count
+    item:{g}:hot           sorted set: item index -> sum of decay(t_event, t_ref) over positives
+    u:{T}:<user>:recent    list: last primary-task positives, most recent first (LPUSH + LTRIM)
+    u:{T}:<user>:seen      list: last impressions
+    u:{T}:<user>:n         hash: imp, pos
+    s:{T}                  cluster only: bundle version of the state in slot T (slot g: meta:{g}:bundle)
+    ev:{T}:<writer>        last event sub-batch applied to slot T by one server process
 
-Faults: every request-path command has a 50 ms socket timeout and no client retries. A read
-that fails, or finds the DB not holding this version, is answered from the bundle's state and
-flagged (the engine marks the response degraded); the store then stays on the bundle's state
-until a background thread reaches Redis again. Events that cannot be written are buffered in
-order, up to a bound (then Overloaded), and flushed by that thread once the DB holds this
-version again (re-seeding it first if it came back empty). A Lua script applies each batch
-atomically and only if its sequence number is above the last one applied from this process,
-so a batch whose reply was lost to a timeout is not applied twice when retried.
+`{...}` is a hash tag: Redis Cluster places a key by the CRC16 of its tag only. `{g}` puts the
+item counters and the meta keys in one slot, so item stats are one round trip; that slot's
+shard is the hot one (every Recommend and every event touches it; see docs/feature_store.md
+for what would fix it at scale). A user's keys carry the tag T of the user's own slot
+(CRC16(user id) mod 16384, where Redis would put the id itself), spelled with a fixed table
+(`slot_tags()`: for each slot, the first string over [0-9a-zA-Z], shortest first, that hashes
+to it), so the three keys of any id, braces included, sit together on one shard and users
+spread over all of them. A standalone Redis ignores the tags: same key names there.
+
+Units. Every read and write addresses one slot: a user read goes to the user's slot (stamp,
+recent, seen, counters: one round trip), item stats to slot g. An event batch is split per
+slot: one Lua call per user slot it touches (those users' keys) and one for slot g (item
+counters), each declaring every key it touches in KEYS; calls are pipelined per node (one
+round trip per node holding part of the batch). On a standalone Redis the whole DB is one
+unit (slot g): one call per batch, as before.
+
+Guarantees of the event apply, per unit (KEYS[1] is the unit's stamp: meta:{g}:bundle for slot
+g and on a standalone Redis, s:{T} for the other cluster slots):
+  - never into another bundle's state: the call does nothing (-1) unless the stamp names this
+    bundle version. Seeding writes a slot's users and its stamp in one script; a node that
+    restarts empty loses its stamps with its data, so nothing lands there until it is repaired;
+  - exactly once and in order: each process numbers its sub-batches per unit (1, 2, 3, ...) and
+    the call applies number n only if ev:{T}:<writer> holds n - 1 (0: already applied, a retry
+    whose first reply was lost; -2: an earlier one is missing, kept for later). A missing
+    ev key stands for the last number this process saw acknowledged (new writer, the TTL
+    expired, or the node restarted empty). So a pipeline that fails half-way is re-sent as a
+    whole and each sub-batch lands once, in order;
+  - per slot, not per batch: the parts of one batch on different shards are not atomic
+    together; one may be applied while another waits in the buffer for its shard. The item
+    part (slot g) is sent first and nothing else without it: if slot g's shard comes back
+    empty every shard is re-seeded, which would wipe user parts written meanwhile.
+
+Seeding: the first server to find meta:{g}:bundle missing (first start, Redis or the g shard
+restarted without persistence) or holding an older bundle over another catalog empties the
+DB (FLUSHDB in the claim script on the g shard, then FLUSHDB on every other primary) and loads
+its bundle's end-of-log state under the lock, one script per slot (its users, then its stamp),
+pipelined per node; the others wait until meta:{g}:bundle names their version. A newer bundle
+over the same catalog adopts the DB as it is (and re-stamps the slots), so events accepted
+since the last bundle survive a model update. A cluster shard that comes back empty while
+meta:{g}:bundle still names this version is repaired slot by slot (users re-seeded from the
+bundle, only where the stamp is missing, atomically with setting it); the other shards keep
+their live state.
+
+Faults: request-path commands go to one node's plain client with a 50 ms socket timeout and no
+retries, and follow no redirection: redis-py's ClusterPipeline (8.1) would re-send each failed
+command of a timed-out pipeline on its own and re-read the slot map inline, so one request
+could wait several timeouts; here a request waits at most one timeout per node it contacts
+(a Recommend contacts two), and a node that failed is skipped until the background thread has
+reached it again. The slot map is only re-read in the background. A read that fails, or finds the
+unit's stamp not naming this version, is answered from the bundle's state and flagged (the
+engine marks the response degraded); the store then stays on the bundle's state for the
+users of that node (standalone: everyone) until the background thread reaches it again.
+Events that cannot be written are buffered in order per unit, up to a bound (then
+Overloaded), and flushed by that thread once slot g's node and theirs answer and their slots
+hold this version again (re-seeding them first if they came back empty).
 """
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
+import itertools
 import logging
+import string
 import threading
 import time
 import uuid
+from binascii import crc_hqx
+from dataclasses import dataclass
+from urllib.parse import unquote
 
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
 from engine.bundle import Bundle
@@ -52,64 +106,324 @@ log = logging.getLogger("recserve.store")
 SOCKET_TIMEOUT_S = 0.05     # request path: a slow Redis costs a request this much once, then fallback
 BACKGROUND_TIMEOUT_S = 5.0  # seeding chunks, hot list refreshes and other big reads off the request path
 BIG_READ = 4096             # item_stats over more items than this is a background refresh
-SEED_CHUNK = 1000           # users (or 10x items) per seeding pipeline
+SEED_CHUNK = 1000           # users per seeding pipeline
 SEED_LOCK_MS = 30_000       # the seeder refreshes it per chunk; a crashed seeder's lock expires
 SEED_WAIT_S = 120.0         # start-up waits this long for another server's seeding
 RETRY_S = 0.2               # background reconnect / flush period
-FLUSH_BATCHES = 16          # buffered batches per flush round trip
+FLUSH_CALLS = 64            # buffered sub-batches per flush round trip ...
+FLUSH_ARGS = 12_000         # ... and script arguments (~2,000 events): it runs on the 50 ms socket
 SEQ_TTL_S = 7 * 86400
+SLOTS = 16384               # Redis Cluster hash slots
 
-META, LOCK, IMP, POS, HOT = "meta:bundle", "meta:seed", "item:imp", "item:pos", "item:hot"
-CATALOG = "meta:catalog"
+META, CATALOG, LOCK = "meta:{g}:bundle", "meta:{g}:catalog", "meta:{g}:seed"
+IMP, POS, HOT = "item:{g}:imp", "item:{g}:pos", "item:{g}:hot"
+_ERRORS = (RedisError, RedisClusterException)
 
-# ARGV: version, writer, seq, recent_len, seen_len, then per event: flags (1 impression,
-# 2 primary positive), user id, item index, hot weight
-_APPLY = """
-if redis.call('GET', 'meta:bundle') ~= ARGV[1] then return -1 end
-local seq_key = 'ev:' .. ARGV[2]
-if tonumber(ARGV[3]) <= tonumber(redis.call('GET', seq_key) or '0') then return 0 end
-redis.call('SET', seq_key, ARGV[3], 'EX', %d)
+
+def _crc_slot(text: str) -> int:
+    return crc_hqx(text.encode(), 0) % SLOTS
+
+
+META_SLOT = _crc_slot("g")
+
+
+@functools.cache
+def slot_tags() -> tuple[str, ...]:
+    """For each cluster slot, the first string over [0-9a-zA-Z] (shorter first) whose CRC16 lands
+    in it: the hash tag that pins a key to that slot. Every server derives the same table."""
+    tags: list[str | None] = [None] * SLOTS
+    left = SLOTS
+    for n in (1, 2, 3):     # all 16,384 slots are hit within 3 characters
+        for chars in itertools.product(string.digits + string.ascii_letters, repeat=n):
+            tag = "".join(chars)
+            s = _crc_slot(tag)
+            if tags[s] is None:
+                tags[s], left = tag, left - 1
+        if not left:
+            return tuple(tags)
+    raise AssertionError("slot tag table incomplete")
+
+
+def user_slot(user_id: str) -> int:
+    return _crc_slot(user_id)
+
+
+def user_key(user_id: str, slot: int | None = None) -> str:
+    """Prefix of the user's keys (`u:{T}:<user id>:`); + recent, seen or n."""
+    return f"u:{{{slot_tags()[user_slot(user_id) if slot is None else slot]}}}:{user_id}:"
+
+
+def stamp_key(slot: int) -> str:
+    """Key whose value is the bundle version of the state in `slot` (cluster)."""
+    return META if slot == META_SLOT else f"s:{{{slot_tags()[slot]}}}"
+
+
+class _Script:
+    def __init__(self, text: str):
+        self.text, self.sha = text, hashlib.sha1(text.encode()).hexdigest()
+
+
+# KEYS: stamp, sequence key, [item:imp, item:pos, item:hot if there are item ops], then per user:
+# seen, recent, n. ARGV: version, seq, last seq acknowledged to this writer, recent_len,
+# seen_len, number of user ops, then per user op: flags (1 impression, 2 primary positive),
+# index in KEYS of the user's seen key, item; then per item op: flags, item, hot weight.
+_APPLY = _Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local seq, last = tonumber(ARGV[2]), tonumber(redis.call('GET', KEYS[2]) or ARGV[3])
+if seq <= last then return 0 end
+if seq > last + 1 then return -2 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', SEQ_TTL)
 local rlen, slen = tonumber(ARGV[4]) - 1, tonumber(ARGV[5]) - 1
-for i = 6, #ARGV, 4 do
-  local flags, u, item = tonumber(ARGV[i]), 'u:' .. ARGV[i + 1] .. ':', ARGV[i + 2]
-  if flags %% 2 == 1 then
-    redis.call('LPUSH', u .. 'seen', item)
-    redis.call('LTRIM', u .. 'seen', 0, slen)
-    redis.call('HINCRBY', u .. 'n', 'imp', 1)
-    redis.call('HINCRBY', 'item:imp', item, 1)
+local i = 7
+for _ = 1, tonumber(ARGV[6]) do
+  local flags, k, item = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2]
+  if flags % 2 == 1 then
+    redis.call('LPUSH', KEYS[k], item)
+    redis.call('LTRIM', KEYS[k], 0, slen)
+    redis.call('HINCRBY', KEYS[k + 2], 'imp', 1)
   end
   if flags >= 2 then
-    redis.call('LPUSH', u .. 'recent', item)
-    redis.call('LTRIM', u .. 'recent', 0, rlen)
-    redis.call('HINCRBY', u .. 'n', 'pos', 1)
-    redis.call('HINCRBY', 'item:pos', item, 1)
-    redis.call('ZINCRBY', 'item:hot', ARGV[i + 3], item)
+    redis.call('LPUSH', KEYS[k + 1], item)
+    redis.call('LTRIM', KEYS[k + 1], 0, rlen)
+    redis.call('HINCRBY', KEYS[k + 2], 'pos', 1)
+  end
+  i = i + 3
+end
+for j = i, #ARGV, 3 do
+  local flags, item = tonumber(ARGV[j]), ARGV[j + 1]
+  if flags % 2 == 1 then redis.call('HINCRBY', KEYS[3], item, 1) end
+  if flags >= 2 then
+    redis.call('HINCRBY', KEYS[4], item, 1)
+    redis.call('ZINCRBY', KEYS[5], ARGV[j + 2], item)
   end
 end
 return 1
-""" % SEQ_TTL_S
+""".replace("SEQ_TTL", str(SEQ_TTL_S)))
 
-# ARGV: version, token, lock ms, catalog id. Unless the DB already holds this or a newer
-# version or another server is seeding it: a DB holding the same catalog is adopted as it
-# is (live events since the last bundle are kept: nothing accepted is lost), any other is
-# emptied and the seed lock taken. Atomic: nobody seeds twice.
-_CLAIM = """
-local cur = redis.call('GET', 'meta:bundle')
-if (cur and cur >= ARGV[1]) or redis.call('EXISTS', 'meta:seed') == 1 then return 0 end
-if cur and redis.call('GET', 'meta:catalog') == ARGV[4] then
-  redis.call('SET', 'meta:bundle', ARGV[1])
+# KEYS: meta:{g}:bundle, meta:{g}:catalog, meta:{g}:seed. ARGV: version, token, lock ms, catalog id.
+# Unless the DB already holds this or a newer version or another server is seeding it: a DB
+# holding the same catalog is adopted as it is (live events since the last bundle are kept:
+# nothing accepted is lost), any other is emptied (on a cluster: this shard; the seeder empties
+# the others) and the seed lock taken. Atomic: nobody seeds twice.
+_CLAIM = _Script("""
+local cur = redis.call('GET', KEYS[1])
+if (cur and cur >= ARGV[1]) or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if cur and redis.call('GET', KEYS[2]) == ARGV[4] then
+  redis.call('SET', KEYS[1], ARGV[1])
   return 2
 end
 redis.call('FLUSHDB')
-redis.call('SET', 'meta:seed', ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 return 1
-"""
+""")
+
+# One slot's users from the bundle. KEYS: the slot's stamp, then per user: recent, seen, n.
+# ARGV: version, mode (0: write; 1: write, then stamp; 2: only if the stamp is missing, then
+# stamp: a repair racing another server's repair or seeding never overwrites live state),
+# then per user: n recent, items, n seen, items, imp, pos.
+_SEED = _Script("""
+if ARGV[2] == '2' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local i = 3
+for k = 2, #KEYS, 3 do
+  redis.call('DEL', KEYS[k], KEYS[k + 1], KEYS[k + 2])
+  for j = 0, 1 do
+    local n = tonumber(ARGV[i])
+    if n > 0 then redis.call('RPUSH', KEYS[k + j], unpack(ARGV, i + 1, i + n)) end
+    i = i + n + 1
+  end
+  redis.call('HSET', KEYS[k + 2], 'imp', ARGV[i], 'pos', ARGV[i + 1])
+  i = i + 2
+end
+if ARGV[2] ~= '0' then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+""")
+
+# A slot stamped by an older bundle over the same catalog (an adopted DB): now this version's.
+_RESTAMP = _Script("""
+local cur = redis.call('GET', KEYS[1])
+if cur and cur < ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
+return 0
+""")
+
+
+def _eval(client: redis.Redis, script: _Script, calls: list[tuple[list, list]]) -> list:
+    """EVALSHA `script` once per (keys, args) in one pipeline on one node (one round trip).
+    Calls that found the script missing (a restarted node's cache is empty) are re-run after
+    loading it. Per call: the reply, or the error it got; connection errors raise."""
+    def run(batch: list[tuple[list, list]]) -> list:
+        p = client.pipeline(transaction=False)
+        for keys, args in batch:
+            p.evalsha(script.sha, len(keys), *keys, *args)
+        return p.execute(raise_on_error=False)
+
+    res = run(calls)
+    redo = [i for i, r in enumerate(res) if isinstance(r, NoScriptError)]
+    if redo:
+        client.script_load(script.text)
+        for i, r in zip(redo, run([calls[i] for i in redo])):
+            res[i] = r
+    return res
+
+
+def _eval1(client: redis.Redis, script: _Script, keys: list, args: list):
+    r = _eval(client, script, [(keys, args)])[0]
+    if isinstance(r, Exception):
+        raise r
+    return r
 
 
 def _client(url: str, timeout: float) -> redis.Redis:
     """No client-side retries: a retry would multiply the timeout a request can wait."""
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict]:
+    """rediscluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...] -> startup nodes, client kwargs."""
+    scheme, _, rest = url.partition("://")
+    if scheme != "rediscluster" or not rest:
+        raise ValueError(f"{url!r}: expected rediscluster://HOST:PORT[,HOST:PORT...]")
+    kw: dict = {}
+    if "@" in rest:
+        cred, rest = rest.rsplit("@", 1)
+        user, _, password = cred.rpartition(":")
+        kw = {"password": unquote(password)} | ({"username": unquote(user)} if user else {})
+    nodes = []
+    for part in rest.rstrip("/").split(","):
+        host, colon, port = part.strip().rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"{url!r}: {part!r} is not HOST:PORT")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes, kw
+
+
+class _Standalone:
+    """One Redis: one node ("redis"); the store treats the whole DB as slot g."""
+
+    cluster = False
+
+    def __init__(self, url: str):
+        self._fast, self._slow = _client(url, SOCKET_TIMEOUT_S), _client(url, BACKGROUND_TIMEOUT_S)
+
+    def node(self, slot: int) -> str:
+        return "redis"
+
+    def client(self, node: str, slow: bool = False) -> redis.Redis:
+        return self._slow if slow else self._fast
+
+    def primaries(self) -> list[str]:
+        return ["redis"]
+
+    def slots(self, node: str) -> range:
+        return range(SLOTS)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._fast.close()
+        self._slow.close()
+
+
+class _Cluster:
+    """A Redis Cluster through redis-py's RedisCluster, used for what it does well (topology:
+    CLUSTER SLOTS, the slot map, one connection pool per node); commands go to a node's plain
+    client, one pipeline per node, so the store decides about timeouts and retries. Two
+    clients: 50 ms sockets for the request path, 5 s for seeding and big reads."""
+
+    cluster = True
+
+    def __init__(self, url: str):
+        self._startup, self._kw = parse_cluster_url(url)
+        self._fast: RedisCluster | None = None
+        self._slow: RedisCluster | None = None
+        try:
+            self.refresh()
+        except _ERRORS as e:
+            log.warning("redis cluster unreachable at start (%s)", e)
+
+    def _make(self, timeout: float) -> RedisCluster:
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self._startup],
+                            socket_timeout=timeout, socket_connect_timeout=timeout,
+                            retry=Retry(NoBackoff(), 0), require_full_coverage=False, **self._kw)
+
+    def refresh(self) -> None:
+        """Re-read the slot map (background thread only). The request client's map is replaced
+        only when it changed: a refresh drops the idle connections of the node it asked."""
+        if self._slow is None:
+            self._slow = self._make(BACKGROUND_TIMEOUT_S)
+        else:
+            self._slow.nodes_manager.initialize()
+        if self._fast is None:
+            self._fast = self._make(SOCKET_TIMEOUT_S)
+        elif self._owners(self._fast) != self._owners(self._slow):
+            self._fast.nodes_manager.initialize()
+
+    @staticmethod
+    def _owners(rc: RedisCluster) -> list:
+        cache = rc.nodes_manager.slots_cache
+        return [nodes[0].name if (nodes := cache.get(s)) else None for s in range(SLOTS)]
+
+    def node(self, slot: int) -> str:
+        if self._fast is None:
+            raise redis.ConnectionError("no Redis Cluster node reached yet")
+        nodes = self._fast.nodes_manager.slots_cache.get(slot)
+        if not nodes:
+            raise RedisClusterException(f"slot {slot} is not covered by the cluster")
+        return nodes[0].name
+
+    def client(self, node: str, slow: bool = False) -> redis.Redis:
+        rc = self._slow if slow else self._fast
+        n = rc.nodes_manager.nodes_cache.get(node) if rc is not None else None
+        if n is None:
+            raise redis.ConnectionError(f"{node} is not in the cluster's slot map")
+        return rc.get_redis_connection(n)
+
+    def primaries(self) -> list[str]:
+        return [n.name for n in self._fast.get_primaries()] if self._fast is not None else []
+
+    def slots(self, node: str) -> list[int]:
+        cache = self._fast.nodes_manager.slots_cache
+        return [s for s in range(SLOTS) if (nodes := cache.get(s)) and nodes[0].name == node]
+
+    def close(self) -> None:
+        for rc in (self._fast, self._slow):
+            if rc is not None:
+                rc.close()
+
+
+@dataclass(slots=True)
+class _Batch:
+    n: int          # events
+    left: int = 0   # its sub-batches still buffered
+
+
+@dataclass(slots=True)
+class _Entry:
+    """The part of one event batch that lands in one unit (slot)."""
+    unit: int
+    seq: int
+    keys: list      # after the stamp and the sequence key
+    args: list      # after the head: number of user ops, user ops, item ops
+    batch: _Batch
+
+
+class _SlotOps:
+    """Builds one unit's share of a batch: its users' keys (3 each) and ops."""
+    __slots__ = ("keys", "index", "user", "item")
+
+    def __init__(self, with_items: bool):
+        self.keys: list[str] = [IMP, POS, HOT] if with_items else []
+        self.index: dict[str, int] = {}
+        self.user: list = []
+        self.item: list = []
+
+    def add_user(self, flags: int, prefix: str, item: int) -> None:
+        k = self.index.get(prefix)
+        if k is None:   # KEYS is 1-based and starts with the stamp and the sequence key
+            k = self.index[prefix] = len(self.keys) + 3
+            self.keys += (prefix + "seen", prefix + "recent", prefix + "n")
+        self.user += (flags, k, item)
 
 
 def _ids(values: list, n: int) -> np.ndarray:
@@ -138,56 +452,77 @@ class RedisStore:
         self.clock = BundleClock(bundle.manifest)
         self.L, self.S = st.user_recent.shape[1], st.user_seen.shape[1]
         self._bundle, self._fb = bundle, st.arrays()    # the fallback: the bundle's end-of-log state
-        self.r, self._bg = _client(url, SOCKET_TIMEOUT_S), _client(url, BACKGROUND_TIMEOUT_S)
-        self._apply_script = self.r.register_script(_APPLY)
-        self._claim_script = self._bg.register_script(_CLAIM)
-        self._writer, self._seq = uuid.uuid4().hex, 0
-        self._queue: collections.deque[tuple[list, int]] = collections.deque()
-        self._queued, self._cap = 0, event_buffer
+        slot_tags()
+        self._net = _Cluster(url) if url.startswith("rediscluster://") else _Standalone(url)
+        self._writer = uuid.uuid4().hex[:16]
+        self._next: dict[int, int] = {}     # unit -> last sub-batch number given out
+        self._acked: dict[int, int] = {}    # unit -> last sub-batch number known applied
+        self._pending: dict[int, collections.deque[_Entry]] = {}   # unit -> buffered, in order
+        self._queued, self._cap = 0, event_buffer                  # events with a part buffered
         self._wlock = threading.Lock()   # one write at a time: this process's batches reach Redis in order
         self._count_lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
         self._local = threading.local()
-        self._up = False
+        self._ready = False              # meta:{g}:bundle names this version (as last seen)
+        self._down: set[str] = set()     # nodes whose users are served from the bundle meanwhile
+        self._seeded_users: dict[int, list[int]] | None = None
         self._wait_seeded()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="store-redis", daemon=True)
         self._thread.start()
 
+    def _unit(self, slot: int) -> int:
+        return slot if self._net.cluster else META_SLOT
+
+    def _route(self, unit: int) -> str | None:
+        """The node to read `unit` from, or None: answer from the bundle's state."""
+        if not self._ready:
+            return None
+        try:
+            node = self._net.node(unit)
+        except _ERRORS as e:
+            self._lost(e)
+            return None
+        return None if node in self._down else node
+
     # -- reads ------------------------------------------------------------------------
     def user(self, user_id: str, index: int, default_profile: np.ndarray,
              profiles: np.ndarray) -> UserFeatures:
         profile = profiles[index] if index >= 0 else default_profile
-        if self._up:
-            k = f"u:{user_id}:"
-            p = self.r.pipeline(transaction=False)
-            p.get(META).lrange(k + "recent", 0, self.L - 1).lrange(k + "seen", 0, self.S - 1)
-            p.hmget(k + "n", "imp", "pos")
+        slot = user_slot(user_id)
+        unit = self._unit(slot)
+        node = self._route(unit)
+        if node is not None:
+            k = user_key(user_id, slot)
             try:
-                meta, recent, seen, n = p.execute()
-                if meta == self._v:
+                p = self._net.client(node).pipeline(transaction=False)
+                p.get(stamp_key(unit)).lrange(k + "recent", 0, self.L - 1).lrange(k + "seen", 0, self.S - 1)
+                p.hmget(k + "n", "imp", "pos")
+                stamp, recent, seen, n = p.execute()
+                if stamp == self._v:
                     return UserFeatures(index, profile[None], _ids(recent, self.L)[None], _ids(seen, self.S),
                                         float(n[0] or 0), float(n[1] or 0))
-                self._lost(f"{META} is {meta!r}, not {self.version}")
-            except RedisError as e:
-                self._lost(e)
+                self._lost(f"{stamp_key(unit)} is {stamp!r}, not {self.version}", node)
+            except _ERRORS as e:
+                self._lost(e, node)
         self._fell_back()
         return state_user(self._fb, index, profile) if index >= 0 else new_user(profile, self.L, self.S)
 
     def item_stats(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         now = decay(self.t_ref, self.clock.days(), self.half_life)
-        if self._up and items.size:
+        node = self._route(META_SLOT) if items.size else None
+        if node is not None:
             f = items.tolist()
-            p = (self.r if items.size <= BIG_READ else self._bg).pipeline(transaction=False)
-            p.get(META).hmget(IMP, f).hmget(POS, f).zmscore(HOT, f)
             try:
+                p = self._net.client(node, slow=items.size > BIG_READ).pipeline(transaction=False)
+                p.get(META).hmget(IMP, f).hmget(POS, f).zmscore(HOT, f)
                 meta, imp, pos, hot = p.execute()
                 if meta == self._v:
                     return (_numbers(imp).astype(np.float32), _numbers(pos).astype(np.float32),
                             (_numbers(hot) * now).astype(np.float32))
-                self._lost(f"{META} is {meta!r}, not {self.version}")
-            except RedisError as e:
-                self._lost(e)
+                self._lost(f"{META} is {meta!r}, not {self.version}", node)
+            except _ERRORS as e:
+                self._lost(e, node)
         if items.size:
             self._fell_back()
         fb = self._fb
@@ -195,16 +530,17 @@ class RedisStore:
 
     def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         now = decay(self.t_ref, self.clock.days(), self.half_life)
-        if self._up:
+        node = self._route(META_SLOT)
+        if node is not None:
             try:
-                meta, pairs = self._bg.pipeline(transaction=False).get(META).zrevrange(
+                meta, pairs = self._net.client(node, slow=True).pipeline(transaction=False).get(META).zrevrange(
                     HOT, 0, n - 1, withscores=True).execute()
                 if meta == self._v:
                     top = np.fromiter((int(m) for m, _ in pairs), np.int32, len(pairs))
                     return top, np.fromiter((s for _, s in pairs), np.float64, len(pairs)) * now
-                self._lost(f"{META} is {meta!r}, not {self.version}")
-            except RedisError as e:
-                self._lost(e)
+                self._lost(f"{META} is {meta!r}, not {self.version}", node)
+            except _ERRORS as e:
+                self._lost(e, node)
         self._fell_back()
         top, hot = top_hot(self._fb["item_hot"], n)
         return top, hot * now
@@ -215,126 +551,299 @@ class RedisStore:
 
     def stats(self) -> dict[str, int]:
         with self._count_lock:
-            return {**self._counts, "up": int(self._up), "buffered": self._queued, "dropped": 0}
+            out = {**self._counts, "up": int(self._ready and not self._down), "buffered": self._queued, "dropped": 0}
+        if self._net.cluster:
+            out["nodes_down"] = len(self._down)
+        return out
 
     # -- writes -----------------------------------------------------------------------
     def apply(self, events: list[ResolvedEvent]) -> None:
-        """Write now if Redis is up and nothing is buffered, else buffer (in order) for the
-        background thread; a full buffer refuses the whole batch with Overloaded."""
-        args: list = []
+        """Write now the parts of the batch whose node is up and has nothing buffered for their
+        slot, buffer the others (in order) for the background thread; a full buffer refuses
+        the whole batch with Overloaded before anything is written."""
+        parts: dict[int, _SlotOps] = {}
+        n = 0
         for e in events:
             flags = (e.kind == "impression") | (e.kind == self.primary) << 1
-            if flags:   # other kinds change no feature
-                args += (flags, e.user_id, int(e.item), repr(float(decay(e.t, self.t_ref, self.half_life))))
-        if not args:
+            if not flags:   # other kinds change no feature
+                continue
+            n += 1
+            item, slot = int(e.item), user_slot(e.user_id)
+            unit = self._unit(slot)
+            ops = parts.get(unit) or parts.setdefault(unit, _SlotOps(unit == META_SLOT))
+            ops.add_user(flags, user_key(e.user_id, slot), item)
+            ops = parts.get(META_SLOT) or parts.setdefault(META_SLOT, _SlotOps(True))
+            ops.item += (flags, item, repr(float(decay(e.t, self.t_ref, self.half_life))))
+        if not n:
             return
-        n = len(args) // 4
         with self._wlock:
-            if self._up and not self._queue:
-                self._seq += 1
-                try:
-                    if self._apply_script(args=self._head(self._seq) + args, client=self.r) != -1:
-                        return
-                    self._lost(f"{META} is not {self.version}")
-                except RedisError as e:
-                    self._lost(e)
-                self._queue.append((args, self._seq))  # the reply may be lost, not the write: same seq
-            else:
-                if self._queued + n > self._cap:
-                    self._count("rejected", n)
-                    raise Overloaded(f"feature store: Redis unavailable and {self._queued} events buffered "
-                                     f"(serving.event_buffer = {self._cap}); retry later")
-                self._seq += 1
-                self._queue.append((args, self._seq))
-            self._queued += n
-            self._count("buffered_total", n)
+            # the item part first: while slot g cannot be written the whole batch waits, so that
+            # if its shard comes back empty (every shard re-seeded) nothing acknowledged is lost
+            now = [u for u in parts if self._writable(u)] if self._writable(META_SLOT) else []
+            if len(now) < len(parts) and self._queued + n > self._cap:
+                self._count("rejected", n)
+                raise Overloaded(f"feature store: Redis unavailable and {self._queued} events buffered "
+                                 f"(serving.event_buffer = {self._cap}); retry later")
+            batch = _Batch(n)
+            entries = {}
+            for u, ops in parts.items():
+                seq = self._next[u] = self._next.get(u, 0) + 1
+                entries[u] = _Entry(u, seq, ops.keys, [len(ops.user) // 3, *ops.user, *ops.item], batch)
+            failed = self._write([entries[u] for u in now])   # the reply may be lost, not the write: same seq
+            direct = set(now)
+            later = [e for u, e in entries.items() if u not in direct] + failed
+            for e in later:
+                self._pending.setdefault(e.unit, collections.deque()).append(e)
+            if later:
+                batch.left = len(later)
+                self._queued += n
+                self._count("buffered_total", n)
 
-    def _head(self, seq: int) -> list:
-        return [self.version, self._writer, seq, self.L, self.S]
+    def _writable(self, unit: int) -> bool:
+        if not self._ready or unit in self._pending:
+            return False
+        try:
+            return self._net.node(unit) not in self._down
+        except _ERRORS:
+            return False
 
-    # -- background: seeding, reconnecting, flushing ----------------------------------
+    def _call(self, e: _Entry) -> tuple[list, list]:
+        return ([stamp_key(e.unit), f"ev:{{{slot_tags()[e.unit]}}}:{self._writer}", *e.keys],
+                [self.version, e.seq, self._acked.get(e.unit, 0), self.L, self.S, *e.args])
+
+    def _write(self, entries: list[_Entry]) -> list[_Entry]:
+        """Apply sub-batches now, one pipeline per node, the node of slot g first (nothing else
+        is sent if its part fails); returns those not known to be applied."""
+        by_node: dict[str, list[_Entry]] = {}
+        failed: list[_Entry] = []
+        try:
+            by_node[self._net.node(META_SLOT)] = []
+            for e in entries:
+                by_node.setdefault(self._net.node(e.unit), []).append(e)
+        except _ERRORS as err:
+            self._lost(err)
+            return entries
+        items_ok = True
+        for node, es in by_node.items():
+            if not es:
+                continue
+            if not items_ok:
+                failed += es
+                continue
+            try:
+                res = _eval(self._net.client(node), _APPLY, [self._call(e) for e in es])
+            except _ERRORS as err:
+                self._lost(err, node)
+                res = [err] * len(es)
+            for e, r in zip(es, res):
+                if r in (0, 1):
+                    self._acked[e.unit] = e.seq
+                else:
+                    self._lost(self._why(r, e.unit), node)
+                    failed.append(e)
+                    items_ok = items_ok and e.unit != META_SLOT
+        return failed
+
+    def _why(self, r: object, unit: int) -> str:
+        if r == -1:
+            return f"{stamp_key(unit)} is not {self.version}"
+        if r == -2:
+            return f"an earlier event batch for slot {unit} is still missing"
+        return str(r)
+
+    # -- background: seeding, repairing, reconnecting, flushing -----------------------
     def _loop(self) -> None:
         while not self._stop.wait(RETRY_S):
-            if not self._up or self._queue:
+            if not self._ready or self._down or self._queued:
                 try:
                     self._recover()
-                except RedisError as e:
+                except _ERRORS as e:
                     self._lost(e)
                 except Exception:   # noqa: BLE001 - the thread must outlive any bug, the buffer keeps the events
                     log.exception("redis feature store: recovery failed")
 
     def _recover(self) -> None:
-        """Make sure the DB holds this version (seed it if it came back empty), flush the buffer
-        in order, then serve from Redis again."""
-        if self._sync() != "ready":
+        """Make sure the DB holds this version (seed it if it came back empty), then, node by
+        node: repair its slots if they came back empty, flush its buffered sub-batches in
+        order, serve its users from Redis again."""
+        self._net.refresh()
+        meta = self._net.node(META_SLOT)
+        try:
+            state = self._sync()
+        except _ERRORS as e:
+            # nothing is flushed while the g shard is unreachable: if it comes back empty, every
+            # shard is emptied and re-seeded, and what was buffered meanwhile is replayed on top
+            self._lost(e, meta)
             return
+        if state != "ready":
+            self._ready = False
+            return
+        primaries = self._net.primaries()
+        if not self._ready:
+            self._down |= set(primaries)
+            self._ready = True
+        with self._wlock:
+            pending = {self._net.node(u) for u in self._pending}
+        self._down &= set(primaries)
+        for node in primaries:
+            if node not in self._down and node not in pending:
+                continue
+            try:
+                self._net.client(node).ping()
+                self._repair(node)
+                self._flush(node)
+            except _ERRORS as e:
+                self._lost(e, node)
+
+    def _flush(self, node: str) -> None:
+        """Send the node's buffered sub-batches in order, a bounded pipeline per round trip,
+        until none is left; then its users are read from Redis again."""
         flushed = 0
         while True:
             with self._wlock:
-                if not self._queue:
-                    self._up = True
+                units = [u for u in self._pending if self._net.node(u) == node]
+                if not units:
+                    back = node in self._down
+                    self._down.discard(node)
                     break
-                chunk = [self._queue[i] for i in range(min(FLUSH_BATCHES, len(self._queue)))]
-                p = self.r.pipeline(transaction=False)
-                for args, seq in chunk:
-                    p.evalsha(self._apply_script.sha, 0, *self._head(seq), *args)
-                try:
-                    res = p.execute()
-                except NoScriptError:
-                    self.r.script_load(_APPLY)   # Redis restarted: its script cache is empty
-                    continue
-                if -1 in res:
-                    raise RedisError(f"{META} changed while flushing")
-                for args, _ in chunk:
-                    self._queue.popleft()
-                    self._queued -= len(args) // 4
-                    flushed += len(args) // 4
-        self._count("retried", flushed)
-        log.warning("redis feature store: back; %d buffered events flushed", flushed)
+                sent, size = [], 0
+                for e in itertools.chain.from_iterable(self._pending[u] for u in units):
+                    if sent and (len(sent) == FLUSH_CALLS or size + len(e.args) > FLUSH_ARGS):
+                        break
+                    sent.append(e)
+                    size += len(e.args)
+                res = _eval(self._net.client(node), _APPLY, [self._call(e) for e in sent])
+                blocked: dict[int, object] = {}
+                progress = False
+                for e, r in zip(sent, res):
+                    if e.unit in blocked:
+                        continue
+                    if r in (0, 1):
+                        progress = True
+                        if r == 0:
+                            self._count("duplicates")   # applied before: its first reply was lost
+                        q = self._pending[e.unit]
+                        q.popleft()
+                        if not q:
+                            del self._pending[e.unit]
+                        self._acked[e.unit] = e.seq
+                        e.batch.left -= 1
+                        if not e.batch.left:
+                            self._queued -= e.batch.n
+                            flushed += e.batch.n
+                    else:
+                        blocked[e.unit] = r
+                if -1 in blocked.values() or not progress:   # a slot lost its state, or stuck: retry later
+                    unit, r = next(((u, r) for u, r in blocked.items() if r == -1), next(iter(blocked.items())))
+                    raise RedisError(f"flushing to {node}: {self._why(r, unit)}")
+        if flushed or back:
+            self._count("retried", flushed)
+            log.warning("redis feature store: %s back; %d buffered events flushed", node, flushed)
 
     def _sync(self) -> str:
-        """"ready" once the DB holds this version, seeding it first if it is empty or older;
-        "busy" while another server seeds; "newer" if it holds a newer version than ours."""
-        cur = self._bg.get(META)
+        """"ready" once meta:{g}:bundle names this version, seeding the DB first if it is empty
+        or older; "busy" while another server seeds; "newer" if it holds a newer version."""
+        meta = self._net.client(self._net.node(META_SLOT), slow=True)
+        cur = meta.get(META)
         if cur == self._v:
             return "ready"
         if cur is not None and cur > self._v:
             return "newer"
         token = uuid.uuid4().hex
-        claimed = self._claim_script(args=[self.version, token, SEED_LOCK_MS, self._catalog])
+        claimed = _eval1(meta, _CLAIM, [META, CATALOG, LOCK], [self.version, token, SEED_LOCK_MS, self._catalog])
         if claimed == 0:
             return "busy"
         if claimed == 1:
             self._seed(token)
+        self._down |= set(self._net.primaries())   # seeded or adopted: check (re-stamp) every node's slots
         return "ready"
 
     def _wait_seeded(self) -> None:
         end = time.monotonic() + SEED_WAIT_S
         try:
+            self._net.refresh()
             while (state := self._sync()) == "busy" and time.monotonic() < end:
                 time.sleep(RETRY_S)
-        except RedisError as e:
+        except _ERRORS as e:
             log.warning("redis feature store unreachable at start (%s): serving the bundle's state until it is", e)
             return
-        self._up = state == "ready"
         if state != "ready":
             log.warning("redis feature store: DB is %s; serving the bundle's state meanwhile",
                         "being seeded by another server" if state == "busy" else "seeded by a newer bundle")
+            return
+        self._down = set(self._net.primaries())
+        self._ready = True
+        for node in self._net.primaries():
+            try:
+                self._repair(node)
+                self._down.discard(node)
+            except _ERRORS as e:
+                self._lost(e, node)
+
+    def _users_by_slot(self) -> dict[int, list[int]]:
+        """Bundle users with any state (the ones seeding writes), grouped by their slot."""
+        if self._seeded_users is None:
+            st, ids = self._bundle.state, np.asarray(self._bundle.user_ids).tolist()
+            users = np.flatnonzero((st.user_n_imp > 0) | (st.user_n_pos > 0) | (st.user_recent[:, 0] >= 0))
+            by_slot: dict[int, list[int]] = {}
+            for u in users.tolist():
+                by_slot.setdefault(user_slot(str(ids[u])), []).append(u)
+            self._seeded_users = by_slot
+        return self._seeded_users
+
+    def _seed_slots(self, node: str, slots, repair: bool, lock_token: str | None = None) -> int:
+        """Write the bundle's users of `slots` (all on `node`), one script per slot, SEED_CHUNK
+        users per pipeline. Seeding (repair=False) writes unconditionally and, on a cluster,
+        stamps every slot but g's (meta:{g}:bundle is published last); a repair writes and
+        stamps only slots whose stamp is missing. Returns the users written."""
+        st, ids = self._bundle.state, np.asarray(self._bundle.user_ids).tolist()
+        by_slot, client = self._users_by_slot(), self._net.client(node, slow=True)
+        calls: list[tuple[list, list]] = []
+        size = written = 0
+
+        def send() -> None:
+            for r in _eval(client, _SEED, calls):
+                if isinstance(r, Exception):
+                    raise r
+            if lock_token is not None:
+                self._net.client(self._net.node(META_SLOT), slow=True).pexpire(LOCK, SEED_LOCK_MS)
+            calls.clear()
+
+        for s in slots:
+            mode = 2 if repair else 1 if self._net.cluster and s != META_SLOT else 0
+            users = by_slot.get(s, ())
+            if not users and not mode:
+                continue
+            keys, args = [stamp_key(s)], [self.version, mode]
+            for u in users:
+                k = user_key(str(ids[u]), s)
+                keys += (k + "recent", k + "seen", k + "n")
+                for arr in (st.user_recent[u], st.user_seen[u]):
+                    v = arr[arr >= 0].tolist()
+                    args += (len(v), *v)
+                args += (int(st.user_n_imp[u]), int(st.user_n_pos[u]))
+            calls.append((keys, args))
+            size += len(users) + 1
+            written += len(users)
+            if size >= SEED_CHUNK:
+                send()
+                size = 0
+        if calls:
+            send()
+        return written
 
     def _seed(self, token: str) -> None:
-        """Load the bundle's end-of-log state in pipelined chunks, then publish meta:bundle."""
+        """Empty the other shards (the claim emptied g's), load the bundle's end-of-log state
+        node by node, then publish meta:{g}:bundle."""
         t0 = time.monotonic()
-        st, ids, r = self._bundle.state, np.asarray(self._bundle.user_ids), self._bg
-        users = np.flatnonzero((st.user_n_imp > 0) | (st.user_n_pos > 0) | (st.user_recent[:, 0] >= 0))
-        for lo in range(0, users.size, SEED_CHUNK):
-            p = r.pipeline(transaction=False)
-            for u in users[lo:lo + SEED_CHUNK].tolist():
-                k = f"u:{ids[u]}:"
-                for name, arr in (("recent", st.user_recent[u]), ("seen", st.user_seen[u])):
-                    if arr[0] >= 0:
-                        p.rpush(k + name, *arr[arr >= 0].tolist())
-                p.hset(k + "n", mapping={"imp": int(st.user_n_imp[u]), "pos": int(st.user_n_pos[u])})
-            p.pexpire(LOCK, SEED_LOCK_MS).execute()
+        st = self._bundle.state
+        meta_node = self._net.node(META_SLOT)
+        r = self._net.client(meta_node, slow=True)
+        if self._net.cluster:
+            for node in self._net.primaries():
+                if node != meta_node:
+                    self._net.client(node, slow=True).flushdb()
+        users = sum(self._seed_slots(node, self._net.slots(node), False, token) for node in self._net.primaries())
         for key, values in ((IMP, st.item_n_imp), (POS, st.item_n_pos), (HOT, st.item_hot)):
             nz = np.flatnonzero(values)
             for lo in range(0, nz.size, 10 * SEED_CHUNK):
@@ -347,13 +856,48 @@ class RedisStore:
             raise RedisError("seed lock lost while seeding (took longer than its expiry?)")
         r.pipeline(transaction=True).set(META, self.version).set(CATALOG, self._catalog).delete(LOCK).execute()
         log.info("redis feature store seeded with bundle %s: %d users, %d items in %.1f s",
-                 self.version, users.size, st.item_n_imp.size, time.monotonic() - t0)
+                 self.version, users, st.item_n_imp.size, time.monotonic() - t0)
+
+    def _repair(self, node: str) -> None:
+        """Cluster: every slot of `node` must hold this version. A missing stamp (the node came
+        back empty) gets the slot's users re-seeded from the bundle; an older one (a DB adopted
+        by this version: same catalog) is re-stamped; a newer one keeps the node down."""
+        if not self._net.cluster:
+            return
+        slots = [s for s in self._net.slots(node) if s != META_SLOT]
+        client = self._net.client(node, slow=True)
+        stamps: list = []
+        for lo in range(0, len(slots), 4096):
+            p = client.pipeline(transaction=False)
+            for s in slots[lo:lo + 4096]:
+                p.get(stamp_key(s))
+            stamps += p.execute()
+        if any(v is not None and v > self._v for v in stamps):
+            raise RedisError(f"{node} holds slots of a newer bundle than {self.version}")
+        older = [s for s, v in zip(slots, stamps) if v is not None and v != self._v]
+        if older:
+            for r in _eval(client, _RESTAMP, [([stamp_key(s)], [self.version]) for s in older]):
+                if isinstance(r, Exception):
+                    raise r
+        missing = [s for s, v in zip(slots, stamps) if v is None]
+        if missing:
+            users = self._seed_slots(node, missing, True)
+            log.warning("redis feature store: %s had lost %d slots; re-seeded them from bundle %s (%d users)",
+                        node, len(missing), self.version, users)
 
     # -- bookkeeping ------------------------------------------------------------------
-    def _lost(self, reason: object) -> None:
-        if self._up:
-            log.warning("redis feature store unavailable (%s): serving the bundle's state, buffering events", reason)
-        self._up = False
+    def _lost(self, reason: object, node: str | None = None) -> None:
+        """`node` unusable: its users are served from the bundle; None: the whole store is."""
+        if node is None:
+            if self._ready:
+                log.warning("redis feature store unavailable (%s): serving the bundle's state, buffering events",
+                            reason)
+            self._ready = False
+        elif node not in self._down:
+            if self._ready:
+                log.warning("redis feature store: %s unavailable (%s): serving the bundle's state for its users, "
+                            "buffering their events", node, reason)
+            self._down.add(node)
 
     def _fell_back(self) -> None:
         self._local.fell = True
@@ -368,13 +912,14 @@ class RedisStore:
         self._stop.set()
         self._thread.join()
         end = time.monotonic() + flush_s
-        while self._queue and time.monotonic() < end:
+        while self._queued and time.monotonic() < end:
             try:
                 self._recover()
-            except RedisError:
+            except _ERRORS:
+                pass
+            if self._queued:
                 time.sleep(RETRY_S)
-        if self._queue:
+        if self._queued:
             log.error("redis feature store closed with %d events still buffered (Redis unreachable): "
                       "they are lost", self._queued)
-        self.r.close()
-        self._bg.close()
+        self._net.close()

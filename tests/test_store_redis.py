@@ -2,106 +2,32 @@
 
 The module's redis-server is started with `--save '' --appendonly no` in a tmp dir, so a
 restart comes back empty, the worst case for the store: it must re-seed and replay its buffer.
-Each test uses its own DB number and builds its stores after Redis is up.
+Each test uses its own DB number and builds its stores after Redis is up. Tests taking
+`store_url` run twice: on that server and on a local 3-master Redis Cluster
+(tests/redis_fixtures.py; the cluster's own tests are in test_store_redis_cluster.py).
 """
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from helpers import wait_for
 import redis
+from redis_fixtures import cluster, redis_cluster, redis_server  # noqa: F401 - fixtures
 
 from engine.config import load_config
 from engine.engine import Engine
 from engine.request import Event, Overloaded, Request
 from engine.store import EmbeddedStore, ResolvedEvent
-from engine.store_redis import RedisStore
+from engine.store_redis import CATALOG, IMP, LOCK, META, RedisStore, user_key
 from test_store import bundle, check_replay, models, world  # noqa: F401 - module fixtures reused
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-def _redis_server_binary() -> str:
-    """redis-server from PATH; installed with apt-get when missing and running as root."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        pytest.skip("redis-server is not installed and installing it needs root: apt-get install -y redis-server")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "redis-server"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-        subprocess.run(install, env=env, capture_output=True)
-    return shutil.which("redis-server") or pytest.skip("apt-get install -y redis-server failed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """One redis-server process without persistence; stop/start keep the port."""
-
-    def __init__(self, binary: str, workdir: Path):
-        self.binary, self.dir, self.port = binary, workdir, _free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 10
-        while True:
-            try:
-                if self.client().ping():
-                    return
-            except redis.ConnectionError:
-                if time.monotonic() > end or self.proc.poll() is not None:
-                    raise AssertionError(f"redis-server on port {self.port} did not start")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.port, db=db, socket_timeout=2)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    srv = RedisServer(_redis_server_binary(), tmp_path_factory.mktemp("redis"))
-    yield srv
-    srv.resume()
-    srv.stop()
 
 
 _dbs = itertools.count(1)
@@ -112,6 +38,13 @@ def db(redis_server) -> int:
     """A DB number of its own for each test (16 per server)."""
     return next(_dbs) % 16
 
+
+@pytest.fixture(params=["redis", "rediscluster"])
+def store_url(request) -> str:
+    """A fresh standalone DB, or the (emptied) local cluster."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server").url(request.getfixturevalue("db"))
+    return request.getfixturevalue("cluster").url()
 
 
 def _user(store, bundle, user_id: str, index: int = -1):
@@ -134,7 +67,7 @@ def test_seeded_once_then_shared(redis_server, db, bundle, monkeypatch):
     try:
         assert len(seeds) == 1 and all(s.stats()["up"] for s in stores)
         r = redis_server.client(db)
-        assert r.get("meta:bundle").decode() == bundle.version and not r.exists("meta:seed")
+        assert r.get(META).decode() == bundle.version and not r.exists(LOCK) and r.exists(CATALOG)
         emb = EmbeddedStore(bundle)
         for u in (0, 1, 17):   # seeded state == the bundle's state, read through the same interface
             a, b = _user(stores[0], bundle, str(bundle.user_ids[u]), u), _user(emb, bundle, str(bundle.user_ids[u]), u)
@@ -158,8 +91,8 @@ def test_seeded_once_then_shared(redis_server, db, bundle, monkeypatch):
 
 # ------------------------------------------------------------------ 2. offline/online consistency
 
-def test_serving_features_equal_training_features_on_redis(redis_server, db, bundle, world, models):
-    check_replay(bundle, world, models, lambda b: RedisStore(b, redis_server.url(db)))
+def test_serving_features_equal_training_features_on_redis(store_url, bundle, world, models):
+    check_replay(bundle, world, models, lambda b: RedisStore(b, store_url))
 
 
 def test_one_round_trip_per_feature_kind(redis_server, db, bundle, tiny_config, monkeypatch):
@@ -223,9 +156,9 @@ def test_redis_down_fails_open_buffers_and_converges(redis_server, db, bundle, t
         redis_server.start()                                    # back, and empty: re-seed, then replay
         wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="buffer flushed")
         r = redis_server.client(db)
-        seen = [int(x) for x in r.lrange("u:guest-outage:seen", 0, -1)]
+        seen = [int(x) for x in r.lrange(user_key("guest-outage") + "seen", 0, -1)]
         assert seen == [bundle.item_ids.tolist().index(x) for x in reversed(hidden)]   # in order
-        assert int(r.hget("item:imp", item)) == int(bundle.state.item_n_imp[item]) + 2
+        assert int(r.hget(IMP, item)) == int(bundle.state.item_n_imp[item]) + 2
         assert store.stats()["retried"] == 6
         again = engine.recommend(Request(user_id="guest-outage", count=20))
         assert not again.degraded and not set(again.item_ids) & set(hidden)
@@ -242,7 +175,7 @@ def test_slow_redis_bounded_latency_and_exactly_once(redis_server, db, bundle, t
     store = RedisStore(bundle, redis_server.url(db))
     engine = Engine(cfg, bundle, store=store)
     item_id = bundle.item_ids[11]
-    before = int(redis_server.client(db).hget("item:imp", 11) or 0)
+    before = int(redis_server.client(db).hget(IMP, 11) or 0)
     try:
         engine.recommend(Request(user_id="u8", count=20))
         redis_server.pause()
@@ -259,7 +192,7 @@ def test_slow_redis_bounded_latency_and_exactly_once(redis_server, db, bundle, t
         time.sleep(0.5)
         redis_server.resume()
         wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="buffer flushed")
-        assert int(redis_server.client(db).hget("item:imp", 11)) == before + 5
+        assert int(redis_server.client(db).hget(IMP, 11)) == before + 5
         assert not engine.recommend(Request(user_id="u8", count=20)).degraded
     finally:
         redis_server.resume()
@@ -268,10 +201,10 @@ def test_slow_redis_bounded_latency_and_exactly_once(redis_server, db, bundle, t
 
 # ------------------------------------------------------------------ 4. several servers, one store
 
-def test_an_event_on_one_server_changes_the_other(redis_server, db, tiny_bundle, tiny_config, tmp_path):
+def test_an_event_on_one_server_changes_the_other(store_url, tiny_bundle, tiny_config, tmp_path):
     from test_server import Server
 
-    args = ("--feature-store", redis_server.url(db))
+    args = ("--feature-store", store_url)
     a = Server(tmp_path, tiny_config, tiny_bundle, workers=1, extra=args)
     b = Server(tmp_path, tiny_config, tiny_bundle, workers=2, extra=args)
     try:
@@ -322,7 +255,7 @@ def test_redis_restart_under_load(redis_server, db, bundle, tiny_bundle, tiny_co
             index = {x: k for k, x in enumerate(bundle.item_ids.tolist())}
 
             def all_in_redis() -> bool:
-                return all(r.lpos(f"u:{u}:seen", index[i]) is not None for u, i in acked)
+                return all(r.lpos(user_key(u) + "seen", index[i]) is not None for u, i in acked)
 
             wait_for(all_in_redis, what="every acknowledged event in Redis")
             time.sleep(1.0)
@@ -337,21 +270,28 @@ def test_redis_restart_under_load(redis_server, db, bundle, tiny_bundle, tiny_co
     assert counters["store.dropped"] == 0 and counters["store.up"] == 1 and counters["store.buffered"] == 0
 
 
-def test_new_model_bundle_over_the_same_catalog_keeps_live_state(redis_server, db, tiny_bundle, tmp_path):
+def test_new_model_bundle_over_the_same_catalog_keeps_live_state(store_url, tiny_bundle, tmp_path):
     """A model update must not lose events accepted since the last bundle."""
     import json
 
     from engine.bundle import load_bundle
 
     old = load_bundle(tiny_bundle)
-    store = RedisStore(old, redis_server.url(db))
-    store.apply([ResolvedEvent("click", -1, "adopt-user", 7, store.clock.days())])
+    store = RedisStore(old, store_url)
+    u = int(np.flatnonzero(old.state.user_n_imp > 0)[0])   # a seeded user: re-seeding would reset it
+    store.apply([ResolvedEvent("click", -1, "adopt-user", 7, store.clock.days()),
+                 ResolvedEvent("impression", u, str(old.user_ids[u]), 9, store.clock.days())])
     store.close()
     newer = tmp_path / "v99999999-000000-1"          # same files, a newer version name
     shutil.copytree(old.path, newer)
     m = json.loads((newer / "manifest.json").read_text())
     m["version"] = newer.name
     (newer / "manifest.json").write_text(json.dumps(m))
-    store = RedisStore(load_bundle(newer), redis_server.url(db))
-    assert 7 in _user(store, old, "adopt-user").recent[0]
-    store.close()
+    store = RedisStore(load_bundle(newer), store_url)
+    try:
+        assert 7 in _user(store, old, "adopt-user").recent[0]
+        seen = _user(store, old, str(old.user_ids[u]), u).seen        # kept (cluster: slots re-stamped)
+        assert seen[0] == 9 and np.array_equal(seen[1:], old.state.user_seen[u][:-1])
+        assert store.stats()["up"] and not store.fell_back()
+    finally:
+        store.close()
