@@ -63,7 +63,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="bearer token required on ReportEvents and Admin (default: $RECSERVE_TOKEN)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
     p.add_argument("--feature-store", default="embedded", metavar="URL",
-                   help="embedded (default, in-process) or redis://HOST:PORT/DB shared by several servers")
+                   help="embedded (default, in-process), or shared by several servers: redis://HOST:PORT/DB "
+                        "or rediscluster://HOST:PORT,...")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="embedded store: snapshot the feature state here every serving.snapshot_s and at "
                         "shutdown, reload it at start (default: no persistence)")
