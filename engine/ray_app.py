@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import threading
@@ -221,7 +222,7 @@ class Fail(Exception):
     """A startup failure reported as one line on stderr."""
 
 
-def check_args(args: argparse.Namespace, cfg: Config) -> tuple[int, tuple[int, int] | None]:
+def check_args(args: argparse.Namespace) -> tuple[int, tuple[int, int] | None]:
     """(replicas, autoscale) from the CLI, or Fail naming what cannot work on Ray."""
     if args.tls_cert or args.tls_key:
         raise Fail("--backend ray: Ray Serve's gRPC proxy has no TLS; terminate TLS in front of it "
@@ -235,24 +236,44 @@ def check_args(args: argparse.Namespace, cfg: Config) -> tuple[int, tuple[int, i
     if args.host not in ("0.0.0.0", "::"):
         raise Fail(f"--backend ray: Ray Serve's gRPC proxy listens on every interface, not {args.host}; "
                    "pass --host 0.0.0.0 to accept that (firewall it), or use the native server")
-    autoscale = None
-    if args.autoscale:
+    return scale(args.replicas, args.autoscale, args.feature_store)
+
+
+def scale(replicas: int | None, autoscale: str | None, feature_store: str | None) -> tuple[int, tuple[int, int] | None]:
+    """(replicas, autoscale (MIN, MAX) or None), or Fail: more than one replica needs a shared store."""
+    bounds = None
+    if autoscale:
         try:
-            lo, hi = (int(x) for x in args.autoscale.split(","))
+            lo, hi = (int(x) for x in str(autoscale).split(","))
         except ValueError:
-            raise Fail(f"--autoscale {args.autoscale!r}: expected MIN,MAX") from None
+            raise Fail(f"--autoscale {autoscale!r}: expected MIN,MAX") from None
         if not 0 <= lo <= hi or hi < 1:
-            raise Fail(f"--autoscale {args.autoscale!r}: need 0 <= MIN <= MAX and MAX >= 1")
-        autoscale = (lo, hi)
-    replicas = args.replicas or 1
-    if replicas < 1:
-        raise Fail(f"--replicas must be >= 1, got {replicas}")
-    many = (autoscale[1] if autoscale else replicas) > 1
-    if many and args.feature_store in (None, "", "embedded"):
+            raise Fail(f"--autoscale {autoscale!r}: need 0 <= MIN <= MAX and MAX >= 1")
+        bounds = (lo, hi)
+    n = int(replicas or 1)
+    if n < 1:
+        raise Fail(f"--replicas must be >= 1, got {n}")
+    if (bounds[1] if bounds else n) > 1 and feature_store in (None, "", "embedded"):
         raise Fail("--backend ray with more than one replica needs a shared feature store "
                    "(--feature-store redis://HOST:PORT/DB or rediscluster://HOST:PORT,...): "
                    "the embedded store would give each replica its own state")
-    return replicas, autoscale
+    return n, bounds
+
+
+def app_builder(args: dict[str, Any]):
+    """The application for a Serve config file or KubeRay's RayService (serveConfigV2):
+    `import_path: engine.ray_app:app_builder` with args config, bundle (paths every node reads),
+    feature_store, replicas or autoscale ("MIN,MAX"), set (list of KEY=VALUE). The token comes
+    from $RECSERVE_TOKEN on the nodes, never from the config file. docs/deploy.md has an example."""
+    unknown = set(args) - {"config", "bundle", "feature_store", "replicas", "autoscale", "set"}
+    if unknown or not {"config", "bundle"} <= set(args):
+        raise Fail(f"app_builder args: need config and bundle; unknown: {sorted(unknown) or 'none'}")
+    store = args.get("feature_store", "embedded")
+    replicas, autoscale = scale(args.get("replicas"), args.get("autoscale"), store)
+    overrides = list(args.get("set", []))
+    config = str(Path(args["config"]).resolve())
+    return build_app(load_config(config, overrides), config, overrides, str(Path(args["bundle"]).resolve()),
+                     store, os.environ.get("RECSERVE_TOKEN") or None, replicas, autoscale)
 
 
 def _free_port() -> int:
@@ -271,7 +292,7 @@ def serve_ray(args: argparse.Namespace) -> int:
         raise Fail(str(e)) from None
     if not args.bundle.is_dir():
         raise Fail(f"{args.bundle}: no such bundle directory")
-    replicas, autoscale = check_args(args, cfg)
+    replicas, autoscale = check_args(args)
     from engine.store import store_factory
 
     try:

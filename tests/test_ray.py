@@ -260,3 +260,17 @@ def test_what_cannot_work_on_ray_is_refused_before_anything_starts(extra, says, 
                           str(tiny_config), "--bundle", str(tmp_path), *extra],
                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
     assert out.returncode == 1 and says in out.stderr, out.stderr
+
+
+def test_app_builder_for_serve_config_files_and_kuberay(tiny_config, tiny_bundle):
+    from ray.serve import Application
+
+    from engine.ray_app import Fail, app_builder
+
+    app = app_builder({"config": str(tiny_config), "bundle": str(tiny_bundle), "feature_store": "redis://h:1/0",
+                       "replicas": 3, "set": ["ray.split_fine=true"]})
+    assert isinstance(app, Application)
+    for bad in ({"bundle": "b"}, {"config": "c", "bundle": "b", "replica": 2},
+                {"config": str(tiny_config), "bundle": "b", "replicas": 2}):
+        with pytest.raises(Fail):
+            app_builder(bad)
