@@ -150,6 +150,7 @@ class RayConfig:
     fine_num_cpus: float = 1.0
     fine_max_batch: int = 8            # requests per ONNX call of the fine ranker deployment
     fine_batch_wait_ms: float = 2.0    # how long a batch waits to fill
+    access_log: bool = False           # Serve's per-request log lines in proxy and replicas: CPU per call
 
     def check(self) -> None:
         for k in ("max_ongoing_requests", "max_queued_requests", "fine_replicas", "fine_max_batch"):

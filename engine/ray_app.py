@@ -197,10 +197,17 @@ class FineRankerDeployment:
         return await asyncio.to_thread(self._run, versions, feeds)
 
 
+def _logging(cfg: Config) -> dict[str, Any]:
+    """Serve writes an access-log line per request in the proxy and in the replica (streamed to
+    the driver too): CPU on the request path, off unless `ray.access_log`."""
+    return {"enable_access_log": cfg.ray.access_log, "log_level": "INFO" if cfg.ray.access_log else "WARNING"}
+
+
 def build_app(cfg: Config, config_path: str, overrides: list[str], bundle: str, feature_store: str,
               token: str | None, replicas: int, autoscale: tuple[int, int] | None):
     """The Serve application: RecServe replicas, plus the FineRanker deployment if split."""
     r = cfg.ray
+    logging_config = _logging(cfg)
     scale: dict[str, Any] = ({"autoscaling_config": AutoscalingConfig(
         min_replicas=autoscale[0], max_replicas=autoscale[1], target_ongoing_requests=r.target_ongoing_requests)}
         if autoscale else {"num_replicas": replicas})
@@ -208,11 +215,13 @@ def build_app(cfg: Config, config_path: str, overrides: list[str], bundle: str, 
     if r.split_fine:
         fine = FineRankerDeployment.options(
             num_replicas=r.fine_replicas, ray_actor_options={"num_cpus": r.fine_num_cpus},
+            logging_config=logging_config,
             max_ongoing_requests=max(r.fine_max_batch * 2, r.max_ongoing_requests),
         ).bind(bundle, cfg.serving.ort_threads, r.fine_max_batch, r.fine_batch_wait_ms)
     return RecServeDeployment.options(
         ray_actor_options={"num_cpus": r.num_cpus}, max_ongoing_requests=r.max_ongoing_requests,
-        max_queued_requests=r.max_queued_requests, graceful_shutdown_timeout_s=10, **scale,
+        max_queued_requests=r.max_queued_requests, graceful_shutdown_timeout_s=10, logging_config=logging_config,
+        **scale,
     ).bind(config_path, overrides, bundle, feature_store, token, fine)
 
 
@@ -307,7 +316,7 @@ def serve_ray(args: argparse.Namespace) -> int:
     for s in (signal.SIGTERM, signal.SIGINT):   # after ray.init, which installs its own handlers
         signal.signal(s, lambda *_: stop.set())
     try:
-        serve.start(proxy_location=args.proxy_location,
+        serve.start(proxy_location=args.proxy_location, logging_config=_logging(cfg),
                     http_options={"host": "127.0.0.1", "port": _free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICERS))
         app = build_app(cfg, str(args.config.resolve()), list(args.set), str(args.bundle.resolve()),

@@ -42,6 +42,8 @@ def _start(kind: str, n: int, args: argparse.Namespace, log: Path) -> Server:
     extra += ["--backend", "ray", "--host", "0.0.0.0", "--replicas", str(n), "--ray-cpus", str(args.ray_cpus)]
     if kind == "ray-split":   # both deployments fit the local Ray's CPUs
         extra += ["--set", "ray.split_fine=true", "--set", f"ray.num_cpus={0.5}", "--set", f"ray.fine_num_cpus={0.5}"]
+    for o in args.server_set:
+        extra += ["--set", o]
     return Server(args.config, args.bundle, None, log, extra=tuple(extra))
 
 
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-store", required=True, help="redis:// or rediscluster:// URL every setup shares")
     p.add_argument("--setups", type=_setups, default=_setups("native:1,ray:1,native:2,ray:2"))
     p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    p.add_argument("--server-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the Ray setups (e.g. ray.access_log=true)")
     args = p.parse_args(["sweep", *(argv if argv is not None else sys.argv[1:])])
     if not args.config:
         p.error("--config is required")
