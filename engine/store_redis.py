@@ -9,8 +9,10 @@ members are the bundle's item indices, user keys the external user id, known or 
     meta:{g}:bundle        bundle version whose state the DB holds
     meta:{g}:catalog       item and user id tables (sha256) and ring sizes that state is keyed by
     meta:{g}:seed          lock (SET NX semantics, expiring) of the server seeding the DB
+    meta:{g}:epoch         token of the seeding that wrote the item counters (a new one: mirrors reload)
     item:{g}:imp, :pos     hash: item index -> count
     item:{g}:hot           sorted set: item index -> sum of decay(t_event, t_ref) over positives
+    item:{g}:log           stream: the item deltas of every applied batch (MAXLEN ~ LOG_LEN)
     u:{T}:<user>:recent    list: last primary-task positives, most recent first (LPUSH + LTRIM)
     u:{T}:<user>:seen      list: last impressions
     u:{T}:<user>:n         hash: imp, pos
@@ -18,19 +20,35 @@ members are the bundle's item indices, user keys the external user id, known or 
     ev:{T}:<writer>        last event sub-batch applied to slot T by one server process
 
 `{...}` is a hash tag: Redis Cluster places a key by the CRC16 of its tag only. `{g}` puts the
-item counters and the meta keys in one slot, so item stats are one round trip; that slot's
-shard is the hot one (every Recommend and every event touches it; see docs/feature_store.md
-for what would fix it at scale). A user's keys carry the tag T of the user's own slot
-(CRC16(user id) mod 16384, where Redis would put the id itself), spelled with a fixed table
-(`slot_tags()`: for each slot, the first string over [0-9a-zA-Z], shortest first, that hashes
-to it), so the three keys of any id, braces included, sit together on one shard and users
-spread over all of them. A standalone Redis ignores the tags: same key names there.
+item counters, their log and the meta keys in one slot, so one script updates them together;
+that slot's shard takes the item part of every event batch (docs/feature_store.md, "The hot
+shard"), but no request-path read: item stats come from the mirror. A user's keys carry the
+tag T of the user's own slot (CRC16(user id) mod 16384, where Redis would put the id itself),
+spelled with a fixed table (`slot_tags()`: for each slot, the first string over [0-9a-zA-Z],
+shortest first, that hashes to it), so the three keys of any id, braces included, sit together
+on one shard and users spread over all of them. A standalone Redis ignores the tags: same key
+names there.
+
+Item mirror. Each store (server process) keeps the item counters in local numpy arrays (imp,
+pos float32, hot float64: 16 bytes per item), so item_stats and hot_top cost no round trip and
+no Redis CPU. A background load reads them in chunks of MIRROR_CHUNK items, each chunk in one
+MULTI with the log's last id, then replays the log entries after the oldest of those ids, each
+onto the chunks read before it: exact without blocking Redis for the whole catalog. Then the
+background thread (every RETRY_S) tails item:{g}:log with XREAD and adds the other writers'
+deltas (np.add.at); this process's own batches go into its mirror when Redis acknowledges them
+(read-your-writes; its log entries, marked with its sequence key, are skipped when tailing).
+A full reload happens at start, when meta:{g}:epoch changes (the DB was re-seeded), and when
+entries not read yet were trimmed away (XINFO entries-added - length > entries read; Redis 7).
+META not naming this version drops the mirror (item reads from the bundle, flagged) and marks
+slot g's node down, so the background thread re-seeds or waits. Redis unreachable: the mirror
+keeps serving its last state, newer than the bundle's (stats: mirror_lag_ms), unflagged until it
+has not synced for MIRROR_STALE_S, flagged after that.
 
 Units. Every read and write addresses one slot: a user read goes to the user's slot (stamp,
-recent, seen, counters: one round trip), item stats to slot g. An event batch is split per
-slot: one Lua call per user slot it touches (those users' keys) and one for slot g (item
-counters), each declaring every key it touches in KEYS; calls are pipelined per node (one
-round trip per node holding part of the batch). On a standalone Redis the whole DB is one
+recent, seen, counters: one round trip, the only one of a Recommend). An event batch is split
+per slot: one Lua call per user slot it touches (those users' keys) and one for slot g (item
+counters, plus one item:{g}:log entry), each declaring every key it touches in KEYS; calls are
+pipelined per node (one round trip per node holding part of the batch). On a standalone Redis the whole DB is one
 unit (slot g): one call per batch, as before.
 
 Guarantees of the event apply, per unit (KEYS[1] is the unit's stamp: meta:{g}:bundle for slot
@@ -64,7 +82,7 @@ Faults: request-path commands go to one node's plain client with a 50 ms socket 
 retries, and follow no redirection: redis-py's ClusterPipeline (8.1) would re-send each failed
 command of a timed-out pipeline on its own and re-read the slot map inline, so one request
 could wait several timeouts; here a request waits at most one timeout per node it contacts
-(a Recommend contacts two), and a node that failed is skipped until the background thread has
+(a Recommend contacts one), and a node that failed is skipped until the background thread has
 reached it again. The slot map is only re-read in the background. A read that fails, or finds the
 unit's stamp not naming this version, is answered from the bundle's state and flagged (the
 engine marks the response degraded); the store then stays on the bundle's state for the
@@ -105,7 +123,10 @@ log = logging.getLogger("recserve.store")
 
 SOCKET_TIMEOUT_S = 0.05     # request path: a slow Redis costs a request this much once, then fallback
 BACKGROUND_TIMEOUT_S = 5.0  # seeding chunks, hot list refreshes and other big reads off the request path
-BIG_READ = 4096             # item_stats over more items than this is a background refresh
+LOG_LEN = 20_000            # item:{g}:log entries kept (MAXLEN ~): a mirror further behind reloads
+MIRROR_CHUNK = 4096         # items per atomic read (MULTI) of a full mirror load
+TAIL_COUNT = 1000           # log entries per XREAD / XRANGE
+MIRROR_STALE_S = 5.0        # a mirror not synced for longer serves on, but flags its reads
 SEED_CHUNK = 1000           # users per seeding pipeline
 SEED_LOCK_MS = 30_000       # the seeder refreshes it per chunk; a crashed seeder's lock expires
 SEED_WAIT_S = 120.0         # start-up waits this long for another server's seeding
@@ -116,7 +137,8 @@ SEQ_TTL_S = 7 * 86400
 SLOTS = 16384               # Redis Cluster hash slots
 
 META, CATALOG, LOCK = "meta:{g}:bundle", "meta:{g}:catalog", "meta:{g}:seed"
-IMP, POS, HOT = "item:{g}:imp", "item:{g}:pos", "item:{g}:hot"
+IMP, POS, HOT, LOG = "item:{g}:imp", "item:{g}:pos", "item:{g}:hot", "item:{g}:log"
+EPOCH = "meta:{g}:epoch"
 _ERRORS = (RedisError, RedisClusterException)
 
 
@@ -163,8 +185,8 @@ class _Script:
         self.text, self.sha = text, hashlib.sha1(text.encode()).hexdigest()
 
 
-# KEYS: stamp, sequence key, [item:imp, item:pos, item:hot if there are item ops], then per user:
-# seen, recent, n. ARGV: version, seq, last seq acknowledged to this writer, recent_len,
+# KEYS: stamp, sequence key, [item:imp, item:pos, item:hot, item:log if there are item ops], then
+# per user: seen, recent, n. ARGV: version, seq, last seq acknowledged to this writer, recent_len,
 # seen_len, number of user ops, then per user op: flags (1 impression, 2 primary positive),
 # index in KEYS of the user's seen key, item; then per item op: flags, item, hot weight.
 _APPLY = _Script("""
@@ -189,16 +211,26 @@ for _ = 1, tonumber(ARGV[6]) do
   end
   i = i + 3
 end
+local imps, poss, hots = {}, {}, {}
 for j = i, #ARGV, 3 do
   local flags, item = tonumber(ARGV[j]), ARGV[j + 1]
-  if flags % 2 == 1 then redis.call('HINCRBY', KEYS[3], item, 1) end
+  if flags % 2 == 1 then
+    redis.call('HINCRBY', KEYS[3], item, 1)
+    imps[#imps + 1] = item
+  end
   if flags >= 2 then
     redis.call('HINCRBY', KEYS[4], item, 1)
     redis.call('ZINCRBY', KEYS[5], ARGV[j + 2], item)
+    poss[#poss + 1] = item
+    hots[#hots + 1] = ARGV[j + 2]
   end
 end
+if i <= #ARGV then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', LOG_LEN, '*', 'w', KEYS[2], 'i', table.concat(imps, ' '),
+             'p', table.concat(poss, ' '), 'h', table.concat(hots, ' '))
+end
 return 1
-""".replace("SEQ_TTL", str(SEQ_TTL_S)))
+""".replace("SEQ_TTL", str(SEQ_TTL_S)).replace("LOG_LEN", str(LOG_LEN)))
 
 # KEYS: meta:{g}:bundle, meta:{g}:catalog, meta:{g}:seed. ARGV: version, token, lock ms, catalog id.
 # Unless the DB already holds this or a newer version or another server is seeding it: a DB
@@ -413,7 +445,7 @@ class _SlotOps:
     __slots__ = ("keys", "index", "user", "item")
 
     def __init__(self, with_items: bool):
-        self.keys: list[str] = [IMP, POS, HOT] if with_items else []
+        self.keys: list[str] = [IMP, POS, HOT, LOG] if with_items else []
         self.index: dict[str, int] = {}
         self.user: list = []
         self.item: list = []
@@ -437,6 +469,50 @@ def _ids(values: list, n: int) -> np.ndarray:
 def _numbers(values: list) -> np.ndarray:
     """HMGET / ZMSCORE replies (bytes, float or None) -> float64, missing = 0."""
     return np.fromiter((0.0 if v is None else float(v) for v in values), np.float64, len(values))
+
+
+def _sid(raw) -> tuple[int, int]:
+    """Stream entry id (b"<ms>-<seq>") -> (ms, seq); none -> (0, 0), before every entry."""
+    if not raw:
+        return (0, 0)
+    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else raw).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _sids(ids: tuple[int, int]) -> str:
+    return f"{ids[0]}-{ids[1]}"
+
+
+def _log_info(info) -> tuple[tuple[int, int], int, int]:
+    """XINFO STREAM of the item log (or its error: no log yet) -> last id, entries ever added,
+    entries trimmed away (MAXLEN; entries are never deleted otherwise). Redis >= 7.0."""
+    if isinstance(info, Exception):
+        if "no such key" in str(info).lower():
+            return (0, 0), 0, 0
+        raise info
+    added = int(info["entries-added"])
+    return _sid(info["last-generated-id"]), added, added - int(info["length"])
+
+
+def _split(fields: list[bytes], dtype) -> np.ndarray:
+    """Space-joined numbers of several log entries -> one array."""
+    return np.array(b" ".join(fields).split()).astype(dtype)
+
+
+class _Mirror:
+    """This process's copy of the item counters: imp, pos (float32) and hot (float64, the
+    undecayed sum as in item:{g}:hot), indexed by item; as of log entry `last` of `epoch`."""
+    __slots__ = ("imp", "pos", "hot", "epoch", "last", "added")
+
+    def __init__(self, n: int, epoch: bytes | None):
+        self.imp, self.pos = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        self.hot = np.zeros(n, np.float64)
+        self.epoch, self.last, self.added = epoch, (0, 0), 0   # added: log entries up to `last`
+
+    def add(self, imp: np.ndarray, pos: np.ndarray, hot: np.ndarray) -> None:
+        np.add.at(self.imp, imp, 1)
+        np.add.at(self.pos, pos, 1)
+        np.add.at(self.hot, pos, hot)
 
 
 class RedisStore:
@@ -466,6 +542,12 @@ class RedisStore:
         self._ready = False              # meta:{g}:bundle names this version (as last seen)
         self._down: set[str] = set()     # nodes whose users are served from the bundle meanwhile
         self._seeded_users: dict[int, list[int]] | None = None
+        self._n_items = int(st.item_n_imp.size)
+        self._mirror: _Mirror | None = None   # None: item reads come from the bundle (flagged)
+        self._m_lock = threading.Lock()      # in-place updates: own acknowledged writes vs the tail
+        self._m_own = 0                      # last own item sub-batch (slot g) reflected in the mirror
+        self._m_ok = 0.0                     # monotonic time the mirror was last known current
+        self._evg = f"ev:{{{slot_tags()[META_SLOT]}}}:{self._writer}".encode()   # 'w' of own log entries
         self._wait_seeded()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="store-redis", daemon=True)
@@ -509,20 +591,15 @@ class RedisStore:
         return state_user(self._fb, index, profile) if index >= 0 else new_user(profile, self.L, self.S)
 
     def item_stats(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """From the local mirror: no round trip. Until its first load (or after the DB was
+        re-seeded or taken by another bundle version, until it is reloaded): the bundle's
+        state, flagged; a mirror that could not sync for MIRROR_STALE_S serves on, flagged."""
         now = decay(self.t_ref, self.clock.days(), self.half_life)
-        node = self._route(META_SLOT) if items.size else None
-        if node is not None:
-            f = items.tolist()
-            try:
-                p = self._net.client(node, slow=items.size > BIG_READ).pipeline(transaction=False)
-                p.get(META).hmget(IMP, f).hmget(POS, f).zmscore(HOT, f)
-                meta, imp, pos, hot = p.execute()
-                if meta == self._v:
-                    return (_numbers(imp).astype(np.float32), _numbers(pos).astype(np.float32),
-                            (_numbers(hot) * now).astype(np.float32))
-                self._lost(f"{META} is {meta!r}, not {self.version}", node)
-            except _ERRORS as e:
-                self._lost(e, node)
+        m = self._mirror
+        if m is not None:
+            if items.size and self._stale():
+                self._fell_back()
+            return m.imp[items], m.pos[items], (m.hot[items] * now).astype(np.float32)
         if items.size:
             self._fell_back()
         fb = self._fb
@@ -530,20 +607,18 @@ class RedisStore:
 
     def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         now = decay(self.t_ref, self.clock.days(), self.half_life)
-        node = self._route(META_SLOT)
-        if node is not None:
-            try:
-                meta, pairs = self._net.client(node, slow=True).pipeline(transaction=False).get(META).zrevrange(
-                    HOT, 0, n - 1, withscores=True).execute()
-                if meta == self._v:
-                    top = np.fromiter((int(m) for m, _ in pairs), np.int32, len(pairs))
-                    return top, np.fromiter((s for _, s in pairs), np.float64, len(pairs)) * now
-                self._lost(f"{META} is {meta!r}, not {self.version}", node)
-            except _ERRORS as e:
-                self._lost(e, node)
+        m = self._mirror
+        if m is not None:
+            if self._stale():
+                self._fell_back()
+            top, hot = top_hot(m.hot, n)
+            return top, hot * now
         self._fell_back()
         top, hot = top_hot(self._fb["item_hot"], n)
         return top, hot * now
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._m_ok > MIRROR_STALE_S
 
     def fell_back(self) -> bool:
         fell, self._local.fell = getattr(self._local, "fell", False), False
@@ -552,6 +627,7 @@ class RedisStore:
     def stats(self) -> dict[str, int]:
         with self._count_lock:
             out = {**self._counts, "up": int(self._ready and not self._down), "buffered": self._queued, "dropped": 0}
+        out["mirror_lag_ms"] = int((time.monotonic() - self._m_ok) * 1e3) if self._mirror is not None else -1
         if self._net.cluster:
             out["nodes_down"] = len(self._down)
         return out
@@ -638,6 +714,7 @@ class RedisStore:
             for e, r in zip(es, res):
                 if r in (0, 1):
                     self._acked[e.unit] = e.seq
+                    self._mirror_own(e)
                 else:
                     self._lost(self._why(r, e.unit), node)
                     failed.append(e)
@@ -661,6 +738,7 @@ class RedisStore:
                     self._lost(e)
                 except Exception:   # noqa: BLE001 - the thread must outlive any bug, the buffer keeps the events
                     log.exception("redis feature store: recovery failed")
+            self._mirror_sync()
 
     def _recover(self) -> None:
         """Make sure the DB holds this version (seed it if it came back empty), then, node by
@@ -678,6 +756,7 @@ class RedisStore:
         if state != "ready":
             self._ready = False
             return
+        self._mirror_sync()   # (re)loaded before the flush: a re-seeded DB is mirrored before "up"
         primaries = self._net.primaries()
         if not self._ready:
             self._down |= set(primaries)
@@ -727,6 +806,7 @@ class RedisStore:
                         if not q:
                             del self._pending[e.unit]
                         self._acked[e.unit] = e.seq
+                        self._mirror_own(e)
                         e.batch.left -= 1
                         if not e.batch.left:
                             self._queued -= e.batch.n
@@ -773,6 +853,7 @@ class RedisStore:
             return
         self._down = set(self._net.primaries())
         self._ready = True
+        self._mirror_sync()
         for node in self._net.primaries():
             try:
                 self._repair(node)
@@ -854,7 +935,8 @@ class RedisStore:
                     r.hset(key, mapping=dict(zip(part.tolist(), np.asarray(values[part]).astype(np.int64).tolist())))
         if r.get(LOCK) != token.encode():
             raise RedisError("seed lock lost while seeding (took longer than its expiry?)")
-        r.pipeline(transaction=True).set(META, self.version).set(CATALOG, self._catalog).delete(LOCK).execute()
+        r.pipeline(transaction=True).set(META, self.version).set(CATALOG, self._catalog).set(EPOCH, token).delete(
+            LOCK).execute()   # a new epoch: every mirror reloads
         log.info("redis feature store seeded with bundle %s: %d users, %d items in %.1f s",
                  self.version, users, st.item_n_imp.size, time.monotonic() - t0)
 
@@ -884,6 +966,150 @@ class RedisStore:
             users = self._seed_slots(node, missing, True)
             log.warning("redis feature store: %s had lost %d slots; re-seeded them from bundle %s (%d users)",
                         node, len(missing), self.version, users)
+
+    # -- the item mirror ----------------------------------------------------------------
+    def _mirror_sync(self) -> None:
+        """Background: load the mirror if there is none, else tail the log. Errors leave the
+        mirror as it is (serving its last state; stats: mirror_lag_ms)."""
+        try:
+            if self._mirror is None:
+                self._mirror_load()
+            else:
+                self._mirror_tail()
+        except _ERRORS as e:
+            self._count("mirror_errors")
+            log.debug("redis feature store: item mirror not synced (%s)", e)
+        except Exception:   # noqa: BLE001 - the thread must outlive any bug
+            log.exception("redis feature store: item mirror sync failed")
+
+    def _mirror_drop(self, why: str, node: str) -> None:
+        """The DB does not hold this version (any more): item reads from the bundle, flagged,
+        and the node is marked down so that the background thread re-seeds or waits for it."""
+        if self._mirror is not None:
+            log.warning("redis feature store: item mirror dropped (%s)", why)
+        self._mirror = None
+        self._lost(why, node)
+
+    def _mirror_tail(self) -> None:
+        """Apply the log entries after the mirror's last one, other writers' only (this
+        process's were applied when acknowledged). Reload in full if the DB was re-seeded
+        (epoch), entries it had not read were trimmed away, or META names another version."""
+        node = self._net.node(META_SLOT)
+        client = self._net.client(node, slow=True)
+        m = self._mirror
+        while m is not None:
+            p = client.pipeline(transaction=True)
+            p.get(META).get(EPOCH).xinfo_stream(LOG).xread({LOG: _sids(m.last)}, count=TAIL_COUNT)
+            meta, epoch, info, got = p.execute(raise_on_error=False)
+            for x in (meta, epoch, got):
+                if isinstance(x, Exception):
+                    raise x
+            if meta != self._v:
+                self._mirror_drop(f"{META} is {meta!r}, not {self.version}", node)
+                return
+            if epoch != m.epoch:
+                self._count("mirror_reloads")
+                log.warning("redis feature store: DB re-seeded; reloading the item mirror")
+                self._mirror = None   # the old counters are void: bundle state until reloaded
+                self._mirror_load()
+                return
+            _, _, trimmed = _log_info(info)
+            if trimmed > m.added:
+                self._count("mirror_reloads")
+                log.warning("redis feature store: item mirror fell behind the log (trimmed); reloading")
+                self._mirror_load()
+                return
+            entries = got[0][1] if got else []
+            others = [f for _, f in entries if f.get(b"w") != self._evg]
+            if others:
+                imp, pos = _split([f[b"i"] for f in others], np.int64), _split([f[b"p"] for f in others], np.int64)
+                hot = _split([f[b"h"] for f in others], np.float64)
+                with self._m_lock:
+                    m.add(imp, pos, hot)
+            if entries:
+                m.last, m.added = _sid(entries[-1][0]), m.added + len(entries)
+            self._m_ok = time.monotonic()
+            if len(entries) < TAIL_COUNT:
+                return
+
+    def _mirror_load(self) -> bool:
+        """Read every item's counters in chunks, each chunk atomically (MULTI) with the id of
+        the log's last entry at that moment; then replay the log entries after the oldest of
+        those ids, each only onto the chunks read before it. Exact without blocking Redis for
+        the whole catalog. The replay's last page runs under the write lock, atomically with
+        this process's sequence key, so its own writes are counted once."""
+        node = self._net.node(META_SLOT)
+        client = self._net.client(node, slow=True)
+        meta, epoch = client.pipeline(transaction=False).get(META).get(EPOCH).execute()
+        if meta != self._v:
+            self._mirror_drop(f"{META} is {meta!r}, not {self.version}", node)
+            return False
+        t0, n = time.monotonic(), self._n_items
+        m = _Mirror(n, epoch)
+        read = np.zeros((-(-n // MIRROR_CHUNK), 3), np.int64)   # per chunk: log id it was read at, entries
+        for c, lo in enumerate(range(0, n, MIRROR_CHUNK)):
+            hi = min(n, lo + MIRROR_CHUNK)
+            f = list(range(lo, hi))
+            p = client.pipeline(transaction=True)
+            p.get(META).get(EPOCH).hmget(IMP, f).hmget(POS, f).zmscore(HOT, f).xinfo_stream(LOG)
+            meta, ep, imp, pos, hot, info = p.execute(raise_on_error=False)
+            for x in (meta, ep, imp, pos, hot):
+                if isinstance(x, Exception):
+                    raise x
+            if meta != self._v or ep != epoch:
+                return False
+            m.imp[lo:hi], m.pos[lo:hi], m.hot[lo:hi] = _numbers(imp), _numbers(pos), _numbers(hot)
+            last, added, _ = _log_info(info)
+            read[c] = (*last, added)
+        first = read[np.lexsort((read[:, 1], read[:, 0]))[0]].tolist()
+        base, base_added = (first[0], first[1]), first[2]
+        cursor, added = base, base_added
+        with self._wlock:
+            while True:
+                p = client.pipeline(transaction=True)
+                p.get(META).get(EPOCH).get(self._evg).xinfo_stream(LOG)
+                p.xrange(LOG, min=f"({_sids(cursor)}", max="+", count=TAIL_COUNT)
+                meta, ep, own, info, entries = p.execute(raise_on_error=False)
+                for x in (meta, ep, own, entries):
+                    if isinstance(x, Exception):
+                        raise x
+                if meta != self._v or ep != epoch:
+                    return False
+                if _log_info(info)[2] > base_added:
+                    raise RedisError("item log trimmed while the mirror was loading")
+                for eid, fields in entries:
+                    e = np.array(_sid(eid))
+                    later = (read[:, 0] < e[0]) | ((read[:, 0] == e[0]) & (read[:, 1] < e[1]))  # chunks before it
+                    imp, pos = _split([fields[b"i"]], np.int64), _split([fields[b"p"]], np.int64)
+                    hot = _split([fields[b"h"]], np.float64)
+                    keep = later[pos // MIRROR_CHUNK]
+                    m.add(imp[later[imp // MIRROR_CHUNK]], pos[keep], hot[keep])
+                if entries:
+                    cursor, added = _sid(entries[-1][0]), added + len(entries)
+                if len(entries) < TAIL_COUNT:
+                    break
+            m.last, m.added = cursor, added
+            with self._m_lock:
+                self._m_own = max(int(own or 0), self._acked.get(META_SLOT, 0))
+                self._mirror = m
+            self._m_ok = time.monotonic()
+        self._count("mirror_loads")
+        log.info("redis feature store: item mirror loaded (%d items, %.0f ms)", n, (time.monotonic() - t0) * 1e3)
+        return True
+
+    def _mirror_own(self, e: _Entry) -> None:
+        """An acknowledged sub-batch of this process for slot g: its item ops, into the mirror
+        now (read-your-writes), unless the mirror already holds it (loaded after it landed)."""
+        if e.unit != META_SLOT or e.seq <= self._m_own:
+            return
+        ops = e.args[1 + 3 * e.args[0]:]
+        flags, items = np.array(ops[0::3], np.int64), np.array(ops[1::3], np.int64)
+        pos = flags >= 2
+        with self._m_lock:
+            self._m_own = e.seq
+            if self._mirror is not None:
+                self._mirror.add(items[flags % 2 == 1], items[pos],
+                                 np.array([float(w) for w in ops[2::3]], np.float64)[pos])
 
     # -- bookkeeping ------------------------------------------------------------------
     def _lost(self, reason: object, node: str | None = None) -> None:

@@ -13,7 +13,8 @@ process (its sequence keys once it has written to every slot).
 
 Latency: Engine.recommend on the tiny bundle (built from configs/tiny.toml into --bundle when
 missing), sequential, same users, embedded vs standalone Redis vs cluster; and the two store
-reads a Recommend makes (user(), item_stats over the coarse ranker's candidates) on their own.
+reads a Recommend makes (user(), a round trip; item_stats over the coarse ranker's candidates,
+from the process's item mirror) on their own.
 
 Seeding and events: a store seeding a synthetic bundle state of --seed-users users, then
 applying batches of 1,000 events, on each.

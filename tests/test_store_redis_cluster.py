@@ -69,9 +69,10 @@ def test_users_spread_over_the_shards_each_user_on_one(cluster, bundle):
 
 # ------------------------------------------------------------------ cost of a request
 
-def test_one_round_trip_per_feature_kind_on_the_cluster(cluster, redis_server, bundle, tiny_config, monkeypatch):
-    """A Recommend sends one pipeline to the user's shard and one to the item shard, whatever
-    the cluster does meanwhile. Prints the latency against standalone Redis and embedded."""
+def test_one_round_trip_per_request_on_the_cluster(cluster, redis_server, bundle, tiny_config, monkeypatch):
+    """A Recommend sends one pipeline, to the user's shard (item stats come from the local
+    mirror), whatever the cluster does meanwhile. Prints the latency against standalone Redis
+    and embedded."""
     cfg = load_config(tiny_config)
     sends: list[tuple[int, int]] = []
     real_send = redis.connection.AbstractConnection.send_packed_command
@@ -96,16 +97,16 @@ def test_one_round_trip_per_feature_kind_on_the_cluster(cluster, redis_server, b
                 assert not resp.degraded
             ms[name] = float(np.median(ts) * 1e3)
         monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
-        me, meta_port = threading.get_ident(), cluster.node_of(META).port
+        me = threading.get_ident()
         users = [f"u{i}" for i in range(20)]
         for user in users:
             sends.clear()
             engines["cluster"].recommend(Request(user_id=user, count=20))
             mine = [port for t, port in sends if t == me]
-            assert sorted(mine) == sorted([_port_of_user(cluster, user), meta_port]), (user, mine)
+            assert mine == [_port_of_user(cluster, user)], (user, mine)
         assert len({_port_of_user(cluster, u) for u in users}) == 3   # the 20 users were on all shards
         print(f"\nRecommend p50: cluster {ms['cluster']:.2f} ms, redis {ms['redis']:.2f} ms, "
-              f"embedded {ms['embedded']:.2f} ms; 2 round trips per request (user shard, item shard)")
+              f"embedded {ms['embedded']:.2f} ms; 1 round trip per request (user shard; items: local mirror)")
     finally:
         for e in engines.values():
             e.close()
@@ -131,8 +132,11 @@ def test_events_through_one_store_visible_through_another(cluster, bundle):
             assert _same(_user(a, bundle, uid, u), _user(emb, bundle, uid, u)), uid
             assert _same(_user(b, bundle, uid, u), _user(emb, bundle, uid, u)), uid
         items = np.unique([e.item for e in events]).astype(np.int32)
-        for x, y in zip(b.item_stats(items), emb.item_stats(items)):
-            np.testing.assert_allclose(x, y, rtol=1e-6)
+
+        def mirrored(store) -> bool:   # a's batches reach b's mirror through the log, within its tail period
+            return all(np.allclose(x, y, rtol=1e-6) for x, y in zip(store.item_stats(items), emb.item_stats(items)))
+
+        wait_for(lambda: mirrored(a) and mirrored(b), timeout=5, what="both mirrors caught up")
         assert not a.fell_back() and not b.fell_back()
         assert a.stats()["buffered"] == b.stats()["buffered"] == 0
     finally:
