@@ -1064,30 +1064,39 @@ class RedisStore:
         first = read[np.lexsort((read[:, 1], read[:, 0]))[0]].tolist()
         base, base_added = (first[0], first[1]), first[2]
         cursor, added = base, base_added
-        with self._wlock:
-            while True:
-                p = client.pipeline(transaction=True)
-                p.get(META).get(EPOCH).get(self._evg).xinfo_stream(LOG)
-                p.xrange(LOG, min=f"({_sids(cursor)}", max="+", count=TAIL_COUNT)
-                meta, ep, own, info, entries = p.execute(raise_on_error=False)
-                for x in (meta, ep, own, entries):
-                    if isinstance(x, Exception):
-                        raise x
-                if meta != self._v or ep != epoch:
-                    return False
-                if _log_info(info)[2] > base_added:
-                    raise RedisError("item log trimmed while the mirror was loading")
-                for eid, fields in entries:
-                    e = np.array(_sid(eid))
-                    later = (read[:, 0] < e[0]) | ((read[:, 0] == e[0]) & (read[:, 1] < e[1]))  # chunks before it
-                    imp, pos = _split([fields[b"i"]], np.int64), _split([fields[b"p"]], np.int64)
-                    hot = _split([fields[b"h"]], np.float64)
-                    keep = later[pos // MIRROR_CHUNK]
-                    m.add(imp[later[imp // MIRROR_CHUNK]], pos[keep], hot[keep])
-                if entries:
-                    cursor, added = _sid(entries[-1][0]), added + len(entries)
-                if len(entries) < TAIL_COUNT:
-                    break
+
+        def replay(c: redis.Redis) -> tuple[bool, object]:
+            """One page of log entries after `cursor` onto the chunks read before each; whether
+            the log's end was reached, and this process's sequence key read with it."""
+            nonlocal cursor, added
+            p = c.pipeline(transaction=True)
+            p.get(META).get(EPOCH).get(self._evg).xinfo_stream(LOG)
+            p.xrange(LOG, min=f"({_sids(cursor)}", max="+", count=TAIL_COUNT)
+            meta, ep, own, info, entries = p.execute(raise_on_error=False)
+            for x in (meta, ep, own, entries):
+                if isinstance(x, Exception):
+                    raise x
+            if meta != self._v or ep != epoch:
+                raise RedisError("the DB was re-seeded or taken over while the mirror was loading")
+            if _log_info(info)[2] > base_added:
+                raise RedisError("item log trimmed while the mirror was loading")
+            for eid, fields in entries:
+                e = np.array(_sid(eid))
+                later = (read[:, 0] < e[0]) | ((read[:, 0] == e[0]) & (read[:, 1] < e[1]))  # chunks before it
+                imp, pos = _split([fields[b"i"]], np.int64), _split([fields[b"p"]], np.int64)
+                hot = _split([fields[b"h"]], np.float64)
+                keep = later[pos // MIRROR_CHUNK]
+                m.add(imp[later[imp // MIRROR_CHUNK]], pos[keep], hot[keep])
+            if entries:
+                cursor, added = _sid(entries[-1][0]), added + len(entries)
+            return len(entries) < TAIL_COUNT, own
+
+        while not replay(client)[0]:   # catch up without holding the event path
+            pass
+        with self._wlock:   # the last page: atomically with this process's sequence key, on the 50 ms
+            done, own = replay(self._net.client(node))   # client (the event path waits on this lock)
+            if not done:
+                raise RedisError("item log growing faster than the mirror loads it; retrying")
             m.last, m.added = cursor, added
             with self._m_lock:
                 self._m_own = max(int(own or 0), self._acked.get(META_SLOT, 0))
