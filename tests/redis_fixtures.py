@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -157,6 +158,15 @@ class LocalCluster:
                 self._owner = [by_port[int(cache[s][0].port)] for s in range(16384)]
         return self._owner[redis.crc.key_slot(key.encode())]
 
+    def reset(self) -> None:
+        """Every master running (resumed or restarted) and empty."""
+        for n in self.nodes:
+            n.resume()
+            if not n.running():
+                n.start()
+        self.wait_ok()
+        self.flushall()
+
     def flushall(self) -> None:
         for n in self.nodes:
             n.client().flushall()
@@ -193,10 +203,20 @@ def redis_cluster(request, tmp_path_factory) -> LocalCluster:
 @pytest.fixture
 def cluster(redis_cluster) -> LocalCluster:
     """The shared cluster, every master running and empty: each test starts from nothing."""
-    for n in redis_cluster.nodes:
-        n.resume()
-        if not n.running():
-            n.start()
-    redis_cluster.wait_ok()
-    redis_cluster.flushall()
+    redis_cluster.reset()
     return redis_cluster
+
+
+def median_recommend_ms(engine, requests: int = 200, warmup: int = 30) -> float:
+    """Median in-process Recommend latency over known users; every answer must be undegraded."""
+    from engine.request import Request
+
+    for i in range(warmup):
+        engine.recommend(Request(user_id=f"u{i}", count=20))
+    ts = []
+    for i in range(requests):
+        t = time.perf_counter()
+        resp = engine.recommend(Request(user_id=f"u{i % 50}", count=20))
+        ts.append(time.perf_counter() - t)
+        assert not resp.degraded
+    return float(np.median(ts) * 1e3)

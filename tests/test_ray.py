@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from helpers import wait_for
 from redis_fixtures import free_port, redis_cluster  # noqa: F401 - session fixture
@@ -66,12 +65,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def redis_url(redis_cluster):
     """The replicas' shared feature store: the session's 3-master Redis Cluster, emptied."""
-    for n in redis_cluster.nodes:
-        n.resume()
-        if not n.running():
-            n.start()
-    redis_cluster.wait_ok()
-    redis_cluster.flushall()
+    redis_cluster.reset()
     return redis_cluster.url()
 
 

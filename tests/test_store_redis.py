@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import wait_for
 import redis
-from redis_fixtures import cluster, redis_cluster, redis_server  # noqa: F401 - fixtures
+from redis_fixtures import cluster, median_recommend_ms, redis_cluster, redis_server  # noqa: F401 - fixtures
 
 from engine import store_redis
 from engine.config import load_config
@@ -111,17 +111,7 @@ def test_one_round_trip_per_request(redis_server, db, bundle, tiny_config, monke
     engines = {"redis": Engine(cfg, bundle, store=RedisStore(bundle, redis_server.url(db))),
                "embedded": Engine(cfg, bundle)}
     try:
-        ms = {}
-        for name, engine in engines.items():
-            for i in range(30):
-                engine.recommend(Request(user_id=f"u{i}", count=20))
-            ts = []
-            for i in range(200):
-                t = time.perf_counter()
-                resp = engine.recommend(Request(user_id=f"u{i % 50}", count=20))
-                ts.append(time.perf_counter() - t)
-                assert not resp.degraded
-            ms[name] = float(np.median(ts) * 1e3)
+        ms = {name: median_recommend_ms(engine) for name, engine in engines.items()}
         monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
         me = threading.get_ident()
         for i in range(20):

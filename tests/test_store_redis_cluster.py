@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import wait_for
 import redis
-from redis_fixtures import cluster, redis_cluster, redis_server  # noqa: F401 - fixtures
+from redis_fixtures import cluster, median_recommend_ms, redis_cluster, redis_server  # noqa: F401 - fixtures
 
 from engine.config import load_config
 from engine.engine import Engine
@@ -85,17 +85,7 @@ def test_one_round_trip_per_request_on_the_cluster(cluster, redis_server, bundle
                "redis": Engine(cfg, bundle, store=RedisStore(bundle, redis_server.url(15))),
                "embedded": Engine(cfg, bundle)}
     try:
-        ms = {}
-        for name, engine in engines.items():
-            for i in range(30):
-                engine.recommend(Request(user_id=f"u{i}", count=20))
-            ts = []
-            for i in range(200):
-                t = time.perf_counter()
-                resp = engine.recommend(Request(user_id=f"u{i % 50}", count=20))
-                ts.append(time.perf_counter() - t)
-                assert not resp.degraded
-            ms[name] = float(np.median(ts) * 1e3)
+        ms = {name: median_recommend_ms(engine) for name, engine in engines.items()}
         monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
         me = threading.get_ident()
         users = [f"u{i}" for i in range(20)]
