@@ -467,3 +467,10 @@ def test_overload_answers_resource_exhausted_at_once(tmp_path, tiny_config, tiny
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0 and codes.count(grpc.StatusCode.OK) > 0
     finally:
         s.terminate()
+
+
+def test_the_native_server_never_imports_ray_or_torch():
+    """Ray is the optional `ray` extra and torch the `train` extra: serving must not need them."""
+    code = ("import sys, engine.cli, engine.server, engine.service, engine.engine, engine.store_redis, stages; "
+            "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
