@@ -342,15 +342,13 @@ def serve_ray(args: argparse.Namespace) -> int:
 
 def _status(port: int, token: str | None, timeout_s: float = 120.0) -> pb2.GetStatusResponse:
     """GetStatus through the proxy once the app answers: the ready line tells the truth."""
-    from protos import pb2_grpc
+    from engine.client import RecServeClient
 
-    md = [("authorization", f"Bearer {token}")] if token else []
     end = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = pb2_grpc.AdminStub(ch)
+    with RecServeClient(f"127.0.0.1:{port}", token=token) as client:
         while True:
             try:
-                return stub.GetStatus(pb2.GetStatusRequest(), metadata=md, timeout=5)
+                return client.status(timeout=5)
             except grpc.RpcError as e:
                 if time.monotonic() > end:
                     raise Fail(f"Ray Serve app not answering on port {port}: {e.code().name} {e.details()}") from None

@@ -30,3 +30,19 @@ class Refresher:
 
     def close(self) -> None:
         self._stop.set()
+
+
+class RefreshedRoute:
+    """Base of the recall routes whose lists `_refresh()` rebuilds from the feature store in
+    the background (hot, cold start). A subclass sets what `_refresh` reads, then calls this
+    __init__, which runs the first refresh before any request."""
+
+    def __init__(self, p, env):
+        self.p, self.bit, self.store = p, env.route_bit, env.store
+        self._refresher = Refresher(env.name, self._refresh, p.refresh_s)
+
+    def _refresh(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._refresher.close()

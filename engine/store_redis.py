@@ -595,27 +595,23 @@ class RedisStore:
         re-seeded or taken by another bundle version, until it is reloaded): the bundle's
         state, flagged; a mirror that could not sync for MIRROR_STALE_S serves on, flagged."""
         now = decay(self.t_ref, self.clock.days(), self.half_life)
-        m = self._mirror
-        if m is not None:
-            if items.size and self._stale():
-                self._fell_back()
-            return m.imp[items], m.pos[items], (m.hot[items] * now).astype(np.float32)
-        if items.size:
-            self._fell_back()
-        fb = self._fb
-        return fb["item_n_imp"][items], fb["item_n_pos"][items], (fb["item_hot"][items] * now).astype(np.float32)
+        imp, pos, hot = self._counters(flag=items.size > 0)
+        return imp[items], pos[items], (hot[items] * now).astype(np.float32)
 
     def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         now = decay(self.t_ref, self.clock.days(), self.half_life)
-        m = self._mirror
-        if m is not None:
-            if self._stale():
-                self._fell_back()
-            top, hot = top_hot(m.hot, n)
-            return top, hot * now
-        self._fell_back()
-        top, hot = top_hot(self._fb["item_hot"], n)
+        top, hot = top_hot(self._counters(flag=True)[2], n)
         return top, hot * now
+
+    def _counters(self, flag: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(impressions, positives, hot) of every item: the mirror, else the bundle's state;
+        answers from the bundle or from a stale mirror are flagged when `flag`."""
+        m = self._mirror
+        if flag and (m is None or self._stale()):
+            self._fell_back()
+        if m is not None:
+            return m.imp, m.pos, m.hot
+        return self._fb["item_n_imp"], self._fb["item_n_pos"], self._fb["item_hot"]
 
     def _stale(self) -> bool:
         return time.monotonic() - self._m_ok > MIRROR_STALE_S

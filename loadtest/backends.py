@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtest.cli import Target, _run_target, add_loadtest_args
+from loadtest.cli import Target, add_loadtest_args, run_target
 from loadtest.report import codes_text
 from loadtest.target import Server
 
@@ -41,7 +41,7 @@ def _start(kind: str, n: int, args: argparse.Namespace, log: Path) -> Server:
         return Server(args.config, args.bundle, n, log, extra=tuple(extra))
     extra += ["--backend", "ray", "--host", "0.0.0.0", "--replicas", str(n), "--ray-cpus", str(args.ray_cpus)]
     if kind == "ray-split":   # both deployments fit the local Ray's CPUs
-        extra += ["--set", "ray.split_fine=true", "--set", f"ray.num_cpus={0.5}", "--set", f"ray.fine_num_cpus={0.5}"]
+        extra += ["--set", "ray.split_fine=true", "--set", "ray.num_cpus=0.5", "--set", "ray.fine_num_cpus=0.5"]
     for o in args.server_set:
         extra += ["--set", o]
     return Server(args.config, args.bundle, None, log, extra=tuple(extra))
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", file=sys.stderr)
         with _start(kind, n, args, out / f"{kind}-{n}.log") as srv:
             t = Target(name, srv.target.replace("0.0.0.0", "127.0.0.1"), None, srv.pid)
-            single = _run_target(t, argparse.Namespace(**{**vars(args), "mode": "closed", "concurrency": [1]}))
-            swept = _run_target(t, args)
+            single = run_target(t, argparse.Namespace(**{**vars(args), "mode": "closed", "concurrency": [1]}))
+            swept = run_target(t, args)
         targets.append({**swept, "runs": single["runs"] + swept["runs"]})
         print(f"   {name}: single p50 {single['runs'][0]['latency_ms']['p50']:.2f} ms; highest QPS at SLO "
               f"{swept['sweep']['max_sustainable_qps']} ({swept['sweep']['stopped']}; "

@@ -112,7 +112,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
                 targets.append(Target("baseline", args.baseline_target,
                                       args.baseline_metrics_url and metrics_url(args.baseline_metrics_url),
                                       args.baseline_pid))
-            report = {"meta": _meta(args), "targets": [_run_target(t, args) for t in targets]}
+            report = {"meta": _meta(args), "targets": [run_target(t, args) for t in targets]}
     except (LoadError, RuntimeError, OSError, ValueError) as e:
         print(f"recserve loadtest: {e}", file=sys.stderr)
         return 1
@@ -143,7 +143,7 @@ def user_ids_path(bundle: str | Path) -> str:
     return str(resolve(bundle) / "tables" / "user_ids.npy")
 
 
-def _run_target(t: Target, args: argparse.Namespace) -> dict[str, Any]:
+def run_target(t: Target, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"name": t.name, "target": t.address, "runs": []}
 
     def run(**level: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.candidates import Candidates
 from engine.config import ConfigError
-from engine.refresh import Refresher
+from engine.refresh import RefreshedRoute
 from engine.registry import RouteParams, StageEnv, register
 
 
@@ -36,20 +36,16 @@ class Params(RouteParams):
 
 
 @register("recall_cold_start", Params, recall=True)
-class RecallColdStart:
+class RecallColdStart(RefreshedRoute):
     def __init__(self, p: Params, env: StageEnv):
-        self.p, self.bit, self.store = p, env.route_bit, env.store
         self.created = np.asarray(env.bundle.tables.item_created)
         self.emb = env.bundle.tables.item_emb
-        self._refresher = Refresher(env.name, self._refresh, p.refresh_s)
+        super().__init__(p, env)
 
     def _refresh(self) -> None:
         young = np.flatnonzero(self.store.clock.days() - self.created <= self.p.max_age_days).astype(np.int32)
         pool = young[self.store.item_stats(young)[0] < self.p.max_impressions]
         self._snap = (pool, np.ascontiguousarray(self.emb[pool]))   # one atomic swap
-
-    def close(self) -> None:
-        self._refresher.close()
 
     def __call__(self, ctx) -> Candidates:
         pool, emb = self._snap

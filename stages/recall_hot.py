@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.candidates import Candidates
 from engine.config import ConfigError
-from engine.refresh import Refresher
+from engine.refresh import RefreshedRoute
 from engine.registry import RouteParams, StageEnv, register
 
 
@@ -32,12 +32,11 @@ class Params(RouteParams):
 
 
 @register("recall_hot", Params, recall=True)
-class RecallHot:
+class RecallHot(RefreshedRoute):
     def __init__(self, p: Params, env: StageEnv):
-        self.p, self.bit, self.store = p, env.route_bit, env.store
         self.category = np.asarray(env.bundle.tables.item_category)
         self.n_cat = int(env.bundle.manifest["schema"]["n_categories"])
-        self._refresher = Refresher(env.name, self._refresh, p.refresh_s)
+        super().__init__(p, env)
 
     def _refresh(self) -> None:
         """Top items by decayed score, globally and grouped by category (best first)."""
@@ -48,9 +47,6 @@ class RecallHot:
         score = np.log1p(hot).astype(np.float32)
         self._snap = (top[: self.p.k].astype(np.int32), score[: self.p.k],   # one atomic swap
                       top[order].astype(np.int32), score[order], bounds)
-
-    def close(self) -> None:
-        self._refresher.close()
 
     def __call__(self, ctx) -> Candidates:
         g, gs, byc, bycs, b = self._snap
