@@ -18,7 +18,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from engine.config import IndexConfig
 from indexes import FaissIndex, build_index, exact_ids, load_index, recall, tune_nprobe
 
 
@@ -111,9 +110,9 @@ def main() -> None:
     configs = [("flat", 1)] + [(kind, int(nl)) for kind in args.kinds.split(",") for nl in args.nlists.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for kind, nlist in configs:
-            cfg = IndexConfig(kind=kind, nlist=nlist, nprobe=1, train_size=max(100_000, 39 * nlist))
             t = time.perf_counter()
-            index = build_index(emb, cfg, progress=False, threads=args.threads)
+            index = build_index(emb, kind, nlist, 1, max(100_000, 39 * nlist), progress=False,
+                                threads=args.threads)
             build_s = time.perf_counter() - t
             index.threads = args.threads
             nprobe = tune_nprobe(index, emb, tune_q, args.k, args.target)

@@ -17,7 +17,6 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from engine.config import IndexConfig
 
 _ADD_CHUNK = 100_000
 _MIN_POINTS_PER_LIST = 39  # faiss k-means warns below this many training points per centroid
@@ -70,8 +69,10 @@ class FaissIndex:
         os.replace(tmp, path)
 
 
-def build_index(emb: np.ndarray, cfg: IndexConfig, progress: bool = True, threads: int = 1) -> FaissIndex:
-    """Index L2-normalised item embeddings [n, d] for inner-product search.
+def build_index(emb: np.ndarray, kind: str = "flat", nlist: int = 1024, nprobe: int = 32,
+                train_size: int = 100_000, progress: bool = True, threads: int = 1) -> FaissIndex:
+    """Index L2-normalised item embeddings [n, d] for inner-product search: `kind` is flat |
+    ivf_flat | ivf_sq8; IVF kinds train `nlist` lists on `train_size` sampled rows.
 
     One build thread by default: libgomp threads spin-wait, and on a busy 2-core machine two of
     them built 2-3x slower in wall time (and burned 2.7x the CPU) than one.
@@ -79,22 +80,22 @@ def build_index(emb: np.ndarray, cfg: IndexConfig, progress: bool = True, thread
     faiss.omp_set_num_threads(threads)
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     n, d = emb.shape
-    if cfg.kind == "flat":
+    if kind == "flat":
         index: faiss.Index = faiss.IndexFlatIP(d)
     else:
-        nlist = max(1, min(cfg.nlist, n // _MIN_POINTS_PER_LIST))
+        nlist = max(1, min(nlist, n // _MIN_POINTS_PER_LIST))
         quantizer = faiss.IndexFlatIP(d)
-        if cfg.kind == "ivf_flat":
+        if kind == "ivf_flat":
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                   faiss.METRIC_INNER_PRODUCT)
         index.cp.spherical = True  # items live on the unit sphere; keep the centroids there too
-        sample = np.random.default_rng(0).choice(n, size=min(n, cfg.train_size), replace=False)
+        sample = np.random.default_rng(0).choice(n, size=min(n, train_size), replace=False)
         index.train(emb[np.sort(sample)])
-        index.nprobe = min(cfg.nprobe, nlist)
+        index.nprobe = min(nprobe, nlist)
     chunks = range(0, n, _ADD_CHUNK)
-    for i in tqdm(chunks, desc=f"faiss add {cfg.kind}", unit="chunk", disable=not progress or len(chunks) < 2):
+    for i in tqdm(chunks, desc=f"faiss add {kind}", unit="chunk", disable=not progress or len(chunks) < 2):
         index.add(emb[i:i + _ADD_CHUNK])
     return FaissIndex(index)
 

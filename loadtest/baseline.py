@@ -38,15 +38,17 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
-from engine import featurize
-from engine.bundle import BundleError, load_bundle
-from engine.candidates import Candidates, Guarantee, merge
-from engine.config import Config, ConfigError, load_config
-from engine.context import RequestContext
-from engine.registry import StageEnv
-from engine.request import Request
-from engine.state import decay
-from engine.store import BundleClock, new_user, state_user, top_hot
+from engine.core import featurize
+from engine.core.bundle import load_bundle
+from engine.core.errors import BundleError, ConfigError
+from engine.core.candidates import Candidates, Guarantee, merge
+from engine.core.config import Config, load_config
+from engine.core.context import RequestContext
+from engine.core.registry import StageEnv
+from engine.core.request import Request
+from engine.core.state import decay
+from engine.core.features import BundleClock
+from engine.store.common import new_user, state_user, top_hot
 from indexes import load_index
 from loadtest.target import Server
 from model_export.models import load_checkpoints

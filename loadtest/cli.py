@@ -138,7 +138,7 @@ def _spec(args: argparse.Namespace, address: str, **level: Any) -> LoadSpec:
 
 
 def user_ids_path(bundle: str | Path) -> str:
-    from engine.bundle import resolve
+    from engine.core.bundle import resolve
 
     return str(resolve(bundle) / "tables" / "user_ids.npy")
 

@@ -23,11 +23,12 @@ from typing import Any, Iterator
 import numpy as np
 
 import stages.rerank_beam
-from engine.bundle import load_bundle
-from engine.config import load_config
-from engine.engine import Engine
-from engine.models import Models
-from engine.request import Request
+from engine.core.bundle import load_bundle
+from engine.core.config import load_config
+from engine.core.runner import Engine
+from engine.core.models import Models
+from engine.core.request import Request
+from engine.store.embedded import EmbeddedStore
 from indexes import FaissIndex
 from loadtest.generator import Users
 
@@ -74,7 +75,7 @@ class Recorder:
 def measure(config: Path, bundle: Path, requests: int = 200, reps: int = 5, seed: int = 0) -> dict[str, Any]:
     """Kernel medians (ms) and their sum per request, next to the in-process engine's latency."""
     b = load_bundle(bundle)
-    engine = Engine(load_config(config), b)
+    engine = Engine(load_config(config), b, make_store=EmbeddedStore)
     users = Users(b.user_ids, 1.1, 0.05, seed, 0)
     reqs = [users.next() for _ in range(requests)]
     rec = Recorder()

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.bundle import load_bundle
-from engine.config import load_config
-from engine.engine import Engine
-from engine.request import Request
+from engine.core.bundle import load_bundle
+from engine.core.config import load_config
+from engine.core.runner import Engine
+from engine.core.request import Request
+from engine.store.embedded import EmbeddedStore
 from loadtest.generator import Users
 
 
@@ -25,7 +26,7 @@ def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknow
         out: Path, overrides: list[str] = ()) -> dict:
     cfg = load_config(config, overrides)   # e.g. serving.tree_runtime="native": A/B on one config file
     loaded = load_bundle(bundle)
-    engine = Engine(cfg, loaded)
+    engine = Engine(cfg, loaded, make_store=EmbeddedStore)
     users = Users(loaded.user_ids, 1.1, unknown_share, seed=0, stream=0)
     total, stages = [], {}
     for i in tqdm(range(warmup + requests), desc="in-process requests", unit="req"):

@@ -31,7 +31,7 @@ class Server:
         port = free_port()
         self.metrics_url = f"http://127.0.0.1:{port}/metrics" if workers is not None else None
         native = ("--workers", str(workers), "--metrics-port", str(port)) if workers is not None else ()
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--config", str(config), "--bundle", str(bundle),
+        cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", str(config), "--bundle", str(bundle),
                "--port", "0", *native, *extra]
         m = self._start(cmd, READY, log, timeout_s)
         self.target, self.version = m[1], m[2]

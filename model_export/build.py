@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.bundle import MANIFEST, BundleError, current_version, resolve
-from engine.config import Config
-from engine.featurize import COARSE_FEATURES, Tables, item_tower_input, sequence_input, user_tower_input
-from engine.state import FeatureState, snapshot
+from engine.core.bundle import MANIFEST, current_version, resolve
+from engine.core.errors import BundleError
+from engine.core.config import Config
+from engine.core.featurize import COARSE_FEATURES, Tables, item_tower_input, sequence_input, user_tower_input
+from engine.core.state import FeatureState, snapshot
 from indexes import build_index, measure_recall, tune_nprobe
 from model_export import train
 from model_export.bundle_writer import BundleWriter
@@ -194,7 +195,8 @@ def _index(ds: Dataset, cfg: Config, tables: Tables, user_emb: train.EmbedFn, st
     u = ds.log_user[rows]
     queries = user_emb(user_tower_input(tables, u, ds.user_profile[u], ds.log_context[rows], st.user_recent[u]))
     tune_q, held_q = queries[::2], queries[1::2]
-    index = build_index(tables.item_emb, cfg.index)
+    ic = cfg.index
+    index = build_index(tables.item_emb, ic.kind, ic.nlist, ic.nprobe, ic.train_size)
     k = min(cfg.index.recall_k, ds.n_items)
     if index.kind != "flat":
         tune_nprobe(index, tables.item_emb, tune_q, k, RECALL_TARGET + RECALL_MARGIN)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.bundle import CURRENT, FORMAT, MANIFEST, sha256_file
+from engine.core.bundle import CURRENT, FORMAT, MANIFEST, sha256_file
 
 
 class BundleWriter:

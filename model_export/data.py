@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import DataConfig
+from engine.core.config import DataConfig
 from model_export.dataset import Dataset
 from model_export.movielens import default_movielens_dir, load_movielens
 from model_export.world import make_world

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from engine.featurize import user_tower_dim
+from engine.core.featurize import user_tower_dim
 
 CAT_DIM = AUTHOR_DIM = 16      # category / author embeddings of the item tower
 TOWER_HIDDEN = (128,)          # two-tower MLPs: one hidden layer is enough at this scale

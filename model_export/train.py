@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from engine.config import TrainConfig
-from engine.featurize import (COARSE_FEATURES, Tables, coarse_features, item_tower_input, one_hot,
+from engine.core.config import TrainConfig
+from engine.core.featurize import (COARSE_FEATURES, Tables, coarse_features, item_tower_input, one_hot,
                               ranker_item_input, ranker_user_input, sequence_input, user_tower_input)
-from engine.state import FeatureState, recent_before
+from engine.core.state import FeatureState, recent_before
 from indexes import exact_ids
 from model_export.dataset import Dataset
 from model_export.models import MMoE, CoarseDNN, TwoTower

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from engine.config import DataConfig
+from engine.core.config import DataConfig
 from model_export.dataset import Dataset
 
 TASKS = ("click", "like", "finish")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import featurize
-from engine.candidates import Candidates, Guarantee
-from engine.registry import CutParams, StageEnv, register
+from engine.core import featurize
+from engine.core.candidates import Candidates, Guarantee
+from engine.core.registry import CutParams, StageEnv, register
 
 
 @dataclass

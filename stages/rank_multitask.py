@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine import featurize
-from engine.candidates import Candidates, Guarantee
-from engine.config import ConfigError
-from engine.registry import StageEnv, register
+from engine.core import featurize
+from engine.core.candidates import Candidates, Guarantee
+from engine.core.errors import ConfigError
+from engine.core.registry import StageEnv, register
 from stages.rank_dnn import ranker_user
 
 

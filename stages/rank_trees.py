@@ -1,6 +1,6 @@
 """Coarse phase 1: a small LightGBM model over cheap features for every candidate.
 
-It computes the cheap features (engine.featurize.coarse_features) once; phase 2 and the
+It computes the cheap features (engine.core.featurize.coarse_features) once; phase 2 and the
 fine ranker reuse them and the gathered item embeddings from the batch's feature columns.
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine import featurize
-from engine.candidates import Candidates, Guarantee
-from engine.registry import CutParams, StageEnv, register
+from engine.core import featurize
+from engine.core.candidates import Candidates, Guarantee
+from engine.core.registry import CutParams, StageEnv, register
 
 
 @dataclass

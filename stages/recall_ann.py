@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.candidates import Candidates
-from engine.registry import RouteParams, StageEnv, register
+from engine.core.candidates import Candidates
+from engine.core.registry import RouteParams, StageEnv, register
 
 
 @dataclass

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.candidates import Candidates
-from engine.config import ConfigError
-from engine.refresh import RefreshedRoute
-from engine.registry import RouteParams, StageEnv, register
+from engine.core.candidates import Candidates
+from engine.core.errors import ConfigError
+from engine.core.refresh import RefreshedRoute
+from engine.core.registry import RouteParams, StageEnv, register
 
 
 @dataclass

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.candidates import Candidates, Guarantee
-from engine.config import ConfigError
-from engine.registry import RouteParams, StageEnv, register
+from engine.core.candidates import Candidates, Guarantee
+from engine.core.errors import ConfigError
+from engine.core.registry import RouteParams, StageEnv, register
 
 _LEVELS = {"coarse": Guarantee.COARSE, "fine": Guarantee.FINE, "final": Guarantee.FINAL}
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.candidates import Candidates, Guarantee
-from engine.config import ConfigError
-from engine.registry import StageEnv, register
+from engine.core.candidates import Candidates, Guarantee
+from engine.core.errors import ConfigError
+from engine.core.registry import StageEnv, register
 
 
 @dataclass

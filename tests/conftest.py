@@ -17,7 +17,7 @@ def tiny_config() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_config) -> Path:
     """Bundle root built from configs/tiny.toml. RECSERVE_TEST_BUNDLE=DIR reuses (or fills) DIR."""
-    from engine.config import load_config
+    from engine.core.config import load_config
     from model_export.build import build_bundle
 
     root = Path(os.environ.get("RECSERVE_TEST_BUNDLE") or tmp_path_factory.mktemp("bundles") / "tiny")

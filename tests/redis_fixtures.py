@@ -209,7 +209,7 @@ def cluster(redis_cluster) -> LocalCluster:
 
 def median_recommend_ms(engine, requests: int = 200, warmup: int = 30) -> float:
     """Median in-process Recommend latency over known users; every answer must be undegraded."""
-    from engine.request import Request
+    from engine.core.request import Request
 
     for i in range(warmup):
         engine.recommend(Request(user_id=f"u{i}", count=20))

@@ -30,11 +30,12 @@ import numpy as np
 import redis
 from redis_fixtures import LocalCluster, RedisServer, redis_server_binary
 
-from engine.bundle import load_bundle
-from engine.config import load_config
-from engine.engine import Engine
-from engine.request import Request
-from engine.store_redis import SEQ_TTL_S, SLOTS, RedisStore, slot_tags, stamp_key, user_key
+from engine.core.bundle import load_bundle
+from engine.core.config import load_config
+from engine.core.runner import Engine
+from engine.core.request import Request
+from engine.store.redis_store import SEQ_TTL_S, SLOTS, RedisStore, slot_tags, stamp_key, user_key
+from engine.store.embedded import EmbeddedStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,8 +104,8 @@ def seeding_and_events(bundle_root: Path, n: int, work: Path) -> None:
     (batches of 1,000 impressions and clicks over 10,000 users) from one process."""
     import dataclasses
 
-    from engine.state import FeatureState
-    from engine.store import ResolvedEvent
+    from engine.core.state import FeatureState
+    from engine.core.features import ResolvedEvent
 
     bundle = load_bundle(bundle_root)
     st, rng = bundle.state, np.random.default_rng(2)
@@ -150,7 +151,7 @@ def latency(bundle_root: Path, requests: int, work: Path) -> None:
     bundle = load_bundle(bundle_root)
     server = RedisServer(redis_server_binary(), work / "standalone-latency")
     cluster = LocalCluster(_mk(work / "cluster-latency"))
-    engines = {"embedded": Engine(cfg, bundle),
+    engines = {"embedded": Engine(cfg, bundle, make_store=EmbeddedStore),
                "redis": Engine(cfg, bundle, store=RedisStore(bundle, server.url())),
                "cluster": Engine(cfg, bundle, store=RedisStore(bundle, cluster.url()))}
     try:

@@ -8,10 +8,11 @@ import grpc
 import numpy as np
 import pytest
 
-from engine.bundle import load_bundle
-from engine.config import load_config
-from engine.engine import Engine
-from engine.request import Request
+from engine.core.bundle import load_bundle
+from engine.core.config import load_config
+from engine.core.runner import Engine
+from engine.core.request import Request
+from engine.store.embedded import EmbeddedStore
 from loadtest.baseline import BaselineServer
 from loadtest.cli import main
 from protos import pb2, pb2_grpc
@@ -46,7 +47,7 @@ def test_baseline_answers_through_the_proto(baseline):
 def test_baseline_list_overlaps_the_engines(baseline, tiny_config, tiny_bundle):
     """Same models and features: the items both lists hold score alike, and most items are shared."""
     bundle = load_bundle(tiny_bundle)
-    engine = Engine(load_config(tiny_config), bundle)
+    engine = Engine(load_config(tiny_config), bundle, make_store=EmbeddedStore)
     try:
         users = np.asarray(bundle.user_ids)[np.random.default_rng(0).choice(len(bundle.user_ids), 20, replace=False)]
         overlaps = []

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.bundle import BundleError, load_bundle, resolve, sha256_file
-from engine.config import load_config
-from engine.featurize import COARSE_FEATURES
+from engine.core.bundle import load_bundle, resolve, sha256_file
+from engine.core.errors import BundleError
+from engine.core.config import load_config
+from engine.core.featurize import COARSE_FEATURES
 from model_export.build import build_bundle
 
 FILES = ([f"models/{m}.onnx" for m in ("user_tower", "item_tower", "coarse_dnn", "fine")]

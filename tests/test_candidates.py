@@ -1,6 +1,6 @@
 import numpy as np
 
-from engine.candidates import Candidates, Guarantee, merge
+from engine.core.candidates import Candidates, Guarantee, merge
 from stages.rerank_beam import beam_search, fuse
 
 

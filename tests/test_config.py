@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.core.config import load_config
+from engine.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

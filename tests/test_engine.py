@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from engine import registry
-from engine.bundle import BundleError, load_bundle
-from engine.candidates import Candidates
-from engine.config import load_config, parse_config
-from engine.engine import Engine
-from engine.request import Event, InvalidRequest, Request
+from engine.core import registry
+from engine.core.bundle import load_bundle
+from engine.core.errors import BundleError, InvalidRequest
+from engine.core.candidates import Candidates
+from engine.core.config import load_config, parse_config
+from engine.core.runner import Engine
+from engine.core.request import Event, Request
+from engine.store.embedded import EmbeddedStore
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +52,7 @@ def cfg(tiny_config):
 
 @pytest.fixture(scope="module")
 def engine(cfg, tiny_bundle):
-    e = Engine(cfg, load_bundle(tiny_bundle))
+    e = Engine(cfg, load_bundle(tiny_bundle), make_store=EmbeddedStore)
     yield e
     e.close()
 
@@ -113,9 +115,7 @@ def test_route_that_raises_or_is_late_is_skipped(cfg, tiny_bundle):
                     "slow": {"kind": "test_sleeps", "timeout_ms": 20.0}}
     raw.pop("experiments")
     c = parse_config(raw, str(cfg.path))
-    e = Engine.__new__(Engine)
-    e._smoke = lambda live: None  # the smoke request would hit the broken route on purpose
-    Engine.__init__(e, c, load_bundle(tiny_bundle))
+    e = Engine(c, load_bundle(tiny_bundle), make_store=EmbeddedStore, smoke=False)  # smoke would hit `broken`
     t0 = time.perf_counter()
     resp = e.recommend(Request(user_id="u3", count=10))
     assert (time.perf_counter() - t0) < 0.15   # did not wait for the sleeping route
@@ -137,7 +137,7 @@ def test_fine_ranking_skipped_when_its_budget_does_not_fit(cfg, tiny_bundle):
     raw = dict(cfg.raw)
     raw["stage"] = {**raw["stage"], "fine": {**raw["stage"]["fine"], "budget_ms": 10_000.0}}
     c = parse_config(raw, str(cfg.path))
-    e = Engine(c, load_bundle(tiny_bundle))
+    e = Engine(c, load_bundle(tiny_bundle), make_store=EmbeddedStore)
     resp = e.recommend(Request(user_id="u5", count=10, deadline_ms=1000))
     status = {t.name: t.status for t in resp.trace}
     assert resp.degraded and status["fine"] == "skipped" and status["rerank"] == "ok"
@@ -184,8 +184,8 @@ def test_swap_refuses_a_bad_bundle_and_keeps_serving(engine, tiny_bundle, tmp_pa
 
 def test_compiled_trees_match_lightgbm(tiny_bundle):
     """lleaves (served) and LightGBM's own predict agree on real coarse features."""
-    from engine.config import ServingConfig
-    from engine.models import Models
+    from engine.core.config import ServingConfig
+    from engine.core.models import Models
 
     b = load_bundle(tiny_bundle)
     x = np.random.default_rng(0).random((500, len(b.manifest["schema"]["coarse_features"]))).astype(np.float32)

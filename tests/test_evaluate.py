@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.evaluate import BEAM_WIDTHS, add_eval_args, list_reward, run_eval
+from model_export.evaluate import BEAM_WIDTHS, add_eval_args, list_reward, run_eval
 from stages.rerank_beam import Params, beam_search
 
 

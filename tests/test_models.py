@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.bundle import load_bundle
-from engine.config import load_config
-from engine.featurize import item_tower_input, one_hot, user_tower_input
+from engine.core.bundle import load_bundle
+from engine.core.config import load_config
+from engine.core.featurize import item_tower_input, one_hot, user_tower_input
 from model_export.models import CoarseDNN, MMoE, load_checkpoints
 from model_export.train import auc
 
@@ -126,9 +126,9 @@ import sys
 import lightgbm as lgb
 import numpy as np
 import onnxruntime as ort
-from engine import featurize as fz
-from engine.bundle import load_bundle
-from engine.config import load_config
+from engine.core import featurize as fz
+from engine.core.bundle import load_bundle
+from engine.core.config import load_config
 from indexes import load_index
 
 b = load_bundle(sys.argv[1])

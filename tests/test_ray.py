@@ -250,7 +250,7 @@ def test_split_fine_ranker_batches_across_requests_and_serves_the_same_lists(
     (("--host", "0.0.0.0", "--autoscale", "3,1"), "MIN <= MAX"),
 ])
 def test_what_cannot_work_on_ray_is_refused_before_anything_starts(extra, says, tiny_config, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--backend", "ray", "--config",
+    out = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", "--backend", "ray", "--config",
                           str(tiny_config), "--bundle", str(tmp_path), *extra],
                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
     assert out.returncode == 1 and says in out.stderr, out.stderr
@@ -259,7 +259,7 @@ def test_what_cannot_work_on_ray_is_refused_before_anything_starts(extra, says, 
 def test_app_builder_for_serve_config_files_and_kuberay(tiny_config, tiny_bundle):
     from ray.serve import Application
 
-    from engine.ray_app import Fail, app_builder
+    from engine.app.ray_app import Fail, app_builder
 
     app = app_builder({"config": str(tiny_config), "bundle": str(tiny_bundle), "feature_store": "redis://h:1/0",
                        "replicas": 3, "set": ["ray.split_fine=true"]})

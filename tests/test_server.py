@@ -1,4 +1,4 @@
-"""The real server as a subprocess (`python -m engine.cli serve`) on the tiny bundle.
+"""The real server as a subprocess (`python -m engine.app.cli serve`) on the tiny bundle.
 
 Needs the session fixtures `tiny_bundle` (bundle root: CURRENT + version folders) and
 `tiny_config` (configs/tiny.toml) from conftest.py. Servers are module-scoped where the
@@ -27,8 +27,8 @@ from helpers import wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine.client import RecServeClient, add_events_args, add_recommend_args, main_events, main_recommend
-from engine.config import load_config
+from engine.app.client import RecServeClient, add_events_args, add_recommend_args, main_events, main_recommend
+from engine.core.config import load_config
 from protos import pb2, pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ class Server:
     """`recserve serve` in a subprocess; waits for its ready line."""
 
     def __init__(self, tmp: Path, config: Path, bundle: Path, workers: int | None = 1, extra: tuple[str, ...] = (),
-                 entry: tuple[str, ...] = ("-m", "engine.cli"), port: int = 0):
+                 entry: tuple[str, ...] = ("-m", "engine.app.cli"), port: int = 0):
         self.stderr_path = tmp / f"server-{time.monotonic_ns()}.stderr"
         cmd = [sys.executable, *entry, "serve", "--config", str(config), "--bundle", str(bundle),
                "--port", str(port), *(("--workers", str(workers)) if workers else ()), *extra]
@@ -365,19 +365,19 @@ def test_sigterm_drains_in_flight_calls(tmp_path, tiny_config, tiny_bundle):
     script.write_text(textwrap.dedent(f"""\
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        import engine.engine
+        import engine.core.runner
 
-        _recommend = engine.engine.Engine.recommend
+        _recommend = engine.core.runner.Engine.recommend
 
         def _slow(self, req):
             if req.request_id == "slow":
                 time.sleep(3)
             return _recommend(self, req)
 
-        engine.engine.Engine.recommend = _slow
+        engine.core.runner.Engine.recommend = _slow
 
         if __name__ == "__main__":
-            from engine.cli import main
+            from engine.app.cli import main
             sys.exit(main())
         """))
     server = Server(tmp_path, tiny_config, tiny_bundle, entry=(str(script),))
@@ -425,7 +425,7 @@ def test_bad_start_exits_with_one_line(tmp_path, tiny_config, tiny_bundle, case)
     else:
         config, expect = tmp_path / "bad.toml", "no_such_key"
         config.write_text("[serving]\nno_such_key = 1\n")
-    p = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--config", str(config), "--bundle",
+    p = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", "--config", str(config), "--bundle",
                         str(bundle), "--port", "0", "--workers", "2"],
                        cwd=REPO, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
     assert p.returncode != 0 and "recserve serving on" not in p.stdout
@@ -471,6 +471,6 @@ def test_overload_answers_resource_exhausted_at_once(tmp_path, tiny_config, tiny
 
 def test_the_native_server_never_imports_ray_or_torch():
     """Ray is the optional `ray` extra and torch the `train` extra: serving must not need them."""
-    code = ("import sys, engine.cli, engine.server, engine.service, engine.engine, engine.store_redis, stages; "
+    code = ("import sys, engine.app.cli, engine.app.server, engine.app.service, engine.core.runner, engine.store.redis_store, stages; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

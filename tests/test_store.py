@@ -15,13 +15,14 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from engine import featurize
-from engine.bundle import Bundle, load_bundle
-from engine.config import load_config
-from engine.evaluate import _StoppedClock
-from engine.models import Models
-from engine.state import snapshot
-from engine.store import EmbeddedStore, ResolvedEvent
+from engine.core import featurize
+from engine.core.bundle import Bundle, load_bundle
+from engine.core.config import load_config
+from model_export.evaluate import _StoppedClock
+from engine.core.models import Models
+from engine.core.state import snapshot
+from engine.core.features import ResolvedEvent
+from engine.store.embedded import EmbeddedStore
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
 

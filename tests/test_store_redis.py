@@ -20,12 +20,14 @@ from helpers import wait_for
 import redis
 from redis_fixtures import cluster, median_recommend_ms, redis_cluster, redis_server  # noqa: F401 - fixtures
 
-from engine import store_redis
-from engine.config import load_config
-from engine.engine import Engine
-from engine.request import Event, Overloaded, Request
-from engine.store import EmbeddedStore, ResolvedEvent
-from engine.store_redis import CATALOG, HOT, IMP, LOCK, LOG, META, META_SLOT, POS, RedisStore, user_key
+from engine.store import redis_store as store_redis
+from engine.core.config import load_config
+from engine.core.runner import Engine
+from engine.core.request import Event, Request
+from engine.core.errors import Overloaded
+from engine.core.features import ResolvedEvent
+from engine.store.embedded import EmbeddedStore
+from engine.store.redis_store import CATALOG, HOT, IMP, LOCK, LOG, META, META_SLOT, POS, RedisStore, user_key
 from test_store import bundle, check_replay, models, world  # noqa: F401 - module fixtures reused
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -109,7 +111,7 @@ def test_one_round_trip_per_request(redis_server, db, bundle, tiny_config, monke
         return real_send(self, command, check_health)
 
     engines = {"redis": Engine(cfg, bundle, store=RedisStore(bundle, redis_server.url(db))),
-               "embedded": Engine(cfg, bundle)}
+               "embedded": Engine(cfg, bundle, make_store=EmbeddedStore)}
     try:
         ms = {name: median_recommend_ms(engine) for name, engine in engines.items()}
         monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
@@ -266,7 +268,7 @@ def test_new_model_bundle_over_the_same_catalog_keeps_live_state(store_url, tiny
     """A model update must not lose events accepted since the last bundle."""
     import json
 
-    from engine.bundle import load_bundle
+    from engine.core.bundle import load_bundle
 
     old = load_bundle(tiny_bundle)
     store = RedisStore(old, store_url)

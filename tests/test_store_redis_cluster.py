@@ -18,11 +18,13 @@ from helpers import wait_for
 import redis
 from redis_fixtures import cluster, median_recommend_ms, redis_cluster, redis_server  # noqa: F401 - fixtures
 
-from engine.config import load_config
-from engine.engine import Engine
-from engine.request import Event, Request
-from engine.store import EmbeddedStore, ResolvedEvent, state_user
-from engine.store_redis import IMP, META, META_SLOT, RedisStore, user_key, user_slot
+from engine.core.config import load_config
+from engine.core.runner import Engine
+from engine.core.request import Event, Request
+from engine.core.features import ResolvedEvent
+from engine.store.common import state_user
+from engine.store.embedded import EmbeddedStore
+from engine.store.redis_store import IMP, META, META_SLOT, RedisStore, user_key, user_slot
 from test_store import bundle  # noqa: F401 - module fixture reused
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -83,7 +85,7 @@ def test_one_round_trip_per_request_on_the_cluster(cluster, redis_server, bundle
 
     engines = {"cluster": Engine(cfg, bundle, store=RedisStore(bundle, cluster.url())),
                "redis": Engine(cfg, bundle, store=RedisStore(bundle, redis_server.url(15))),
-               "embedded": Engine(cfg, bundle)}
+               "embedded": Engine(cfg, bundle, make_store=EmbeddedStore)}
     try:
         ms = {name: median_recommend_ms(engine) for name, engine in engines.items()}
         monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)

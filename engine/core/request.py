@@ -6,14 +6,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-class InvalidRequest(ValueError):
-    """A request field is wrong; the message names the field. Maps to INVALID_ARGUMENT."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
 @dataclass(slots=True)
 class Request:
     user_id: str
@@ -59,11 +51,3 @@ class Event:
     item_id: str
     timestamp: float    # unix seconds; 0 means "now"
     request_id: str = ""
-
-
-class Overloaded(RuntimeError):
-    """The in-flight limit or an event buffer is full. Maps to RESOURCE_EXHAUSTED."""
-
-
-class DeadlineExceeded(RuntimeError):
-    """The deadline cannot be met and the config says to fail rather than degrade."""

@@ -1,8 +1,8 @@
 """What a recserve RPC does, whatever carries it: one Engine with validation, error mapping,
 metrics, counters, hot reload and the proto conversions.
 
-Two transports use it: a gRPC worker process (engine.server) and a Ray Serve replica behind
-Ray's gRPC proxy (engine.ray_app). A transport hands each call a context with
+Two transports use it: a gRPC worker process (engine.app.server) and a Ray Serve replica behind
+Ray's gRPC proxy (engine.app.ray_app). A transport hands each call a context with
 `time_remaining()`, `invocation_metadata()` and `abort(code, message)`, the subset of
 grpc.ServicerContext used here, and calls `tick()` about once a second.
 
@@ -28,8 +28,9 @@ from typing import Any, Callable
 
 import grpc
 
-from engine.config import Config
-from engine.request import EVENT_KINDS, DeadlineExceeded, Event, InvalidRequest, Overloaded, Request
+from engine.core.config import Config
+from engine.core.request import EVENT_KINDS, Event, Request
+from engine.core.errors import BundleError, DeadlineExceeded, InvalidRequest, Overloaded
 from protos import pb2, pb2_grpc
 
 log = logging.getLogger("recserve.server")
@@ -49,7 +50,7 @@ class Service:
         """`bundle`: a bundle root holding CURRENT (followed) or one version folder (fixed);
         `fallback`: the version other processes serve, used if CURRENT names a broken one;
         `remote_models`: see Engine."""
-        from engine.engine import Engine
+        from engine.core.runner import Engine
 
         self.idx, self.token, self.started = worker_id, token, time.monotonic()
         self.served_by = f"{socket.gethostname()}/{os.getpid()}"
@@ -133,7 +134,7 @@ def _initial_bundle(path: Path, fallback: str) -> tuple[Path | None, str, Any, s
     """(root, version folder, bundle, refused versions): CURRENT of a bundle root, or the
     fallback version the other workers serve if CURRENT is broken; or a plain version
     folder, which is then never reloaded."""
-    from engine.bundle import BundleError, load_bundle
+    from engine.core.bundle import load_bundle
 
     pointer = path / "CURRENT"
     if not pointer.exists():
@@ -194,8 +195,8 @@ class _Reloader:
         return p.name if p.parent == self.root.resolve() and p.is_dir() else None
 
     def _swap(self, name: str) -> tuple[bool, str]:
-        from engine.bundle import BundleError, load_bundle
-
+        from engine.core.bundle import load_bundle
+    
         with self.lock:
             if name == self.current:
                 return True, f"already serving {name}"

@@ -8,9 +8,9 @@ ready, prints `recserve serving on HOST:PORT workers=N bundle=VERSION`, serves /
 dies, and on SIGTERM forwards it and exits 0 once every worker drained and exited 0.
 
 What each call does (validation, error mapping, metrics, hot reload through CURRENT) lives
-in engine.service, shared with the Ray Serve backend (engine.ray_app, `--backend ray`).
+in engine.app.service, shared with the Ray Serve backend (engine.app.ray_app, `--backend ray`).
 
-Feature state (engine.store): the embedded store's arrays are shared files under /dev/shm,
+Feature state (engine.store.embedded): the embedded store's arrays are shared files under /dev/shm,
 so an event reported to one worker is seen by all; `--state-dir` persists them across
 restarts. `--feature-store redis://...` shares one state between several servers.
 """
@@ -36,8 +36,9 @@ from typing import Any
 
 import grpc
 
-from engine.config import ConfigError, load_config
-from engine.service import POLL_S, Service, one_line
+from engine.core.config import load_config
+from engine.core.errors import ConfigError
+from engine.app.service import POLL_S, Service, one_line
 from protos import pb2, pb2_grpc
 
 log = logging.getLogger("recserve.server")
@@ -117,7 +118,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def _serve_ray(args: argparse.Namespace) -> int:
     try:
-        from engine import ray_app
+        from engine.app import ray_app
     except ImportError as e:
         print(f"recserve serve --backend ray: {e.name or e} is not installed: pip install '.[ray]'",
               file=sys.stderr, flush=True)
@@ -173,7 +174,7 @@ class _Supervisor:
         port, self.hold = _claim_port(args.host, args.port)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.store_dir = tempfile.mkdtemp(prefix="recserve-store-", dir=shm)
-        from engine.store import store_factory
+        from engine.store.factory import store_factory
 
         try:
             store_factory(args.feature_store, state_dir=args.state_dir)   # checks the URL and combination
@@ -376,7 +377,7 @@ class _Worker:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from engine.store import store_factory
+        from engine.store.factory import store_factory
 
         cfg = load_config(opts.config, opts.overrides)
         s = cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays

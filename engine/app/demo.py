@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.bundle import resolve
+from engine.core.bundle import resolve
 
 
 def _start_server(config: str, bundles: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--config", config, "--bundle", bundles, "--port", "0"]
+    cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", config, "--bundle", bundles, "--port", "0"]
     print("$", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-seconds", type=float, default=10.0)
     a = p.parse_args(argv)
 
-    from engine.client import RecServeClient
-    from engine.config import load_config
+    from engine.app.client import RecServeClient
+    from engine.core.config import load_config
     from model_export.build import build_bundle
 
     cfg = load_config(a.config)

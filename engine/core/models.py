@@ -15,8 +15,9 @@ import lightgbm as lgb
 import numpy as np
 import onnxruntime as ort
 
-from engine.bundle import Bundle, BundleError
-from engine.config import ServingConfig
+from engine.core.bundle import Bundle
+from engine.core.errors import BundleError
+from engine.core.config import ServingConfig
 from indexes import load_index
 
 ONNX_MODELS = ("user_tower", "coarse_dnn", "fine")

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from engine.request import EVENT_KINDS
+from engine.core.request import EVENT_KINDS
 from protos import pb2, pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -49,7 +49,7 @@ class RecServeClient:
 
     def report_events(self, events: Iterable[Mapping[str, Any] | Any],
                       timeout: float | None = None) -> pb2.ReportEventsResponse:
-        """Events as dicts or engine.request.Event: kind (a name in EVENT_KINDS), user_id, item_id,
+        """Events as dicts or engine.core.request.Event: kind (a name in EVENT_KINDS), user_id, item_id,
         optional timestamp (unix s, 0 = now) and request_id."""
         req = pb2.ReportEventsRequest(events=[_event(e) for e in events])
         return self._rec.ReportEvents(req, timeout=timeout or self.timeout, metadata=self.metadata)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.request import Request
+from engine.core.request import Request
 
 
 @dataclass

@@ -113,11 +113,12 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
-from engine.bundle import Bundle
-from engine.context import UserFeatures
-from engine.request import Overloaded
-from engine.store import BundleClock, ResolvedEvent, catalog_id, new_user, state_user, top_hot
-from engine.state import decay
+from engine.core.bundle import Bundle
+from engine.core.context import UserFeatures
+from engine.core.errors import Overloaded
+from engine.core.features import BundleClock, ResolvedEvent
+from engine.store.common import catalog_id, new_user, state_user, top_hot
+from engine.core.state import decay
 
 log = logging.getLogger("recserve.store")
 

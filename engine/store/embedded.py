@@ -1,9 +1,10 @@
 """Feature store: user state and item counters, read per request, updated by events.
 
-Two backends behind one protocol (FeatureStore): the embedded default here, and Redis
-(engine.store_redis) for several server processes or machines sharing one state.
+Two backends behind one protocol (engine.core.features.FeatureStore): the embedded default
+here, and Redis (engine.store.redis_store) for several server processes or machines sharing
+one state; engine.store.factory picks one from a URL.
 
-The embedded backend keeps the bundle's feature state (engine.state.FeatureState) in
+The embedded backend keeps the bundle's feature state (engine.core.state.FeatureState) in
 arrays. Given a directory (the server passes one under /dev/shm), the arrays are
 memory-mapped files there, so every worker process of one server reads and writes the
 same state: an event reported to one worker is seen by the others on their next request.
@@ -16,7 +17,7 @@ new model bundle over the same items and users.
 Users the bundle does not know get a slot in a fixed-size guest table, found by a 64-bit
 hash of their id with linear probing, so new users build history too.
 
-State semantics are those of engine.state.snapshot (the training features): `seen` holds
+State semantics are those of engine.core.state.snapshot (the training features): `seen` holds
 the last impressions (repeats included), `recent` the last primary-task positives, and hot
 scores are stored relative to the bundle's `t_ref` but read decayed to the clock's now.
 """
@@ -29,16 +30,16 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
 
 import msgpack
 import numpy as np
 
-from engine.bundle import Bundle
-from engine.context import UserFeatures
-from engine.state import decay
+from engine.core.bundle import Bundle
+from engine.core.context import UserFeatures
+from engine.core.features import BundleClock, ResolvedEvent
+from engine.core.state import decay
+from engine.store.common import catalog_id, new_user, state_user, top_hot
 
 log = logging.getLogger("recserve.store")
 
@@ -46,81 +47,6 @@ GUEST_SLOTS = 1 << 16
 _PROBES = 16
 _GUEST = ("guest_key", "guest_recent", "guest_seen", "guest_counts")
 SNAPSHOT_FORMAT = 1
-
-
-@dataclass(slots=True)
-class ResolvedEvent:
-    kind: str
-    user: int          # bundle user index, or -1
-    user_id: str
-    item: int          # bundle item index (validated)
-    t: float           # days on the bundle clock
-
-
-class BundleClock:
-    """Days on the bundle's clock: the log ends (t_end) at the moment the bundle was built."""
-
-    def __init__(self, manifest: dict):
-        self.t_end = float(manifest["time"]["t_end"])
-        self.created = float(manifest["created_unix"])
-
-    def days(self, unix: float | None = None) -> float:
-        return self.t_end + ((time.time() if unix is None else unix) - self.created) / 86400.0
-
-
-class FeatureStore(Protocol):
-    """What the engine and stages ask of a backend: one vectorised call per kind of feature."""
-
-    name: str
-    clock: BundleClock
-
-    def user(self, user_id: str, index: int, default_profile: np.ndarray,
-             profiles: np.ndarray) -> UserFeatures: ...
-
-    def item_stats(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Impressions, positives and hot score as of now of the given items."""
-
-    def hot_top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `n` hottest items, best first, and their hot scores as of now."""
-
-    def apply(self, events: list[ResolvedEvent]) -> None:
-        """Record events; raises engine.request.Overloaded when they cannot be taken."""
-
-    def fell_back(self) -> bool:
-        """Whether a read on this thread was served from the bundle's state instead of the
-        live state since the last call (which resets it): the engine marks the answer degraded."""
-
-    def stats(self) -> dict[str, int]:
-        """Counters for status and metrics."""
-
-    def close(self) -> None: ...
-
-
-def state_user(a: Mapping[str, np.ndarray], index: int, profile: np.ndarray) -> UserFeatures:
-    """A known user's features from state arrays (embedded store, Redis fallback)."""
-    return UserFeatures(index, profile[None], a["user_recent"][index][None].copy(), a["user_seen"][index].copy(),
-                        float(a["user_n_imp"][index]), float(a["user_n_pos"][index]))
-
-
-def new_user(profile: np.ndarray, recent_len: int, seen_len: int) -> UserFeatures:
-    return UserFeatures(-1, profile[None], np.full((1, recent_len), -1, np.int32),
-                        np.full(seen_len, -1, np.int32), 0.0, 0.0)
-
-
-def top_hot(hot: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the `n` largest entries of `hot`, best first, and their values."""
-    n = min(n, hot.size)
-    top = np.argpartition(-hot, n - 1)[:n] if n < hot.size else np.arange(hot.size)
-    top = top[np.argsort(-hot[top], kind="stable")]
-    return top.astype(np.int32), np.asarray(hot[top], np.float64)
-
-
-def catalog_id(bundle: Bundle) -> str:
-    """What live state is keyed by: the item and user id tables and the ring sizes. A new
-    model bundle over the same catalog keeps the state (events since the last bundle)."""
-    files, st = bundle.manifest["files"], bundle.state
-    return (f"{files['tables/item_ids.npy']['sha256']}:{files['tables/user_ids.npy']['sha256']}"
-            f":{st.user_recent.shape[1]}:{st.user_seen.shape[1]}")
 
 
 def _key(user_id: str) -> np.uint64:
@@ -323,27 +249,3 @@ class EmbeddedStore:
                     n_pos += 1
                     recent[1:] = recent[:-1]
                     recent[0] = e.item
-
-
-def store_factory(url: str | None, shared_dir: str | None = None, state_dir: str | None = None,
-                  snapshot_s: float = 60.0, snapshot_writer: bool = True,
-                  event_buffer: int = 100_000) -> Callable[[Bundle], FeatureStore]:
-    """`--feature-store URL` -> what the engine calls for each bundle it builds a store for.
-
-    None or "embedded": the embedded store (shared through `shared_dir`, persisted to
-    `state_dir`); redis://HOST:PORT/DB (or rediss://, unix://): the Redis store on one Redis;
-    rediscluster://HOST:PORT,HOST:PORT,...: the Redis store on a Redis Cluster.
-    """
-    if url in (None, "", "embedded"):
-        return lambda b: EmbeddedStore(b, shared_dir, state_dir, snapshot_s, snapshot_writer)
-    if url.split("://", 1)[0] in ("redis", "rediss", "unix", "rediscluster"):
-        if state_dir:
-            raise ValueError("--state-dir persists the embedded store; Redis persists itself "
-                             "(docs/feature_store.md)")
-        from engine.store_redis import RedisStore, parse_cluster_url
-
-        if url.startswith("rediscluster://"):
-            parse_cluster_url(url)   # a malformed node list fails at start, not in the first request
-        return lambda b: RedisStore(b, url, event_buffer)
-    raise ValueError(f"--feature-store {url!r}: expected 'embedded', redis://HOST:PORT/DB or "
-                     "rediscluster://HOST:PORT,HOST:PORT,...")

@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from engine import featurize
-from engine.bundle import Bundle, load_bundle
-from engine.candidates import Candidates
-from engine.config import Config, DataConfig, apply_overrides, load_config, parse_config
-from engine.context import RequestContext
-from engine.engine import Engine
-from engine.request import Request, Response
-from engine.state import snapshot
-from engine.store import EmbeddedStore
+from engine.core import featurize
+from engine.core.bundle import Bundle, load_bundle
+from engine.core.candidates import Candidates
+from engine.core.config import Config, DataConfig, apply_overrides, load_config, parse_config
+from engine.core.context import RequestContext
+from engine.core.runner import Engine
+from engine.core.request import Request, Response
+from engine.core.state import snapshot
+from engine.store.embedded import EmbeddedStore
 from indexes import measure_recall
 from model_export.data import load_dataset
 from model_export.dataset import Dataset

@@ -6,7 +6,7 @@ import sys
 
 
 def _build(args) -> int:
-    from engine.config import load_config
+    from engine.core.config import load_config
     from model_export.build import build_bundle
 
     cfg = load_config(args.config)
@@ -25,7 +25,7 @@ def _data_fetch(args) -> int:
 
 
 def _check_config(args) -> int:
-    from engine.config import load_config
+    from engine.core.config import load_config
 
     cfg = load_config(args.config)
     print(f"{args.config}: ok ({len(cfg.pipeline.recall)} recall routes, "
@@ -47,9 +47,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.set_defaults(func=_check_config)
 
-    from engine.client import add_events_args, add_recommend_args, main_events, main_recommend
-    from engine.evaluate import add_eval_args, run_eval
-    from engine.server import add_serve_args, serve
+    from engine.app.client import add_events_args, add_recommend_args, main_events, main_recommend
+    from model_export.evaluate import add_eval_args, run_eval
+    from engine.app.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
 
     for name, help_text, add_args, run in (
@@ -74,8 +74,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.bundle import BundleError
-    from engine.config import ConfigError
+    from engine.core.errors import BundleError, ConfigError
 
     args = parser().parse_args(argv)
     try:

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine import featurize, registry
-from engine.bundle import Bundle, BundleError
-from engine.candidates import Candidates, Guarantee, merge
-from engine.config import Config, ConfigError
-from engine.context import RequestContext
-from engine.models import Models
-from engine.registry import StageEnv
-from engine.request import (EVENT_KINDS, DeadlineExceeded, Event, InvalidRequest, Request, Response,
-                            StageTrace)
-from engine.store import EmbeddedStore, ResolvedEvent
+from engine.core import featurize, registry
+from engine.core.bundle import Bundle
+from engine.core.errors import BundleError, ConfigError, DeadlineExceeded, InvalidRequest
+from engine.core.candidates import Candidates, Guarantee, merge
+from engine.core.config import Config
+from engine.core.context import RequestContext
+from engine.core.models import Models
+from engine.core.registry import StageEnv
+from engine.core.request import EVENT_KINDS, Event, Request, Response, StageTrace
+from engine.core.features import ResolvedEvent
 
 log = logging.getLogger("recserve.engine")
 
@@ -87,21 +87,25 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, config: Config, bundle: Bundle, store=None, store_dir: str | None = None,
-                 make_store=None, remote_models: dict | None = None):
-        """`make_store(bundle)` builds the feature store for a bundle (engine.store.store_factory);
-        default: the embedded store, shared through `store_dir`. `remote_models`: models served
-        out of process (engine.models.RemoteModel by name)."""
+    def __init__(self, config: Config, bundle: Bundle, make_store=None, *, store=None,
+                 remote_models: dict | None = None, smoke: bool = True):
+        """`make_store(bundle)` builds the feature store for a bundle (engine.store.factory), again
+        for a bundle over another catalog; or `store`, one store kept across every bundle.
+        `remote_models`: models served out of process (engine.core.models.RemoteModel by name).
+        `smoke=False` skips the smoke request (tests of deliberately broken pipelines)."""
+        if (make_store is None) == (store is None):
+            raise TypeError("Engine needs exactly one of make_store and store")
         if len(config.pipeline.recall) > 8:
             raise ConfigError("pipeline.recall: at most 8 routes (uint8 route bitmask)")
         self.config = config
-        self._make_store = make_store or (lambda b: EmbeddedStore(b, store_dir))
+        self._make_store = make_store
         self._external_store = store is not None
         self._pool = ThreadPoolExecutor(config.serving.route_threads, thread_name_prefix="recall")
         self._swap_lock = threading.Lock()
         self._remote = remote_models
         self._live = _Live(config, bundle, store or self._make_store(bundle), remote_models)
-        self._smoke(self._live)
+        if smoke:
+            self._smoke(self._live)
 
     # -- public API -------------------------------------------------------------------
     @property

@@ -2,7 +2,7 @@
 
 The engine runs as a Ray Serve application on a Ray cluster; Ray's gRPC proxy answers the
 same `recserve.v1` services, so clients and load tests need no change. Each `RecServe`
-replica is one engine.service.Service, the same code a native gRPC worker runs: validation,
+replica is one engine.app.service.Service, the same code a native gRPC worker runs: validation,
 status codes, the bearer token and hot reload through the bundle root's CURRENT pointer,
 which every node must be able to read (a shared filesystem). A new version rolls through
 the replicas as each one's tick swaps it in while it keeps serving the old one, so no
@@ -13,7 +13,7 @@ it is refused with more than one.
 
 Optional split placement (`ray.split_fine`): the fine ranker is its own deployment (e.g. on
 accelerator nodes) and `serve.batch` concatenates the candidates of concurrent requests
-into one ONNX call. The engine calls it through `engine.models.Models(remote=...)`; if it
+into one ONNX call. The engine calls it through `engine.core.models.Models(remote=...)`; if it
 fails or is late, the fine stage fails open like any other stage.
 
 What Ray's proxy does differently from the native server, and what this module does about it:
@@ -44,10 +44,10 @@ import numpy as np
 from ray import serve
 from ray.serve.config import AutoscalingConfig, gRPCOptions
 
-from engine.bundle import load_bundle
-from engine.config import Config, load_config
-from engine.models import session_options
-from engine.service import POLL_S, Service
+from engine.core.bundle import load_bundle
+from engine.core.config import Config, load_config
+from engine.core.models import session_options
+from engine.app.service import POLL_S, Service
 from protos import pb2
 
 log = logging.getLogger("recserve.ray")
@@ -63,7 +63,7 @@ class _Refused(Exception):
 
 
 class _Context:
-    """The part of grpc.ServicerContext engine.service uses, over Ray's RayServegRPCContext."""
+    """The part of grpc.ServicerContext engine.app.service uses, over Ray's RayServegRPCContext."""
 
     def __init__(self, ctx: Any):
         self.ctx = ctx
@@ -81,7 +81,7 @@ class _Context:
 
 
 class _RemoteFine:
-    """engine.models.RemoteModel over the FineRanker deployment's handle."""
+    """engine.core.models.RemoteModel over the FineRanker deployment's handle."""
 
     def __init__(self, handle: Any):
         self.handle = handle
@@ -96,7 +96,7 @@ class RecServeDeployment:
 
     def __init__(self, config: str, overrides: list[str], bundle: str, feature_store: str, token: str | None,
                  fine: Any = None):
-        from engine.store import store_factory
+        from engine.store.factory import store_factory
 
         cfg = load_config(config, overrides)
         s = cfg.serving
@@ -271,7 +271,7 @@ def scale(replicas: int | None, autoscale: str | None, feature_store: str | None
 
 def app_builder(args: dict[str, Any]):
     """The application for a Serve config file or KubeRay's RayService (serveConfigV2):
-    `import_path: engine.ray_app:app_builder` with args config, bundle (paths every node reads),
+    `import_path: engine.app.ray_app:app_builder` with args config, bundle (paths every node reads),
     feature_store, replicas or autoscale ("MIN,MAX"), set (list of KEY=VALUE). The token comes
     from $RECSERVE_TOKEN on the nodes, never from the config file. docs/deploy.md has an example."""
     unknown = set(args) - {"config", "bundle", "feature_store", "replicas", "autoscale", "set"}
@@ -302,7 +302,7 @@ def serve_ray(args: argparse.Namespace) -> int:
     if not args.bundle.is_dir():
         raise Fail(f"{args.bundle}: no such bundle directory")
     replicas, autoscale = check_args(args)
-    from engine.store import store_factory
+    from engine.store.factory import store_factory
 
     try:
         store_factory(args.feature_store)    # checks the URL
@@ -342,7 +342,7 @@ def serve_ray(args: argparse.Namespace) -> int:
 
 def _status(port: int, token: str | None, timeout_s: float = 120.0) -> pb2.GetStatusResponse:
     """GetStatus through the proxy once the app answers: the ready line tells the truth."""
-    from engine.client import RecServeClient
+    from engine.app.client import RecServeClient
 
     end = time.monotonic() + timeout_s
     with RecServeClient(f"127.0.0.1:{port}", token=token) as client:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import ConfigError
+from engine.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,18 @@ def register(kind: str, params: type, *, recall: bool = False,
     return deco
 
 
+# Packages whose modules register stage kinds, found by name: stages depend on the core,
+# never the reverse. A deployment's own kinds can live in another package listed here.
+STAGE_PACKAGES = ("stages",)
+
+
 def _load() -> None:
     global _loaded
     if not _loaded:
-        import stages
-        for m in pkgutil.iter_modules(stages.__path__):
-            importlib.import_module(f"stages.{m.name}")
+        for name in STAGE_PACKAGES:
+            pkg = importlib.import_module(name)
+            for m in pkgutil.iter_modules(pkg.__path__):
+                importlib.import_module(f"{name}.{m.name}")
         _loaded = True
 
 
@@ -87,10 +93,10 @@ class StageEnv:
     """What a stage is built from besides its Params: the loaded bundle and shared runtimes."""
 
     name: str
-    bundle: Any            # engine.bundle.Bundle
-    models: Any            # engine.models.Models
+    bundle: Any            # engine.core.bundle.Bundle
+    models: Any            # engine.core.models.Models
     store: Any             # engine.store.FeatureStore
-    config: Any            # engine.config.Config (the experiment's variant)
+    config: Any            # engine.core.config.Config (the experiment's variant)
     route_bit: int = 0     # recall routes only: this route's bit in Candidates.routes
     item_index: dict[str, int] | None = None   # external item id -> catalog index, built once per bundle
 

@@ -18,16 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from engine.featurize import Tables
-from engine.state import FeatureState
+from engine.core.errors import BundleError
+from engine.core.featurize import Tables
+from engine.core.state import FeatureState
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 FORMAT = 1
-
-
-class BundleError(RuntimeError):
-    """A bundle that must not be served; the message is one line naming the file and the fault."""
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Every section is a dataclass; `load_config` refuses an unknown key, a wrong type or an
 impossible value with one line naming the key (`ConfigError`). Stage sections are checked
-against the Params dataclass their kind registers (engine.registry), and every experiment's
+against the Params dataclass their kind registers (engine.core.registry), and every experiment's
 overrides are applied and re-checked at load, so a bad variant never reaches a request.
 """
 from __future__ import annotations
@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-
-class ConfigError(ValueError):
-    """One line: `<file>: <dotted.key>: <what is wrong>`."""
+from engine.core import registry  # stage kinds register their Params here
+from engine.core.errors import ConfigError
 
 
 @dataclass
@@ -140,7 +139,7 @@ class ServingConfig:
 
 @dataclass
 class RayConfig:
-    """`recserve serve --backend ray` only (engine.ray_app); the native server ignores it."""
+    """`recserve serve --backend ray` only (engine.app.ray_app); the native server ignores it."""
     num_cpus: float = 1.0              # CPUs a replica reserves: one engine is one GIL, ~one core
     max_ongoing_requests: int = 8      # per replica, like the native worker's handler threads
     max_queued_requests: int = 64      # per proxy beyond the replicas' slots: then RESOURCE_EXHAUSTED
@@ -240,8 +239,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
-    from engine import registry  # stage kinds register their Params here
-
     allowed = set(_SECTIONS) | {"stage", "experiments"}
     for k in raw:
         if k not in allowed:
