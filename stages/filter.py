@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.core.candidates import Candidates, Guarantee
 from engine.core.errors import ConfigError
-from engine.core.registry import StageEnv, register
+from engine.core.registry import StageEnv, register, sidecar
 
 RULES = ("excluded", "seen", "blocked", "author_cap")
 
@@ -23,7 +23,7 @@ RULES = ("excluded", "seen", "blocked", "author_cap")
 class Params:
     rule: str = ""
     max_per_author: int = 0        # author_cap
-    blocklist: str = ""            # blocked: TOML file with `items = ["i1", ...]`, relative to the config
+    blocklist: str = sidecar()     # blocked: TOML file with `items = ["i1", ...]`, relative to the config
     max_age_days: float = 0.0      # blocked: 0 = items never expire
 
     def check(self) -> None:

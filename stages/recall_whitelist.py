@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.core.candidates import Candidates, Guarantee
 from engine.core.errors import ConfigError
-from engine.core.registry import Policy, RouteParams, StageEnv, register
+from engine.core.registry import Policy, RouteParams, StageEnv, register, sidecar
 
 _LEVELS = {"coarse": Guarantee.COARSE, "fine": Guarantee.FINE, "final": Guarantee.FINAL}
 
@@ -20,7 +20,7 @@ _LEVELS = {"coarse": Guarantee.COARSE, "fine": Guarantee.FINE, "final": Guarante
 @dataclass
 class Params(RouteParams):
     k: int = 200
-    file: str = ""
+    file: str = sidecar()
 
     def check(self) -> None:
         super().check()

@@ -18,6 +18,7 @@ from engine.core.errors import ConfigError
 from engine.core.registry import BudgetParams, Policy, RouteParams
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/tiny.toml"
 
 
 @pytest.mark.parametrize("name", ["tiny", "default", "large"])
@@ -26,6 +27,15 @@ def test_shipped_configs_load(name):
     assert cfg.pipeline.recall and cfg.pipeline.stages
     for exp in cfg.experiments:
         assert cfg.variant(exp) is not cfg
+
+
+def _variant(tmp_path: Path, text: str) -> Path:
+    """A config file beside copies of the tiny config's side files."""
+    for f in ("whitelist_tiny.toml", "blocklist_tiny.toml"):
+        shutil.copy(ROOT / "configs" / f, tmp_path / f)
+    path = tmp_path / "variant.toml"
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize("old,new,key", [
@@ -43,14 +53,13 @@ def test_shipped_configs_load(name):
     ("keep = 300\n", "keep = 300\nbudget_ms = 5.0\n", "stage.coarse_trees.budget_ms: unknown key"),
     ('rule = "seen"', 'rule = "seen"\nmax_per_author = 3', "stage.drop_seen.max_per_author: only rule author_cap"),
     ('kind = "recall_hot"', 'kind = "recall_hot"\ninline = "yes"', "stage.hot.inline: expected bool"),
+    ('file = "whitelist_tiny.toml"', 'file = "whitelist_tyni.toml"', "stage.whitelist.file: "),
+    ('blocklist = "blocklist_tiny.toml"', 'blocklist = "broken.toml"', "stage.drop_blocked.blocklist: "),
 ])
 def test_bad_config_refused_naming_the_key(tmp_path, old, new, key):
-    text = (ROOT / "configs/tiny.toml").read_text()
+    text = TINY.read_text()
     assert old in text
-    for f in ("whitelist_tiny.toml", "blocklist_tiny.toml"):
-        shutil.copy(ROOT / "configs" / f, tmp_path / f)
-    bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace(old, new, 1))
+    bad = _variant(tmp_path, text.replace(old, new, 1))
     with pytest.raises(ConfigError) as e:
         load_config(bad)
     msg = str(e.value)
@@ -58,9 +67,7 @@ def test_bad_config_refused_naming_the_key(tmp_path, old, new, key):
 
 
 def test_order_of_stage_columns_is_checked(tmp_path):
-    text = (ROOT / "configs/tiny.toml").read_text()
-    bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace('"coarse_trees", "coarse_dnn"', '"coarse_dnn", "coarse_trees"'))
+    bad = _variant(tmp_path, TINY.read_text().replace('"coarse_trees", "coarse_dnn"', '"coarse_dnn", "coarse_trees"'))
     with pytest.raises(ConfigError, match="pipeline.stages: 'coarse_dnn' reads feat:item_e, which no earlier "
                                           "stage writes"):
         load_config(bad)
@@ -74,21 +81,19 @@ def test_inline_follows_the_kinds_policy_unless_the_config_says_otherwise(tiny_c
 
 
 def _raw(**stage_sections) -> dict:
-    raw = tomllib.loads((ROOT / "configs/tiny.toml").read_text())
+    raw = tomllib.loads(TINY.read_text())
     raw["stage"].update(stage_sections)
     return raw
 
 
 def test_check_config_refuses_what_the_server_refuses_with_the_same_line(tmp_path, capsys):
     """Nine routes overflow the uint8 route bitmask: refused at load, before any bundle is read."""
-    text = (ROOT / "configs/tiny.toml").read_text()
+    text = TINY.read_text()
     routes = 'recall = ["ann", "hot", "cold_start", "whitelist"'
     assert routes in text
     extra = [f"hot{i}" for i in range(5)]
     text = text.replace(routes, routes + "".join(f', "{n}"' for n in extra))
-    text += "".join(f'\n[stage.{n}]\nkind = "recall_hot"\nk = 10\n' for n in extra)
-    path = tmp_path / "nine_routes.toml"
-    path.write_text(text)
+    path = _variant(tmp_path, text + "".join(f'\n[stage.{n}]\nkind = "recall_hot"\nk = 10\n' for n in extra))
     assert cli.main(["check-config", str(path)]) == 2
     checked = capsys.readouterr().err.strip()
     assert checked == f"recserve: {path}: pipeline.recall: at most 8 routes (uint8 route bitmask), got 9"
@@ -129,7 +134,7 @@ def test_a_read_of_what_only_a_skippable_stage_writes_is_refused(kinds):
     raw.pop("experiments")
     with pytest.raises(ConfigError, match="^pipeline.stages: 'strict' reads score:task:\\*, which only the skippable "
                                           "stage 'fine' writes$"):
-        parse_config(raw)
+        parse_config(raw, str(TINY))
 
 
 def test_inline_is_refused_where_the_kind_forbids_it(kinds):
@@ -137,9 +142,9 @@ def test_inline_is_refused_where_the_kind_forbids_it(kinds):
     raw = _raw(remote={"kind": "test_pool_only", "inline": True, "k": 10})
     raw["pipeline"]["recall"].append("remote")
     with pytest.raises(ConfigError, match="^stage.remote.inline: kind 'test_pool_only' never runs inline"):
-        parse_config(raw)
+        parse_config(raw, str(TINY))
     raw["stage"]["remote"]["inline"] = False
-    assert parse_config(copy.deepcopy(raw)).stage["remote"][1].inline is False
+    assert parse_config(copy.deepcopy(raw), str(TINY)).stage["remote"][1].inline is False
 
 
 @pytest.mark.parametrize("params,kw,says", [

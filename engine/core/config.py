@@ -291,6 +291,7 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
             spec.settle(params)
         except ConfigError as e:
             raise ConfigError(f"stage.{name}.{e}") from None
+        registry.check_sidecars(name, params, path)
         stage_specs[name] = (kind, params)
     exps_raw = raw.get("experiments", {})
     exps = {n: _build(Experiment, b, f"experiments.{n}") for n, b in exps_raw.items()}

@@ -210,11 +210,27 @@ class StageEnv:
 
     def read_sidecar(self, param: str, rel: str) -> dict[str, Any]:
         """A stage's TOML side file (whitelist, blocklist), relative to the config; errors name the key."""
-        path = Path(self.config.path).parent / rel
-        try:
-            return tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"stage.{self.name}.{param}: {path}: {e}") from None
+        return _read_toml(Path(self.config.path).parent / rel, f"stage.{self.name}.{param}")
+
+
+def sidecar() -> Any:
+    """A Params field naming a TOML side file relative to the config ("" = none). The config
+    load parses it, so `recserve check-config` refuses a missing or broken file as the server does."""
+    return dataclasses.field(default="", metadata={"sidecar": True})
+
+
+def check_sidecars(name: str, params, config_path: str) -> None:
+    for f in dataclasses.fields(params):
+        rel = getattr(params, f.name)
+        if f.metadata.get("sidecar") and rel:
+            _read_toml(Path(config_path).parent / rel, f"stage.{name}.{f.name}")
+
+
+def _read_toml(path: Path, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{where}: {path}: {e}") from None
 
 
 @dataclass
