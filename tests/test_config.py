@@ -151,6 +151,7 @@ def test_inline_is_refused_where_the_kind_forbids_it(kinds):
     (_Params, {"policy": Policy(skippable=True)}, "skippable kinds, and only they"),
     (_Budget, {}, "skippable kinds, and only they"),
     (_Params, {"recall": True}, "recall routes, and only they"),
+    (RouteParams, {"recall": True, "reads": ("score:trees",)}, "a recall route reads ctx values only"),
     (_Params, {"policy": Policy(inline="default")}, "only recall routes choose where they run"),
     (_Params, {"reads": ("ctx:nothing_here",)}, "RequestContext has no value 'nothing_here'"),
     (_Params, {"writes": ("scores:x",)}, "expected <score|feat|ctx>:<name>"),

@@ -164,7 +164,7 @@ def test_route_that_raises_or_is_late_is_skipped(cfg, tiny_bundle, test_kinds):
         e.close()
     status = {t.name: t.status for t in resp.trace}
     assert status["broken"] == "failed" and status["slow"] == "timeout"
-    assert status["ann"] == "ok" and len(resp.item_ids) == 10
+    assert len(resp.item_ids) == 10
     assert slow.finished.wait(30)              # released, the abandoned route ends on its pool thread
 
 
@@ -188,14 +188,19 @@ def test_passed_deadline_skips_every_stage(engine, cfg, tiny_bundle):
 
 def test_fine_ranking_skipped_when_its_budget_does_not_fit(cfg, tiny_bundle):
     raw = dict(cfg.raw)
-    raw["stage"] = {**raw["stage"], "fine": {**raw["stage"]["fine"], "budget_ms": 10_000.0}}
+    raw["stage"] = {**raw["stage"], "fine": {**raw["stage"]["fine"], "budget_ms": 1e9}}
     c = parse_config(raw, str(cfg.path))
     e = Engine(c, load_bundle(tiny_bundle), make_store=EmbeddedStore)
-    resp = e.recommend(Request(user_id="u5", count=10, deadline_ms=1000))
+    try:
+        resp, seen = _traced(e, Request(user_id="u5", count=10, deadline_ms=600_000))
+    finally:
+        e.close()
     status = {t.name: t.status for t in resp.trace}
     assert resp.degraded and status["fine"] == "skipped" and status["rerank"] == "ok"
     assert resp.task_scores == {} and len(resp.item_ids) == 10
-    e.close()
+    coarse = seen["coarse_dnn"]          # without task scores the rerank fuses the coarse score
+    dnn = dict(zip(coarse.item.tolist(), coarse.scores["dnn"].tolist()))
+    assert np.allclose(resp.scores, [dnn[i] for i in seen["rerank"].item.tolist()])
 
 
 def test_experiment_overrides_take_effect(engine):

@@ -121,8 +121,8 @@ def register(kind: str, params: type, *, recall: bool = False, policy: Policy = 
         if not recall and policy.inline != "never":
             raise ValueError(f"stage kind '{kind}': only recall routes choose where they run")
         out = ("score:recall",) if recall else writes
-        if recall and writes:
-            raise ValueError(f"stage kind '{kind}': a recall route writes score:recall only")
+        if recall and (writes or any(not c.startswith("ctx:") for c in (*reads, *reads_if_present))):
+            raise ValueError(f"stage kind '{kind}': a recall route reads ctx values only and writes score:recall")
         _KINDS[kind] = KindSpec(kind, params, factory, recall, policy, tuple(map(Column.parse, reads)),
                                 tuple(map(Column.parse, reads_if_present)), tuple(map(Column.parse, out)))
         factory.kind = kind
