@@ -3,8 +3,10 @@
 Like product-mixer's component kinds and Merlin's operator schemas: `register()` carries a
 kind's Params dataclass, its policy (may the engine skip it under deadline pressure, may it
 run on the request thread) and the columns it reads and writes, so a pipeline is checked
-whole when the config loads (`check_pipeline`), not when a request fails, and the
-engine never asks a stage object or its Params what to do.
+whole when the config loads (`check_pipeline`), not when a request fails. The engine never
+asks a stage object what to do; of its Params it reads only the typed fields of the bases
+the registration requires (RouteParams: k, timeout_ms, inline; BudgetParams: budget_ms;
+CutParams: keep, for the size check).
 
 Columns are typed names in three spaces:
   score:<name>   a float32 score column of the batch (`Candidates.scores`); `score:task:*`
@@ -125,7 +127,6 @@ def register(kind: str, params: type, *, recall: bool = False, policy: Policy = 
             raise ValueError(f"stage kind '{kind}': a recall route reads ctx values only and writes score:recall")
         _KINDS[kind] = KindSpec(kind, params, factory, recall, policy, tuple(map(Column.parse, reads)),
                                 tuple(map(Column.parse, reads_if_present)), tuple(map(Column.parse, out)))
-        factory.kind = kind
         return factory
     return deco
 
