@@ -66,7 +66,7 @@ class _Undeclared:
 
 
 @pytest.fixture
-def test_kinds():
+def own_kinds():
     """The test's own stage kinds, registered for one test and removed after it."""
     kinds = {"test_raises": (_Raises, True), "test_blocks": (_Blocks, True), "test_undeclared": (_Undeclared, False)}
     for name, (factory, recall) in kinds.items():
@@ -151,7 +151,7 @@ def _with(cfg, recall=(), stages=(), sections=None):
     return parse_config(raw, str(cfg.path))
 
 
-def test_route_that_raises_or_is_late_is_skipped(cfg, tiny_bundle, test_kinds):
+def test_route_that_raises_or_is_late_is_skipped(cfg, tiny_bundle, own_kinds):
     c = _with(cfg, ["broken", "slow"], sections={"broken": {"kind": "test_raises"},
                                                  "slow": {"kind": "test_blocks", "timeout_ms": 20.0}})
     e = Engine(c, load_bundle(tiny_bundle), make_store=EmbeddedStore, smoke=False)  # smoke would hit `broken`
@@ -281,7 +281,7 @@ def test_non_finite_event_times_are_refused_and_never_reach_the_counters(engine)
     assert np.isfinite(hot).all()
 
 
-def test_smoke_request_holds_stages_to_their_declared_writes(cfg, tiny_bundle, test_kinds):
+def test_smoke_request_holds_stages_to_their_declared_writes(cfg, tiny_bundle, own_kinds):
     c = _with(cfg, stages=["liar"], sections={"liar": {"kind": "test_undeclared"}})
     with pytest.raises(BundleError, match="stage 'liar' .*wrote score:surprise, which its kind does not declare"):
         Engine(c, load_bundle(tiny_bundle), make_store=EmbeddedStore)
