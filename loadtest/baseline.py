@@ -41,7 +41,7 @@ import torch
 from engine.core import featurize
 from engine.core.bundle import load_bundle
 from engine.core.errors import BundleError, ConfigError
-from engine.core.candidates import Candidates, Guarantee, merge
+from engine.core.candidates import Candidates, Guarantee, merge, task_column
 from engine.core.config import Config, load_config
 from engine.core.context import RequestContext
 from engine.core.registry import StageEnv
@@ -54,7 +54,6 @@ from loadtest.target import Server
 from model_export.models import load_checkpoints
 from protos import pb2, pb2_grpc
 from stages.filter import Filter
-from stages.rank_dnn import ranker_user
 from stages.rerank_beam import fuse
 
 READY = re.compile(r"^baseline serving on (\S+)")
@@ -131,8 +130,7 @@ class Baseline:
             return lambda ctx, c: self._fine(ctx, c, p.keep)
         if kind == "rerank_beam":
             def rerank(ctx: RequestContext, c: Candidates) -> Candidates:
-                tasks = {k[5:]: v for k, v in c.scores.items() if k.startswith("task:")}
-                return c.with_columns({"fused": fuse(tasks, p.weights, p.fusion, p.eps)}, primary="fused")
+                return c.with_columns({"fused": fuse(c.task_scores(), p.weights, p.fusion, p.eps)}, primary="fused")
             return rerank
         raise ConfigError(f"stage.{name}: the baseline has no stage of kind {kind}")
 
@@ -162,15 +160,15 @@ class Baseline:
 
     def _dnn(self, ctx: RequestContext, c: Candidates, keep: int) -> Candidates:
         item = featurize.ranker_item_input(c.feats["item_e"], c.feats["coarse_x"])
-        score = self._torch("coarse_dnn", ranker_user(ctx, self.t), item)
+        score = self._torch("coarse_dnn", ctx.ranker_user, item)
         c = c.with_columns({"dnn": score}, {"ranker_item": item}, primary="dnn")
         return c.keep_top(score, keep, Guarantee.COARSE)
 
     def _fine(self, ctx: RequestContext, c: Candidates, keep: int) -> Candidates:
         seq, mask = featurize.sequence_input(self.t, ctx.user.recent)
-        probs = self._torch("fine", ranker_user(ctx, self.t), c.feats["ranker_item"], seq, mask)
+        probs = self._torch("fine", ctx.ranker_user, c.feats["ranker_item"], seq, mask)
         tasks = self.bundle.tasks
-        c = c.with_columns({f"task:{t}": probs[:, i] for i, t in enumerate(tasks)}, primary=f"task:{tasks[0]}")
+        c = c.with_columns({task_column(t): probs[:, i] for i, t in enumerate(tasks)}, primary=task_column(tasks[0]))
         return c.keep_top(probs[:, 0], keep, Guarantee.FINE) if keep else c
 
     def _hydrate(self, m: pb2.RecommendRequest) -> RequestContext:
@@ -182,7 +180,7 @@ class Baseline:
         exclude = np.array([self.item_index[i] for i in m.exclude_item_ids if i in self.item_index], np.int32)
         req = Request(m.user_id, m.count or self.cfg.serving.default_count, request_id=m.request_id)
         return RequestContext(req, user, context, self._torch("user_tower", x), exclude, self.clock.days(),
-                              deadline=float("inf"), experiment="")
+                              deadline=float("inf"), experiment="", tables=self.t)
 
     def recommend(self, m: pb2.RecommendRequest) -> pb2.RecommendResponse:
         t0 = time.perf_counter()
@@ -203,7 +201,7 @@ class Baseline:
             c = out
         c = c.keep_top(c.scores[c.primary], ctx.request.count, Guarantee.FINAL)
         scores, routes = c.scores[c.primary].tolist(), c.routes.tolist()
-        tasks = {k[5:]: v.tolist() for k, v in c.scores.items() if k.startswith("task:")}
+        tasks = {k: v.tolist() for k, v in c.task_scores().items()}
         items = [pb2.Item(item_id=item, score=scores[k], predictions={t: v[k] for t, v in tasks.items()},
                           routes=[n for j, n in enumerate(self.route_names) if routes[k] >> j & 1])
                  for k, item in enumerate(self.item_ids[c.item].tolist())]

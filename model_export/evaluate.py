@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +104,8 @@ def _eligible(filters: list[Filter], ctx: RequestContext, n_items: int) -> np.nd
 
 def _fine_probs(engine: Engine, ctx: RequestContext, items: np.ndarray) -> np.ndarray:
     """Fine-ranker task probabilities [n, T] for any items, with the features the stages build."""
-    live, t = engine._live, engine._live.bundle.tables
-    n_imp, n_pos, hot = live.store.item_stats(items)
-    user = featurize.ranker_user_input(t, ctx.user_e, ctx.user.profile, ctx.context)
+    t = ctx.tables
+    n_imp, n_pos, hot = engine.store.item_stats(items)
     seq, mask = featurize.sequence_input(t, ctx.user.recent)
     out = []
     for s in range(0, items.size, CHUNK):
@@ -115,8 +113,8 @@ def _fine_probs(engine: Engine, ctx: RequestContext, items: np.ndarray) -> np.nd
         item_e = t.item_emb[i]
         x = featurize.coarse_features(t, i, ctx.user_e, item_e, ctx.user.recent, np.float32(ctx.user.n_imp),
                                       np.float32(ctx.user.n_pos), n_imp[sl], n_pos[sl], hot[sl], ctx.context, ctx.now)
-        out.append(live.models.run("fine", {"user": user, "item": featurize.ranker_item_input(item_e, x),
-                                            "seq": seq, "seq_mask": mask}))
+        out.append(engine.models.run("fine", {"user": ctx.ranker_user, "item": featurize.ranker_item_input(item_e, x),
+                                              "seq": seq, "seq_mask": mask}))
     return np.concatenate(out)
 
 
@@ -178,9 +176,9 @@ def evaluate(bundle_path: str | Path, config_path: str | Path | None = None, n_u
 
 def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, rp: RerankParams,
          ann_k: int, n_users: int, seed: int) -> dict[str, Any]:
-    live, st, t = engine._live, bundle.state, bundle.tables
+    st, t, item_index = bundle.state, bundle.tables, engine.item_index
     n_items, category, author = ds.n_items, np.asarray(t.item_category), np.asarray(t.item_author)
-    filters = [s.fn for s in live.pipelines[""].stages if isinstance(s.fn, Filter) and s.fn.rule != "author_cap"]
+    filters = [s.fn for s in engine.pipeline().stages if isinstance(s.fn, Filter) and s.fn.rule != "author_cap"]
     popular = np.argsort(-np.asarray(st.item_n_pos), kind="stable")
     cold = np.asarray(st.item_n_imp) == 0
     users, ctx_rows = _held_out(ds, n_users, seed)
@@ -200,12 +198,12 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
         nonlocal faults
         r = engine.recommend(req)
         faults += r.degraded or any(s.status != "ok" for s in r.trace)
-        return np.array([live.item_index[i] for i in r.item_ids], np.int64), r
+        return np.array([item_index[i] for i in r.item_ids], np.int64), r
 
     for u, row in zip(tqdm(users, desc="eval users", unit="user"), ctx_rows):
         req = Request(str(ds.user_ids[u]), COUNT, dict(zip(ds.context_fields, ds.log_context[row].tolist())),
                       deadline_ms=DEADLINE_MS)
-        ctx = engine._hydrate(req, live, "", time.perf_counter() + DEADLINE_MS / 1e3)
+        ctx = engine.hydrate(req)
         queries.append(ctx.user_e[0])
         eligible = _eligible(filters, ctx, n_items)
         mask = np.zeros(n_items, bool)
@@ -262,7 +260,7 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
         },
         "ann": {"kind": m["index"]["kind"], "nprobe": m["index"]["nprobe"], "queries": len(queries), "served_k": ann_k,
                 "build": {"k": m["index"]["recall_k"], "recall": m["index"]["recall"]},
-                "recall": {str(k): measure_recall(live.models.index, t.item_emb, np.stack(queries), k)
+                "recall": {str(k): measure_recall(engine.models.index, t.item_emb, np.stack(queries), k)
                            for k in sorted({ann_k, min(m["index"]["recall_k"], n_items)})}},
         "auc": {"source": "bundle manifest: computed by the build on the validation window",
                 "models": {model: {k[4:]: v for k, v in ms.items() if k.startswith("auc_")}

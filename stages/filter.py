@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.core.candidates import Candidates, Guarantee
 from engine.core.errors import ConfigError
-from engine.core.registry import StageEnv, register
+from engine.core.registry import StageEnv, register, sidecar
 
 RULES = ("excluded", "seen", "blocked", "author_cap")
 
@@ -23,18 +23,22 @@ RULES = ("excluded", "seen", "blocked", "author_cap")
 class Params:
     rule: str = ""
     max_per_author: int = 0        # author_cap
-    blocklist: str = ""            # blocked: TOML file with `items = ["i1", ...]`, relative to the config
+    blocklist: str = sidecar()     # blocked: TOML file with `items = ["i1", ...]`, relative to the config
     max_age_days: float = 0.0      # blocked: 0 = items never expire
-    budget_ms: float = 1.0
 
     def check(self) -> None:
         if self.rule not in RULES:
             raise ConfigError(f"rule: '{self.rule}' is not one of {', '.join(RULES)}")
         if self.rule == "author_cap" and self.max_per_author <= 0:
             raise ConfigError("max_per_author: author_cap needs a value > 0")
+        if self.rule != "author_cap" and self.max_per_author:
+            raise ConfigError(f"max_per_author: only rule author_cap reads it, this filter's rule is {self.rule}")
+        if self.rule != "blocked" and (self.blocklist or self.max_age_days):
+            raise ConfigError(f"blocklist, max_age_days: only rule blocked reads them, this filter's rule is "
+                              f"{self.rule}")
 
 
-@register("filter", Params)
+@register("filter", Params, reads=("ctx:exclude", "ctx:user", "score:recall"))
 class Filter:
     def __init__(self, p: Params, env: StageEnv):
         self.rule, self.cap = p.rule, p.max_per_author

@@ -19,10 +19,9 @@ class Params(CutParams):
     keep: int = 1000
 
 
-@register("rank_trees", Params, provides=("trees",))
+@register("rank_trees", Params, reads=("ctx:user_e", "ctx:user", "ctx:context", "ctx:now"),
+          writes=("score:trees", "feat:coarse_x", "feat:item_e"))
 class RankTrees:
-    skippable = False
-
     def __init__(self, p: Params, env: StageEnv):
         self.keep, self.models, self.store, self.tables = p.keep, env.models, env.store, env.bundle.tables
 

@@ -1,10 +1,13 @@
-"""ANN recall: the two-tower user embedding searched against the faiss index of item embeddings."""
+"""ANN recall: the two-tower user embedding searched against the faiss index of item embeddings.
+
+It runs on the pool by default (faiss releases the GIL); on a small in-process index it is
+cheaper on the request thread (`inline = true`, see BENCHMARKS.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from engine.core.candidates import Candidates
-from engine.core.registry import RouteParams, StageEnv, register
+from engine.core.registry import Policy, RouteParams, StageEnv, register
 
 
 @dataclass
@@ -13,7 +16,7 @@ class Params(RouteParams):
     timeout_ms: float = 30.0
 
 
-@register("recall_ann", Params, recall=True)
+@register("recall_ann", Params, recall=True, policy=Policy(inline="allowed"), reads=("ctx:user_e",))
 class RecallAnn:
     def __init__(self, p: Params, env: StageEnv):
         self.k, self.bit, self.index = p.k, env.route_bit, env.models.index

@@ -15,13 +15,12 @@ import numpy as np
 from engine.core.candidates import Candidates
 from engine.core.errors import ConfigError
 from engine.core.refresh import RefreshedRoute
-from engine.core.registry import RouteParams, StageEnv, register
+from engine.core.registry import Policy, RouteParams, StageEnv, register
 
 
 @dataclass
 class Params(RouteParams):
     k: int = 300
-    inline: bool = True            # one small matmul over the cold pool
     max_age_days: float = 3.0
     max_impressions: int = 50
     explore_share: float = 0.2
@@ -35,7 +34,9 @@ class Params(RouteParams):
             raise ConfigError("explore_share: must be in [0, 1]")
 
 
-@register("recall_cold_start", Params, recall=True)
+# inline: one small matmul over the cold pool
+@register("recall_cold_start", Params, recall=True, policy=Policy(inline="default"),
+          reads=("ctx:user_e", "ctx:request"))
 class RecallColdStart(RefreshedRoute):
     def __init__(self, p: Params, env: StageEnv):
         self.created = np.asarray(env.bundle.tables.item_created)

@@ -12,13 +12,12 @@ import numpy as np
 from engine.core.candidates import Candidates
 from engine.core.errors import ConfigError
 from engine.core.refresh import RefreshedRoute
-from engine.core.registry import RouteParams, StageEnv, register
+from engine.core.registry import Policy, RouteParams, StageEnv, register
 
 
 @dataclass
 class Params(RouteParams):
     k: int = 500
-    inline: bool = True            # slices of precomputed lists: cheaper than a thread hand-off
     global_share: float = 0.5      # the rest comes from the user's top categories
     categories: int = 3            # how many of the user's favourite categories
     refresh_s: float = 1.0
@@ -31,7 +30,8 @@ class Params(RouteParams):
             raise ConfigError("categories >= 0 and refresh_s > 0 required")
 
 
-@register("recall_hot", Params, recall=True)
+# inline: slices of precomputed lists are cheaper than a thread hand-off
+@register("recall_hot", Params, recall=True, policy=Policy(inline="default"), reads=("ctx:user",))
 class RecallHot(RefreshedRoute):
     def __init__(self, p: Params, env: StageEnv):
         self.category = np.asarray(env.bundle.tables.item_category)

@@ -12,7 +12,7 @@ import numpy as np
 
 from engine.core.candidates import Candidates, Guarantee
 from engine.core.errors import ConfigError
-from engine.core.registry import RouteParams, StageEnv, register
+from engine.core.registry import Policy, RouteParams, StageEnv, register, sidecar
 
 _LEVELS = {"coarse": Guarantee.COARSE, "fine": Guarantee.FINE, "final": Guarantee.FINAL}
 
@@ -20,8 +20,7 @@ _LEVELS = {"coarse": Guarantee.COARSE, "fine": Guarantee.FINE, "final": Guarante
 @dataclass
 class Params(RouteParams):
     k: int = 200
-    inline: bool = True            # a mask over a few pinned items
-    file: str = ""
+    file: str = sidecar()
 
     def check(self) -> None:
         super().check()
@@ -29,7 +28,8 @@ class Params(RouteParams):
             raise ConfigError("file: name the whitelist TOML file")
 
 
-@register("recall_whitelist", Params, recall=True)
+# inline: a mask over a few pinned items
+@register("recall_whitelist", Params, recall=True, policy=Policy(inline="default"), reads=("ctx:user",))
 class RecallWhitelist:
     def __init__(self, p: Params, env: StageEnv):
         self.bit = env.route_bit

@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.core.candidates import Candidates, Guarantee
 from engine.core.errors import ConfigError
-from engine.core.registry import StageEnv, register
+from engine.core.registry import TASK_SCORES, StageEnv, register
 
 
 @dataclass
@@ -27,7 +27,6 @@ class Params:
     category_penalty: float = 0.0
     author_penalty: float = 0.0
     coverage_reward: float = 0.0
-    budget_ms: float = 5.0
 
     def check(self) -> None:
         if self.fusion not in ("product", "sum"):
@@ -88,10 +87,9 @@ def beam_search(fused: np.ndarray, category: np.ndarray, author: np.ndarray, cou
     return chosen[0], float(total[0])
 
 
-@register("rerank_beam", Params, requires=("trees",), provides=("fused",))
+# task scores when the fine ranker ran; when it was skipped, the latest (coarse) score is fused
+@register("rerank_beam", Params, reads=("ctx:request",), reads_if_present=(TASK_SCORES,), writes=("score:fused",))
 class RerankBeam:
-    skippable = False
-
     def __init__(self, p: Params, env: StageEnv):
         self.p = p
         unknown = set(p.weights) - set(env.bundle.tasks)
@@ -103,7 +101,7 @@ class RerankBeam:
 
     def __call__(self, ctx, c: Candidates) -> Candidates:
         p, count = self.p, ctx.request.count
-        tasks = {k[5:]: v for k, v in c.scores.items() if k.startswith("task:")}
+        tasks = c.task_scores()
         fused = fuse(tasks, p.weights, p.fusion, p.eps) if tasks else c.scores[c.primary]
         c = c.with_columns({"fused": fused}, primary="fused")
         pool = c.keep_top(fused, max(p.pool, count), Guarantee.FINAL)

@@ -291,27 +291,14 @@ class RecServeRPCs(pb2_grpc.RecServeServicer):
         return self.w.call("ReportEvents", context, lambda: self._report(request, context))
 
     def _recommend(self, m: pb2.RecommendRequest, context: grpc.ServicerContext) -> pb2.RecommendResponse:
-        s, cfg = self.w.cfg.serving, self.w.cfg
-        if not m.user_id:
-            raise InvalidRequest("user_id", "must not be empty")
-        if not 0 <= m.count <= s.max_count:
-            raise InvalidRequest("count", f"{m.count} is outside 0..{s.max_count} (0: default {s.default_count})")
-        if len(m.exclude_item_ids) > s.max_excludes:
-            raise InvalidRequest("exclude_item_ids",
-                                 f"{len(m.exclude_item_ids)} ids exceed serving.max_excludes={s.max_excludes}")
-        if m.experiment and m.experiment not in cfg.experiments:
-            known = ", ".join(sorted(cfg.experiments)) or "none configured"
-            raise InvalidRequest("experiment", f"unknown experiment '{m.experiment}' (known: {known})")
-        deadline_ms = 0.0
+        """Converts the proto and the client's deadline into a Request; the engine validates it."""
+        deadline_ms = None
         remaining = context.time_remaining()
         if remaining is not None and remaining < 1e6:   # no client deadline reads as ~forever
             deadline_ms = remaining * 1000 - DEADLINE_MARGIN_MS
-            if deadline_ms <= 0:
-                raise DeadlineExceeded("the client's deadline leaves no time to serve")
         resp = self.w.engine.recommend(Request(
-            user_id=m.user_id, count=m.count or s.default_count, context=dict(m.context),
-            exclude=list(m.exclude_item_ids), experiment=m.experiment, debug=m.debug,
-            deadline_ms=deadline_ms, request_id=m.request_id))
+            user_id=m.user_id, count=m.count, context=dict(m.context), exclude_item_ids=list(m.exclude_item_ids),
+            experiment=m.experiment, debug=m.debug, deadline_ms=deadline_ms, request_id=m.request_id))
         self.w.metrics.observe(resp)
         return self._to_proto(resp, m.debug, self.w.served_by)
 
@@ -329,19 +316,18 @@ class RecServeRPCs(pb2_grpc.RecServeServicer):
                                      trace=trace, total_ms=r.total_ms, served_by=served_by)
 
     def _report(self, m: pb2.ReportEventsRequest, context: grpc.ServicerContext) -> pb2.ReportEventsResponse:
+        """Converts the events; the engine validates each one (a kind outside EVENT_KINDS keeps
+        its proto name, or its number if it has none, so the rejection names it)."""
         self.w.check_token(context)
-        events, index, rejected = [], [], []
-        for i, e in enumerate(m.events):
-            kind = _KINDS.get(e.kind)
-            if kind is None:
-                rejected.append((i, f"kind: unknown event kind {e.kind}"))
-                continue
-            events.append(Event(kind=kind, user_id=e.user_id, item_id=e.item_id, timestamp=e.timestamp,
-                                request_id=e.request_id))
-            index.append(i)
-        accepted, engine_rejected = self.w.engine.report_events(events) if events else (0, [])
-        rejected += [(index[j], reason) for j, reason in engine_rejected]
-        rejected.sort()
+
+        def kind(v: int) -> str:
+            if v in _KINDS:
+                return _KINDS[v]
+            return pb2.EventKind.Name(v) if v in pb2.EventKind.values() else str(v)
+
+        events = [Event(kind=kind(e.kind), user_id=e.user_id, item_id=e.item_id, timestamp=e.timestamp,
+                        request_id=e.request_id) for e in m.events]
+        accepted, rejected = self.w.engine.report_events(events) if events else (0, [])
         self.w.metrics.events.labels("accepted").inc(accepted)
         self.w.metrics.events.labels("rejected").inc(len(rejected))
         self.w.count("events_accepted", accepted)

@@ -10,6 +10,13 @@ from enum import IntEnum
 
 import numpy as np
 
+TASK_PREFIX = "task:"      # the fine ranker's per-task score columns: task:click, task:like, ...
+
+
+def task_column(task: str) -> str:
+    """The score column of one model task."""
+    return TASK_PREFIX + task
+
 
 class Guarantee(IntEnum):
     """How far a pinned item is protected from truncation.
@@ -59,6 +66,11 @@ class Candidates:
         return Candidates(self.item, self.routes, self.guaranteed,
                           {**self.scores, **{k: np.asarray(v, np.float32) for k, v in (scores or {}).items()}},
                           {**self.feats, **(feats or {})}, primary or self.primary)
+
+    def task_scores(self) -> dict[str, np.ndarray]:
+        """Task name -> its score column, for the task columns present (none if fine ranking was skipped)."""
+        n = len(TASK_PREFIX)
+        return {k[n:]: v for k, v in self.scores.items() if k.startswith(TASK_PREFIX)}
 
     def keep_top(self, score: np.ndarray, keep: int, level: Guarantee) -> "Candidates":
         """The `keep` best by `score`, best first; every candidate guaranteed to `level` is among them.

@@ -13,6 +13,7 @@ import hashlib
 import tomllib
 import types
 import typing
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -199,6 +200,17 @@ class Config:
             values.append((key, getattr(obj, field_name) if field_name else dataclasses.asdict(obj)))
         return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
 
+    def experiment_for(self, user_id: str) -> str:
+        """The experiment a user is in ("" = control): crc32 of the id over the shares in config
+        order, so every worker, replica and restart puts the same user in the same arm."""
+        u = zlib.crc32(user_id.encode()) / 2**32
+        acc = 0.0
+        for name, e in self.experiments.items():
+            acc += e.share
+            if u < acc:
+                return name
+        return ""
+
     def variant(self, experiment: str) -> "Config":
         """This config with the experiment's overrides applied (already checked at load)."""
         return self._variants[experiment] if experiment else self
@@ -273,11 +285,13 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
             raise ConfigError(f"stage.{name}.kind: '{kind}' belongs in pipeline."
                               f"{'recall' if spec.is_recall else 'stages'}")
         params = _build(spec.params, {k: v for k, v in body.items() if k != "kind"}, f"stage.{name}")
-        if hasattr(params, "check"):
-            try:
+        try:
+            if hasattr(params, "check"):
                 params.check()
-            except ConfigError as e:
-                raise ConfigError(f"stage.{name}.{e}") from None
+            spec.settle(params)
+        except ConfigError as e:
+            raise ConfigError(f"stage.{name}.{e}") from None
+        registry.check_sidecars(name, params, path)
         stage_specs[name] = (kind, params)
     exps_raw = raw.get("experiments", {})
     exps = {n: _build(Experiment, b, f"experiments.{n}") for n, b in exps_raw.items()}
@@ -286,7 +300,7 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
         raise ConfigError(f"experiments: shares must be >= 0 and sum to <= 1 (sum {total:g})")
     cfg = Config(path, secs["data"], secs["train"], secs["index"], secs["serving"], pipe,
                  stage_specs, exps, raw, secs["ray"])
-    registry.check_sizes(cfg)
+    registry.check_pipeline(cfg)
     for name, exp in exps.items():
         where = f"experiments.{name}.set"
         try:  # overrides drop the experiments table, so this does not recurse further
@@ -347,7 +361,10 @@ def _coerce(tp, v, where):
         _, vt = typing.get_args(tp)
         return {k: _coerce(vt, x, f"{where}.{k}") for k, x in v.items()}
     if origin in (typing.Union, types.UnionType):
-        for t in typing.get_args(tp):
+        options = [t for t in typing.get_args(tp) if t is not type(None)]   # None: unset, never written in TOML
+        if len(options) == 1:
+            return _coerce(options[0], v, where)
+        for t in options:
             try:
                 return _coerce(t, v, where)
             except ConfigError:

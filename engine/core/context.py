@@ -1,12 +1,17 @@
-"""Per-request context: what the engine hydrates once and every stage reads."""
+"""Per-request context: what the engine hydrates once and every stage reads.
+
+Stages declare what they read of it (`ctx:<name>` in engine.core.registry.register). Values
+only some stages need are computed on first use and kept for the rest of the request, as
+typed properties: no untyped per-request cache.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from engine.core import featurize
 from engine.core.request import Request
 
 
@@ -32,7 +37,17 @@ class RequestContext:
     now: float                  # days on the bundle's clock
     deadline: float             # time.perf_counter() value
     experiment: str
-    cache: dict[str, Any] = field(default_factory=dict)  # per-request arrays shared by stages
+    tables: featurize.Tables    # the serving bundle's, for the values computed on first use
+    _ranker_user: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ranker_user(self) -> np.ndarray:
+        """float32 [1, Du'] the rankers' user row (coarse phase 2 and the fine ranker share it).
+        Stages run one after another on the request thread, so no lock is needed."""
+        if self._ranker_user is None:
+            self._ranker_user = featurize.ranker_user_input(self.tables, self.user_e, self.user.profile,
+                                                            self.context)
+        return self._ranker_user
 
     def remaining_ms(self) -> float:
         return (self.deadline - time.perf_counter()) * 1000.0

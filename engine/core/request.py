@@ -1,4 +1,7 @@
-"""Request and response of one Recommend call, independent of the transport."""
+"""Request and response of one Recommend call, independent of the transport.
+
+Field names follow the proto (protos/recserve.proto) where the client sets them; the engine
+validates a Request once (engine.core.validation) and works on a normalised copy."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,12 +12,12 @@ import numpy as np
 @dataclass(slots=True)
 class Request:
     user_id: str
-    count: int = 20
+    count: int = 0                                          # 0: serving.default_count
     context: dict[str, int] = field(default_factory=dict)  # e.g. hour (0-23), device (0..n)
-    exclude: list[str] = field(default_factory=list)      # external item ids
-    experiment: str = ""
+    exclude_item_ids: list[str] = field(default_factory=list)   # external item ids
+    experiment: str = ""                                    # "": assigned by user hash
     debug: bool = False
-    deadline_ms: float = 0.0                                # 0: the config's default budget
+    deadline_ms: float | None = None                        # None: serving.deadline_ms; <= 0: already passed
     request_id: str = ""
 
 

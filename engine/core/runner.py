@@ -1,51 +1,60 @@
 """The engine: turns a Request into a Response by running the configured pipeline.
 
-It owns everything a stage should not: hydrating the user once (feature store + user
-tower), running recall routes concurrently with per-route timeouts, merging, running the
-stages in order under the deadline (skipping skippable stages when time is short, stopping
-when it is gone), fail-open on a broken stage, tracing, experiments, events and the atomic
-swap of a new bundle.
+It owns everything a stage should not: validating the request once, hydrating the user once
+(feature store + user tower), running recall routes concurrently with per-route timeouts,
+merging, running the stages in order under the deadline (skipping skippable stages when
+time is short, stopping when it is gone), fail-open on a broken stage, tracing,
+experiments, events and the atomic swap of a new bundle. What it may do with a stage comes
+from the stage kind's registration (engine.core.registry.Policy), never from the stage.
+
+Public seams for offline tools and tests: `hydrate` (the context a request's stages see),
+`pipeline` (an experiment's steps), `models`, `store`, `item_index`, and `smoke=False`.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from engine.core import featurize, registry
 from engine.core.bundle import Bundle
-from engine.core.errors import BundleError, ConfigError, DeadlineExceeded, InvalidRequest
+from engine.core.errors import BundleError, ConfigError, DeadlineExceeded
 from engine.core.candidates import Candidates, Guarantee, merge
 from engine.core.config import Config
 from engine.core.context import RequestContext
 from engine.core.models import Models
-from engine.core.registry import StageEnv
-from engine.core.request import EVENT_KINDS, Event, Request, Response, StageTrace
+from engine.core.registry import KindSpec, StageEnv
+from engine.core.request import Event, Request, Response, StageTrace
 from engine.core.features import ResolvedEvent
+from engine.core.validation import checked_request, event_fault
 
 log = logging.getLogger("recserve.engine")
 
 
-@dataclass
-class _Step:
+@dataclass(frozen=True)
+class Step:
+    """One stage instance as the engine runs it; every field but `fn` comes from the config
+    and the kind's registration."""
+
     name: str
-    fn: object
-    budget_ms: float       # recall: timeout; stages: expected cost, used to decide skipping
-    skippable: bool
-    route_bit: int = 0
+    spec: KindSpec
+    fn: Callable           # recall: (ctx) -> Candidates; stages: (ctx, Candidates) -> Candidates
+    route_bit: int = 0     # recall: this route's bit in Candidates.routes
+    timeout_ms: float = 0.0    # recall: waited for no longer
     inline: bool = False   # recall: run on the request thread instead of the pool
+    budget_ms: float | None = None   # skippable stages: skipped when less time is left
 
 
-@dataclass
-class _Pipeline:
-    recall: list[_Step]
-    stages: list[_Step]
+@dataclass(frozen=True)
+class Pipeline:
+    recall: list[Step]
+    stages: list[Step]
 
 
 class _Live:
@@ -71,19 +80,27 @@ class _Live:
             if hasattr(fn, "close"):
                 fn.close()
 
-    def _build(self, cfg: Config) -> _Pipeline:
-        def step(name: str, bit: int) -> _Step:
+    def _build(self, cfg: Config) -> Pipeline:
+        def stage(name: str, bit: int):
             kind, params = cfg.stage[name]
+            spec = registry.kind(kind)
             key = (name, kind, bit, repr(params))
             fn = self._stages.get(key)
             if fn is None:  # experiments that leave a stage alone share it (and its refresh thread)
                 env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit, self.item_index)
-                fn = self._stages[key] = registry.kind(kind).factory(params, env)
-            budget = getattr(params, "timeout_ms", None) or getattr(params, "budget_ms")
-            return _Step(name, fn, budget, getattr(fn, "skippable", False), bit, getattr(params, "inline", False))
+                fn = self._stages[key] = spec.factory(params, env)
+            return spec, params, fn
 
-        return _Pipeline([step(n, 1 << i) for i, n in enumerate(cfg.pipeline.recall)],
-                         [step(n, 0) for n in cfg.pipeline.stages])
+        def route(i: int, name: str) -> Step:
+            spec, p, fn = stage(name, 1 << i)       # p: RouteParams, its inline settled at load
+            return Step(name, spec, fn, route_bit=1 << i, timeout_ms=p.timeout_ms, inline=p.inline)
+
+        def step(name: str) -> Step:
+            spec, p, fn = stage(name, 0)            # skippable kinds' Params are BudgetParams
+            return Step(name, spec, fn, budget_ms=p.budget_ms if spec.policy.skippable else None)
+
+        return Pipeline([route(i, n) for i, n in enumerate(cfg.pipeline.recall)],
+                        [step(n) for n in cfg.pipeline.stages])
 
 
 class Engine:
@@ -95,8 +112,6 @@ class Engine:
         `smoke=False` skips the smoke request (tests of deliberately broken pipelines)."""
         if (make_store is None) == (store is None):
             raise TypeError("Engine needs exactly one of make_store and store")
-        if len(config.pipeline.recall) > 8:
-            raise ConfigError("pipeline.recall: at most 8 routes (uint8 route bitmask)")
         self.config = config
         self._make_store = make_store
         self._external_store = store is not None
@@ -105,7 +120,14 @@ class Engine:
         self._remote = remote_models
         self._live = _Live(config, bundle, store or self._make_store(bundle), remote_models)
         if smoke:
-            self._smoke(self._live)
+            try:
+                self._smoke(self._live)
+            except BaseException:   # stop what an engine that never serves started; a passed-in store is the caller's
+                self._live.close()
+                if not self._external_store:
+                    self._live.store.close()
+                self._pool.shutdown(wait=False)
+                raise
 
     # -- public API -------------------------------------------------------------------
     @property
@@ -118,13 +140,30 @@ class Engine:
         return self._live.store
 
     @property
+    def models(self):
+        """The serving bundle's model runtimes (engine.core.models.Models): for offline scoring."""
+        return self._live.models
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        """External item id -> catalog index in the serving bundle."""
+        return self._live.item_index
+
+    @property
     def tasks(self) -> tuple[str, ...]:
         return self._live.bundle.tasks
 
-    @property
-    def stage_names(self) -> list[str]:
-        p = self._live.pipelines[""]
-        return [s.name for s in p.recall] + [s.name for s in p.stages]
+    def pipeline(self, experiment: str = "") -> Pipeline:
+        """The steps an experiment's requests run ("" = control), over the serving bundle."""
+        return self._live.pipelines[experiment]
+
+    def hydrate(self, req: Request) -> RequestContext:
+        """What a request's stages would see (validated, experiment assigned, user hydrated),
+        without running them: for tools that score items the way the stages do."""
+        live = self._live
+        req = self._checked(req, live)
+        return self._hydrate(req, live, req.experiment or self.config.experiment_for(req.user_id),
+                             time.perf_counter())
 
     def recommend(self, req: Request, observer=None) -> Response:
         """Serve one request. `observer(stage_name, candidates)`, if given, sees the batch
@@ -132,12 +171,11 @@ class Engine:
         t0 = time.perf_counter()
         live = self._live  # one bundle for the whole request, even if a swap lands meanwhile
         s = self.config.serving
-        self._validate(req, live)
-        exp = req.experiment or self._assign(req.user_id)
+        req = self._checked(req, live)
+        exp = req.experiment or self.config.experiment_for(req.user_id)
         pipe = live.pipelines[exp]
-        deadline_ms = req.deadline_ms if req.deadline_ms > 0 else s.deadline_ms
         live.store.fell_back()  # reset: only this request's reads count
-        ctx = self._hydrate(req, live, exp, t0 + deadline_ms / 1000.0)
+        ctx = self._hydrate(req, live, exp, t0)
         trace: list[StageTrace] = [StageTrace("hydrate", (time.perf_counter() - t0) * 1e3, 0, 1)]
         cands = self._recall(ctx, pipe, trace, live)
         if observer:
@@ -145,9 +183,10 @@ class Engine:
         degraded = False
         for st in pipe.stages:
             remaining = ctx.remaining_ms()
-            if remaining <= 0 or (st.skippable and remaining < st.budget_ms):
+            if remaining <= 0 or (st.budget_ms is not None and remaining < st.budget_ms):
                 if s.on_deadline == "error":
-                    raise DeadlineExceeded(f"deadline of {deadline_ms:.0f} ms cannot be met before stage {st.name}")
+                    raise DeadlineExceeded(f"deadline of {req.deadline_ms:.0f} ms cannot be met before stage "
+                                           f"{st.name}")
                 degraded = True
                 trace.append(StageTrace(st.name, 0.0, len(cands), len(cands), "skipped"))
                 continue
@@ -171,8 +210,9 @@ class Engine:
         live = self._live
         ok: list[ResolvedEvent] = []
         rejected: list[tuple[int, str]] = []
+        now = time.time()
         for i, e in enumerate(events):
-            reason = self._event_fault(e, live)
+            reason = event_fault(e, live.item_index, now)
             if reason:
                 rejected.append((i, reason))
                 continue
@@ -214,42 +254,14 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request steps ----------------------------------------------------------------
-    def _validate(self, req: Request, live: _Live) -> None:
-        s = self.config.serving
-        if not req.user_id or len(req.user_id) > 256 or not req.user_id.isprintable():
-            raise InvalidRequest("user_id", "must be 1-256 printable characters")
-        if req.count == 0:
-            req.count = s.default_count
-        if not 1 <= req.count <= s.max_count:
-            raise InvalidRequest("count", f"must be in 1..{s.max_count}, got {req.count}")
-        if len(req.exclude) > s.max_excludes:
-            raise InvalidRequest("exclude", f"at most {s.max_excludes} items, got {len(req.exclude)}")
-        if any(not x for x in req.exclude):
-            raise InvalidRequest("exclude", "item ids must be non-empty")
-        if req.experiment and req.experiment not in live.pipelines:
-            raise InvalidRequest("experiment", f"unknown experiment '{req.experiment}' "
-                                               f"(known: {', '.join(sorted(self.config.experiments)) or 'none'})")
-        card = live.bundle.tables.context_cardinality
-        names = live.bundle.manifest["schema"]["context_fields"]
-        for k, v in req.context.items():
-            if k not in names:
-                raise InvalidRequest(f"context.{k}", f"unknown context field (known: {', '.join(names)})")
-            if not 0 <= v < card[names.index(k)]:
-                raise InvalidRequest(f"context.{k}", f"must be in 0..{card[names.index(k)] - 1}, got {v}")
-        if req.deadline_ms < 0:
-            raise InvalidRequest("deadline_ms", "must be >= 0")
+    def _checked(self, req: Request, live: _Live) -> Request:
+        """The request validated against the config and the serving bundle's context fields: a
+        normalised copy (engine.core.validation)."""
+        return checked_request(req, self.config, live.bundle.manifest["schema"]["context_fields"],
+                               live.bundle.tables.context_cardinality)
 
-    def _assign(self, user_id: str) -> str:
-        """Stable traffic split: the same user lands in the same experiment on every worker."""
-        u = zlib.crc32(user_id.encode()) / 2**32
-        acc = 0.0
-        for name, e in self.config.experiments.items():
-            acc += e.share
-            if u < acc:
-                return name
-        return ""
-
-    def _hydrate(self, req: Request, live: _Live, exp: str, deadline: float) -> RequestContext:
+    def _hydrate(self, req: Request, live: _Live, exp: str, t0: float) -> RequestContext:
+        """`req` already checked; its deadline counts from `t0` (time.perf_counter())."""
         t = live.bundle.tables
         uidx = live.user_index.get(req.user_id, -1)
         user = live.store.user(req.user_id, uidx, t.default_profile, t.user_profile)
@@ -257,11 +269,12 @@ class Engine:
         context = np.array([[req.context.get(n, 0) for n in names]], np.int32)
         x = featurize.user_tower_input(t, np.array([uidx]), user.profile, context, user.recent)
         user_e = live.models.run("user_tower", {"x": x})
-        exclude = np.fromiter((live.item_index.get(i, -1) for i in req.exclude), np.int32, len(req.exclude))
+        ids = req.exclude_item_ids
+        exclude = np.fromiter((live.item_index.get(i, -1) for i in ids), np.int32, len(ids))
         return RequestContext(req, user, context, user_e, exclude[exclude >= 0], live.store.clock.days(),
-                              deadline, exp)
+                              t0 + req.deadline_ms / 1000.0, exp, t)
 
-    def _recall(self, ctx: RequestContext, pipe: _Pipeline, trace: list, live: _Live) -> Candidates:
+    def _recall(self, ctx: RequestContext, pipe: Pipeline, trace: list, live: _Live) -> Candidates:
         """Pool routes start first; inline routes run meanwhile on this thread; then the pool
         routes are collected, each waited for no longer than its timeout and the deadline."""
         t0 = time.perf_counter()
@@ -271,14 +284,14 @@ class Engine:
             if st.inline:
                 try:
                     cands, ms = self._timed(st.fn, ctx)
-                    results[st.name] = (cands, ms, "ok" if ms <= st.budget_ms else "late")
+                    results[st.name] = (cands, ms, "ok" if ms <= st.timeout_ms else "late")
                 except Exception:  # fail-open per route
                     log.exception("recall route %s failed; skipped", st.name)
                     results[st.name] = (None, (time.perf_counter() - t0) * 1e3, "failed")
         for st in pipe.recall:
             if st.inline:
                 continue
-            left = max(min(st.budget_ms / 1000.0 - (time.perf_counter() - t0), ctx.remaining_ms() / 1000.0), 0.0)
+            left = max(min(st.timeout_ms / 1000.0 - (time.perf_counter() - t0), ctx.remaining_ms() / 1000.0), 0.0)
             try:
                 cands, ms = futures[st.name].result(timeout=left)
                 results[st.name] = (cands, ms, "ok")
@@ -312,29 +325,34 @@ class Engine:
         names = live.route_names
         bits = c.routes[:, None] & (1 << np.arange(len(names), dtype=np.uint8))[None, :]
         routes = [[names[j] for j in np.flatnonzero(row)] for row in bits]  # <= count rows
-        tasks = {k[5:]: v for k, v in c.scores.items() if k.startswith("task:")}
-        return Response(live.item_ids[c.item].tolist(), c.scores[c.primary].astype(np.float32), tasks,
+        return Response(live.item_ids[c.item].tolist(), c.scores[c.primary].astype(np.float32), c.task_scores(),
                         routes, degraded, exp, live.bundle.version, req.request_id, trace,
                         (time.perf_counter() - t0) * 1e3)
 
-    def _event_fault(self, e: Event, live: _Live) -> str:
-        if e.kind not in EVENT_KINDS:
-            return f"kind: '{e.kind}' is not one of {', '.join(EVENT_KINDS)}"
-        if not e.user_id or len(e.user_id) > 256:
-            return "user_id: must be 1-256 characters"
-        if e.item_id not in live.item_index:
-            return f"item_id: unknown item '{e.item_id}'"
-        if e.timestamp < 0 or e.timestamp > time.time() + 3600:
-            return f"timestamp: {e.timestamp} is negative or in the future"
-        return ""
-
     def _smoke(self, live: _Live) -> None:
-        """One real request through every experiment's pipeline before a bundle serves."""
+        """One real request through every experiment's pipeline before a bundle serves; it also
+        holds every stage to its declaration: a stage writes all it declares and nothing else."""
         for exp, pipe in live.pipelines.items():
-            req = Request(user_id="__smoke__", count=min(5, self.config.serving.max_count), deadline_ms=10_000)
-            ctx = self._hydrate(req, live, exp, time.perf_counter() + 10.0)
+            req = self._checked(Request(user_id="__smoke__", count=min(5, self.config.serving.max_count),
+                                        deadline_ms=10_000), live)
+            ctx = self._hydrate(req, live, exp, time.perf_counter())
             c = merge([st.fn(ctx) for st in pipe.recall])
             for st in pipe.stages:
+                before = c
                 c = st.fn(ctx, c)
+                _check_writes(st, before, c)
             if len(c) == 0:
                 raise BundleError(f"smoke request through experiment '{exp or 'control'}' returned no items")
+
+
+def _check_writes(st: Step, before: Candidates, after: Candidates) -> None:
+    added = [("score", k) for k in after.scores.keys() - before.scores.keys()]
+    added += [("feat", k) for k in after.feats.keys() - before.feats.keys()]
+    for space, name in added:
+        if not any(col.matches(space, name) for col in st.spec.writes):
+            raise BundleError(f"smoke request: stage '{st.name}' ({st.spec.kind}) wrote {space}:{name}, "
+                              "which its kind does not declare")
+    have = [("score", k) for k in after.scores] + [("feat", k) for k in after.feats]
+    for col in st.spec.writes:
+        if not any(col.matches(space, name) for space, name in have):
+            raise BundleError(f"smoke request: stage '{st.name}' ({st.spec.kind}) declares {col} but did not write it")
