@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.core.candidates import Candidates, Guarantee
 from engine.core.errors import ConfigError
-from engine.core.registry import StageEnv, register, sidecar
+from engine.core.registry import Policy, StageEnv, register, sidecar
 
 RULES = ("excluded", "seen", "blocked", "author_cap")
 
@@ -38,7 +38,7 @@ class Params:
                               f"{self.rule}")
 
 
-@register("filter", Params, reads=("ctx:exclude", "ctx:user", "score:recall"))
+@register("filter", Params, policy=Policy(guard=True), reads=("ctx:exclude", "ctx:user", "score:recall"))
 class Filter:
     def __init__(self, p: Params, env: StageEnv):
         self.rule, self.cap = p.rule, p.max_per_author

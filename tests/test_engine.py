@@ -168,17 +168,26 @@ def test_route_that_raises_or_is_late_is_skipped(cfg, tiny_bundle, own_kinds):
     assert slow.finished.wait(30)              # released, the abandoned route ends on its pool thread
 
 
-def test_passed_deadline_skips_every_stage(engine, cfg, tiny_bundle):
-    """A deadline that has passed by the time recall ends: no stage runs, the answer is the
-    merged candidates by recall score, degraded (or DEADLINE_EXCEEDED when configured so)."""
+def test_passed_deadline_runs_only_the_filters(engine, cfg, tiny_bundle):
+    """A deadline that has passed by the time recall ends: the filters (guards) still run, so
+    nothing excluded or already seen is served; every other stage is skipped and the answer is
+    the filtered candidates by recall score, degraded (or DEADLINE_EXCEEDED when configured so)."""
     stages = cfg.pipeline.stages
-    resp = engine.recommend(Request(user_id="u5", count=10, deadline_ms=1e-6))
+    guards = [n for n in stages if cfg.stage[n][0] == "filter"]
+    full = engine.recommend(Request(user_id="u5", count=10, deadline_ms=1e-6))
+    exclude = full.item_ids[:3]
+    resp = engine.recommend(Request(user_id="u5", count=10, deadline_ms=1e-6, exclude_item_ids=exclude))
     assert resp.degraded and len(resp.item_ids) == 10
-    assert {t.name: t.status for t in resp.trace if t.name in stages} == dict.fromkeys(stages, "skipped")
+    status = {t.name: t.status for t in resp.trace if t.name in stages}
+    assert status == {n: "ok" if n in guards else "skipped" for n in stages}
+    served = {engine.item_index[i] for i in resp.item_ids}
+    seen = engine.hydrate(Request(user_id="u5")).user.seen
+    assert not served & set(seen[seen >= 0].tolist()) and not set(exclude) & set(resp.item_ids)
     strict = Engine(load_config(cfg.path, ["serving.on_deadline='error'"]), load_bundle(tiny_bundle),
                     make_store=EmbeddedStore)
+    first_ranker = next(n for n in stages if n not in guards)
     try:
-        with pytest.raises(DeadlineExceeded, match=f"before stage {stages[0]}"):
+        with pytest.raises(DeadlineExceeded, match=f"before stage {first_ranker}"):
             strict.recommend(Request(user_id="u5", count=10, deadline_ms=1e-6))
         with pytest.raises(DeadlineExceeded, match="no time to serve"):
             strict.recommend(Request(user_id="u5", count=10, deadline_ms=-3.0))

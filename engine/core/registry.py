@@ -74,10 +74,13 @@ class Policy:
       "allowed" (on the pool unless its config says `inline = true`) or "default" (on the
       request thread unless its config says `inline = false`): for routes cheaper than a
       thread hand-off. An inline route's timeout is checked after it returns.
+    guard: runs on every answer, even past the deadline (filters): what it removes (excluded,
+      already seen, blocked items) must never be served, and a degraded answer is no excuse.
     """
 
     skippable: bool = False
     inline: Literal["never", "allowed", "default"] = "never"
+    guard: bool = False
 
 
 @dataclass(frozen=True)

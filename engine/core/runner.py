@@ -183,7 +183,8 @@ class Engine:
         degraded = False
         for st in pipe.stages:
             remaining = ctx.remaining_ms()
-            if remaining <= 0 or (st.budget_ms is not None and remaining < st.budget_ms):
+            out_of_time = remaining <= 0 and not st.spec.policy.guard
+            if out_of_time or (st.budget_ms is not None and remaining < st.budget_ms):
                 if s.on_deadline == "error":
                     raise DeadlineExceeded(f"deadline of {req.deadline_ms:.0f} ms cannot be met before stage "
                                            f"{st.name}")
