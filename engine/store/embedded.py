@@ -1,7 +1,7 @@
 """Feature store: user state and item counters, read per request, updated by events.
 
 Two backends behind one protocol (engine.core.features.FeatureStore): the embedded default
-here, and Redis (engine.store.redis_store) for several server processes or machines sharing
+here, and Redis (engine.store.redis) for several server processes or machines sharing
 one state; engine.store.factory picks one from a URL.
 
 The embedded backend keeps the bundle's feature state (engine.core.state.FeatureState) in

@@ -23,7 +23,7 @@ def store_factory(url: str | None, shared_dir: str | None = None, state_dir: str
         if state_dir:
             raise ValueError("--state-dir persists the embedded store; Redis persists itself "
                              "(docs/feature_store.md)")
-        from engine.store.redis_store import RedisStore, parse_cluster_url
+        from engine.store.redis import RedisStore, parse_cluster_url
 
         if url.startswith("rediscluster://"):
             parse_cluster_url(url)   # a malformed node list fails at start, not in the first request
