@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from helpers import wait_for
 import redis
+from redis_fixtures import RedisServer, redis_server_binary
 from redis_fixtures import cluster, median_recommend_ms, redis_cluster, redis_server  # noqa: F401 - fixtures
 
 from engine.store.redis import mirror as store_mirror
@@ -459,3 +460,30 @@ def test_mirror_serves_through_an_outage(redis_server, db, bundle, monkeypatch):
         if not redis_server.running():
             redis_server.start()
         store.close()
+
+
+# ------------------------------------------------------------------ 6. what "accepted" means on Redis
+
+def test_events_buffered_when_the_server_stops_are_lost(bundle, tmp_path):
+    """The Redis store's stated limit (docs/feature_store.md, "What 'accepted' guarantees"): an
+    event written to Redis is Redis's to keep (here with AOF: it survives a Redis restart); an
+    event accepted while Redis is down lives only in the worker's buffer, and a store that stops
+    before Redis returns loses it."""
+    server = RedisServer(redis_server_binary(), tmp_path, extra=("--appendonly", "yes", "--appendfsync", "always"))
+    store = RedisStore(bundle, server.url())
+    try:
+        store.apply([ResolvedEvent("impression", -1, "guest-accepted", 5, store.clock.days())])
+        assert store.stats()["buffered"] == 0                   # written: in Redis's AOF
+        server.stop()
+        store.apply([ResolvedEvent("impression", -1, "guest-accepted", 6, store.clock.days())])
+        assert store.stats()["buffered"] == 1                   # accepted, only in this process
+    finally:
+        store.close(flush_s=0.3)                                # Redis still down: logged as lost
+        if not server.running():
+            server.start()
+    again = RedisStore(bundle, server.url())
+    try:
+        assert _user(again, bundle, "guest-accepted").seen[:2].tolist() == [5, -1]
+    finally:
+        again.close()
+        server.stop()
