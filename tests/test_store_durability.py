@@ -34,18 +34,24 @@ REPO = Path(__file__).absolute().parents[1]
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]   # a new TCP connection (so a worker) per client
 
 
-def _log(tmp_path: Path, meta: np.ndarray | None = None) -> EventLog:
-    lock = threading.Lock()
-    log = EventLog(tmp_path, "t", new_meta() if meta is None else meta, lambda: lock, None)
-    with lock:
-        log.start(0)
-    return log
+class _Log(EventLog):
+    """An EventLog in one process, with the write lock its store would hold around append."""
+
+    def __init__(self, directory: Path):
+        self.lock = threading.Lock()
+        super().__init__(directory, "t", new_meta(), lambda: self.lock, None)
+        with self.lock:
+            self.start(0)
+
+    def append(self, payload: bytes) -> int:
+        with self.lock:
+            return super().append(payload)
 
 
 # ------------------------------------------------------------------ the log file
 
 def test_records_replay_in_order_and_a_torn_tail_is_dropped(tmp_path):
-    log = _log(tmp_path)
+    log = _Log(tmp_path)
     for i in range(3):
         log.commit(log.append(f"batch {i}".encode()))
     path = tmp_path / f"t.{log.meta[GEN]:010d}.log"
@@ -64,7 +70,7 @@ def test_records_replay_in_order_and_a_torn_tail_is_dropped(tmp_path):
 def test_a_writer_killed_mid_append_is_cut_back(tmp_path):
     """A record left half-written mid-file (its worker died holding the lock) is truncated by
     the next append, so the records after it stay readable."""
-    log = _log(tmp_path)
+    log = _Log(tmp_path)
     log.commit(log.append(b"first"))
     with open(tmp_path / f"t.{log.meta[GEN]:010d}.log", "ab") as f:
         f.write(b"\x10\x00\x00\x00torn")
@@ -75,7 +81,7 @@ def test_a_writer_killed_mid_append_is_cut_back(tmp_path):
 
 def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
     """Callers arriving while an fsync runs wait for it, then one fsync covers all of them."""
-    log = _log(tmp_path)
+    log = _Log(tmp_path)
     started, go, calls = threading.Event(), threading.Event(), []
     real = os.fsync
 

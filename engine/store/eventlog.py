@@ -79,12 +79,16 @@ class EventLog:
                 out.append(int(gen))
         return sorted(out)
 
-    def _create(self, gen: int) -> None:
+    def _create(self) -> int:
+        """A new, empty generation after every existing one (a rotation cut short by a killed
+        worker may have left one that the shared counters do not name)."""
+        gen = max([int(self.meta[GEN]), *self.generations()]) + 1
         with open(self._path(gen), "xb") as f:
             f.write(MAGIC)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(self.dir)
+        return gen
 
     def _current(self) -> int:
         """The fd of the current generation, reopened if another worker rotated the log."""
@@ -122,8 +126,7 @@ class EventLog:
     def start(self, last: int) -> None:
         """Continue after sequence `last` in a new generation (never append after a torn tail).
         Caller holds the write lock."""
-        gen = max([int(self.meta[GEN]), *self.generations()]) + 1
-        self._create(gen)
+        gen = self._create()
         self.meta[LAST] = self.meta[DURABLE] = last
         self.meta[END] = len(MAGIC)
         self.meta[GEN] = gen
@@ -144,8 +147,8 @@ class EventLog:
         except OSError:
             os.ftruncate(fd, end)
             raise
+        self.meta[LAST] = seq                 # before END: killed in between, the record is cut back
         self.meta[END] = end + len(record)
-        self.meta[LAST] = seq
         return seq
 
     @contextlib.contextmanager
@@ -187,10 +190,10 @@ class EventLog:
             raise RuntimeError("event log not started")
         os.fsync(self._current())
         last, old = int(self.meta[LAST]), int(self.meta[GEN])
-        self._create(old + 1)
+        gen = self._create()
         self.meta[DURABLE] = last
         self.meta[END] = len(MAGIC)
-        self.meta[GEN] = old + 1
+        self.meta[GEN] = gen
         return last, old
 
     def drop_through(self, gen: int) -> None:

@@ -74,6 +74,7 @@ class StateDirClaim:
         self._f.truncate()
         self._f.write(f"pid {os.getpid()}\n")
         self._f.flush()
+        log.info("feature state dir: %s", self.path)
 
     def _wait_for_old_stores(self, wait_s: float) -> None:
         end = time.monotonic() + wait_s
