@@ -186,8 +186,6 @@ class EventLog:
         """Close the current generation (fsync'd) and start the next; returns the last
         sequence written and the generation closed. Caller holds the write lock: the snapshot
         copied under it includes exactly the records up to that sequence."""
-        if self.meta[GEN] == 0:
-            raise RuntimeError("event log not started")
         os.fsync(self._current())
         last, old = int(self.meta[LAST]), int(self.meta[GEN])
         gen = self._create()
