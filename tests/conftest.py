@@ -8,6 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The servers tests start keep their feature state in memory unless a test passes --state-dir
+# (a tmp dir): the default state dir is under the user's home (engine.store.statedir).
+os.environ["RECSERVE_STATE_DIR"] = "none"
+
 
 @pytest.fixture(scope="session")
 def tiny_config() -> Path:

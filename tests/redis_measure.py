@@ -34,7 +34,9 @@ from engine.core.bundle import load_bundle
 from engine.core.config import load_config
 from engine.core.runner import Engine
 from engine.core.request import Request
-from engine.store.redis_store import SEQ_TTL_S, SLOTS, RedisStore, slot_tags, stamp_key, user_key
+from engine.store.redis import RedisStore
+from engine.store.redis.keys import SLOTS, slot_tags, stamp_key, user_key
+from engine.store.redis.scripts import SEQ_TTL_S
 from engine.store.embedded import EmbeddedStore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -471,6 +471,6 @@ def test_overload_answers_resource_exhausted_at_once(tmp_path, tiny_config, tiny
 
 def test_the_native_server_never_imports_ray_or_torch():
     """Ray is the optional `ray` extra and torch the `train` extra: serving must not need them."""
-    code = ("import sys, engine.app.cli, engine.app.server, engine.app.service, engine.core.runner, engine.store.redis_store, stages; "
+    code = ("import sys, engine.app.cli, engine.app.server, engine.app.service, engine.core.runner, engine.store.redis, stages; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

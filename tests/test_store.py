@@ -146,17 +146,19 @@ def test_snapshot_round_trip(bundle, tmp_path):
 
 
 def test_snapshot_on_interval_and_into_shared_arrays(bundle, tmp_path):
-    """Only the writer snapshots periodically; a fresh shared dir (a restarted server) reloads."""
+    """Only the writer snapshots periodically; a fresh shared dir (a restarted server) reloads.
+    (Restarts without close(): tests/test_store_durability.py.)"""
     state_dir = tmp_path / "state"
     writer = EmbeddedStore(bundle, tmp_path / "shm1", state_dir, snapshot_s=0.05, snapshot_writer=True)
     reader = EmbeddedStore(bundle, tmp_path / "shm1", state_dir, snapshot_s=0.05, snapshot_writer=False)
     reader.apply(_events(bundle, reader.clock.days()))   # shared arrays: the writer's snapshot has it
     time.sleep(0.3)
     assert writer.snapshots > 0 and reader.snapshots == 0
-    restarted = EmbeddedStore(bundle, tmp_path / "shm2", state_dir)   # without any close()
-    assert _same_state(writer, restarted)
-    for st in (writer, reader, restarted):
+    for st in (reader, writer):
         st.close()
+    restarted = EmbeddedStore(bundle, tmp_path / "shm2", state_dir)
+    assert _same_state(writer, restarted)
+    restarted.close()
 
 
 @pytest.mark.slow

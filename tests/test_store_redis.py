@@ -18,16 +18,19 @@ import numpy as np
 import pytest
 from helpers import wait_for
 import redis
+from redis_fixtures import RedisServer, redis_server_binary
 from redis_fixtures import cluster, median_recommend_ms, redis_cluster, redis_server  # noqa: F401 - fixtures
 
-from engine.store import redis_store as store_redis
+from engine.store.redis import mirror as store_mirror
 from engine.core.config import load_config
 from engine.core.runner import Engine
 from engine.core.request import Event, Request
 from engine.core.errors import Overloaded
 from engine.core.features import ResolvedEvent
 from engine.store.embedded import EmbeddedStore
-from engine.store.redis_store import CATALOG, HOT, IMP, LOCK, LOG, META, META_SLOT, POS, RedisStore, user_key
+from engine.store.redis import RedisStore
+from engine.store.redis.keys import CATALOG, HOT, IMP, LOCK, LOG, META, META_SLOT, POS, user_key
+from engine.store.redis.seeding import Seeder
 from test_store import bundle, check_replay, models, world  # noqa: F401 - module fixtures reused
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -58,8 +61,8 @@ def _user(store, bundle, user_id: str, index: int = -1):
 
 def test_seeded_once_then_shared(redis_server, db, bundle, monkeypatch):
     seeds = []
-    real_seed = RedisStore._seed
-    monkeypatch.setattr(RedisStore, "_seed", lambda self, token: seeds.append(1) or real_seed(self, token))
+    real_seed = Seeder.seed
+    monkeypatch.setattr(Seeder, "seed", lambda self, token: seeds.append(1) or real_seed(self, token))
     stores: list[RedisStore] = []
     threads = [threading.Thread(target=lambda: stores.append(RedisStore(bundle, redis_server.url(db))))
                for _ in range(4)]
@@ -295,18 +298,18 @@ def test_new_model_bundle_over_the_same_catalog_keeps_live_state(store_url, tiny
 
 def _g(store: RedisStore) -> redis.Redis:
     """A client of the node holding slot g (item counters, meta, the item log)."""
-    return store._net.client(store._net.node(META_SLOT), slow=True)
+    return store.net.client(store.net.node(META_SLOT), slow=True)
 
 
 def _in_redis(store: RedisStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every item's counters as Redis holds them (undecayed hot)."""
-    f, r = list(range(store._n_items)), _g(store)
+    f, r = list(range(store.mirror.n_items)), _g(store)
     imp, pos, hot = r.hmget(IMP, f), r.hmget(POS, f), r.zmscore(HOT, f)
     return tuple(np.array([0.0 if x is None else float(x) for x in v]) for v in (imp, pos, hot))
 
 
 def _mirrors_redis(store: RedisStore) -> bool:
-    m = store._mirror
+    m = store.mirror.current
     if m is None:
         return False
     imp, pos, hot = _in_redis(store)
@@ -350,10 +353,10 @@ def test_mirror_behind_a_trimmed_log_reloads(store_url, bundle, monkeypatch):
     """B stops tailing, A writes, the log is trimmed past what B read: B reloads in full."""
     a, b = RedisStore(bundle, store_url), RedisStore(bundle, store_url)
     try:
-        monkeypatch.setattr(b, "_mirror_tail", lambda: None)
+        monkeypatch.setattr(b.mirror, "tail", lambda: None)
         rng = np.random.default_rng(1)
         for _ in range(20):
-            a.apply(_clicks(a, bundle, rng.integers(0, a._n_items, 10).tolist()))
+            a.apply(_clicks(a, bundle, rng.integers(0, a.mirror.n_items, 10).tolist()))
         _g(a).xtrim(LOG, maxlen=0, approximate=False)
         a.apply(_clicks(a, bundle, [9]))
         assert not _mirrors_redis(b)
@@ -369,21 +372,21 @@ def test_mirror_behind_a_trimmed_log_reloads(store_url, bundle, monkeypatch):
 def test_mirror_load_is_exact_under_concurrent_writes(store_url, bundle, monkeypatch):
     """Full loads (in small chunks) while another store writes: each chunk's read and the log
     replay over it give exactly Redis's counters, nothing counted twice or missed."""
-    monkeypatch.setattr(store_redis, "MIRROR_CHUNK", 64)
+    monkeypatch.setattr(store_mirror, "MIRROR_CHUNK", 64)
     a = RedisStore(bundle, store_url)
     stop, stores = threading.Event(), []
     rng = np.random.default_rng(2)
 
     def write() -> None:
         while not stop.is_set():
-            a.apply(_clicks(a, bundle, rng.integers(0, a._n_items, 20).tolist(), user=f"guest-{rng.integers(50)}"))
+            a.apply(_clicks(a, bundle, rng.integers(0, a.mirror.n_items, 20).tolist(), user=f"guest-{rng.integers(50)}"))
 
     writer = threading.Thread(target=write)
     writer.start()
     try:
         for _ in range(3):
             stores.append(RedisStore(bundle, store_url))   # loads at start, under the writes
-            assert stores[-1]._mirror_load()               # and once more
+            assert stores[-1].mirror.load()               # and once more
             stores[-1].apply(_clicks(stores[-1], bundle, [1, 2, 3]))   # its own writes too
         stop.set()
         writer.join()
@@ -409,8 +412,8 @@ def test_reseed_makes_every_mirror_reload(store_url, bundle):
             loads = s.stats()["mirror_loads"]
             assert loads == 1
         if store_url.startswith("rediscluster://"):
-            for node in a._net.primaries():
-                a._net.client(node, slow=True).flushdb()
+            for node in a.net.primaries():
+                a.net.client(node, slow=True).flushdb()
         else:
             _g(a).flushdb()
         emb = EmbeddedStore(bundle)
@@ -442,7 +445,7 @@ def test_mirror_serves_through_an_outage(redis_server, db, bundle, monkeypatch):
         got = store.item_stats(np.array([5], np.int32))
         assert got[0][0] == want[0][0] and not store.fell_back()
         assert store.stats()["mirror_lag_ms"] >= 400
-        monkeypatch.setattr(store_redis, "MIRROR_STALE_S", 0.2)
+        monkeypatch.setattr(store_mirror, "MIRROR_STALE_S", 0.2)
         got = store.item_stats(np.array([5], np.int32))
         assert got[0][0] == want[0][0] and store.fell_back()   # still the mirror's values, flagged stale
         assert store.hot_top(5)[0].size == 5 and store.fell_back()
@@ -457,3 +460,30 @@ def test_mirror_serves_through_an_outage(redis_server, db, bundle, monkeypatch):
         if not redis_server.running():
             redis_server.start()
         store.close()
+
+
+# ------------------------------------------------------------------ 6. what "accepted" means on Redis
+
+def test_events_buffered_when_the_server_stops_are_lost(bundle, tmp_path):
+    """The Redis store's stated limit (docs/feature_store.md, "What 'accepted' guarantees"): an
+    event written to Redis is Redis's to keep (here with AOF: it survives a Redis restart); an
+    event accepted while Redis is down lives only in the worker's buffer, and a store that stops
+    before Redis returns loses it."""
+    server = RedisServer(redis_server_binary(), tmp_path, extra=("--appendonly", "yes", "--appendfsync", "always"))
+    store = RedisStore(bundle, server.url())
+    try:
+        store.apply([ResolvedEvent("impression", -1, "guest-accepted", 5, store.clock.days())])
+        assert store.stats()["buffered"] == 0                   # written: in Redis's AOF
+        server.stop()
+        store.apply([ResolvedEvent("impression", -1, "guest-accepted", 6, store.clock.days())])
+        assert store.stats()["buffered"] == 1                   # accepted, only in this process
+    finally:
+        store.close(flush_s=0.3)                                # Redis still down: logged as lost
+        if not server.running():
+            server.start()
+    again = RedisStore(bundle, server.url())
+    try:
+        assert _user(again, bundle, "guest-accepted").seen[:2].tolist() == [5, -1]
+    finally:
+        again.close()
+        server.stop()

@@ -24,7 +24,8 @@ from engine.core.request import Event, Request
 from engine.core.features import ResolvedEvent
 from engine.store.common import state_user
 from engine.store.embedded import EmbeddedStore
-from engine.store.redis_store import IMP, META, META_SLOT, RedisStore, user_key, user_slot
+from engine.store.redis import RedisStore
+from engine.store.redis.keys import IMP, META, META_SLOT, user_key, user_slot
 from test_store import bundle  # noqa: F401 - module fixture reused
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

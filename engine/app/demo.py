@@ -19,7 +19,8 @@ from engine.core.bundle import resolve
 
 
 def _start_server(config: str, bundles: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", config, "--bundle", bundles, "--port", "0"]
+    cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", config, "--bundle", bundles, "--port", "0",
+           "--state-dir", "none"]   # a throwaway run: no feature state left behind in the home dir
     print("$", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180

@@ -11,8 +11,9 @@ What each call does (validation, error mapping, metrics, hot reload through CURR
 in engine.app.service, shared with the Ray Serve backend (engine.app.ray_app, `--backend ray`).
 
 Feature state (engine.store.embedded): the embedded store's arrays are shared files under /dev/shm,
-so an event reported to one worker is seen by all; `--state-dir` persists them across
-restarts. `--feature-store redis://...` shares one state between several servers.
+so an event reported to one worker is seen by all; they persist in a state dir (engine.store.statedir:
+an event log fsync'd before each acknowledgement, plus snapshots) unless `--state-dir none`.
+`--feature-store redis://...` shares one state between several servers.
 """
 from __future__ import annotations
 
@@ -66,9 +67,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-store", default="embedded", metavar="URL",
                    help="embedded (default, in-process), or shared by several servers: redis://HOST:PORT/DB "
                         "or rediscluster://HOST:PORT,...")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="embedded store: snapshot the feature state here every serving.snapshot_s and at "
-                        "shutdown, reload it at start (default: no persistence)")
+    p.add_argument("--state-dir", default=None, metavar="DIR|none",
+                   help="embedded store: keep the feature state here (event log written before each "
+                        "acknowledgement, snapshots every serving.snapshot_s), reload it at start. Default: "
+                        "$RECSERVE_STATE_DIR, else ~/.local/state/recserve/<bundle root>-<hash>; "
+                        "'none': memory only (throwaway runs)")
     ray = p.add_argument_group("Ray Serve backend (pip install '.[ray]'; docs/deploy.md)")
     ray.add_argument("--backend", choices=("native", "ray"), default="native",
                      help="native: this machine's worker processes; ray: a Ray Serve application")
@@ -147,6 +150,7 @@ class _Supervisor:
         self.hold: socket.socket | None = None
         self.metrics_dir: str | None = None
         self.store_dir: str | None = None
+        self.state_claim = None   # engine.store.statedir.StateDirClaim: this server owns its state dir
         self.children: list[_Child] = []
         self.restart_at: dict[int, float] = {}
         self.backoff: dict[int, float] = collections.defaultdict(lambda: 1.0)
@@ -174,14 +178,18 @@ class _Supervisor:
         port, self.hold = _claim_port(args.host, args.port)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.store_dir = tempfile.mkdtemp(prefix="recserve-store-", dir=shm)
-        from engine.store.factory import store_factory
+        from engine.store import statedir
+        from engine.store.factory import is_embedded, store_factory
 
+        state_dir = statedir.resolve(args.state_dir, args.bundle, is_embedded(args.feature_store))
         try:
-            store_factory(args.feature_store, state_dir=args.state_dir)   # checks the URL and combination
-        except ValueError as e:
+            store_factory(args.feature_store, state_dir=state_dir)   # checks the URL and combination
+            if state_dir:
+                self.state_claim = statedir.StateDirClaim(state_dir, self.store_dir)
+        except (ValueError, OSError, statedir.StateDirBusy) as e:
             raise _Fail(str(e)) from None
         self.opts = _Opts(args.config, args.bundle, args.host, port, tls, args.token, args.grace, self.store_dir,
-                          args.feature_store, str(args.state_dir) if args.state_dir else None, tuple(args.set))
+                          args.feature_store, state_dir, tuple(args.set))
         if args.metrics_port is not None:
             # must be set before any worker imports prometheus_client
             self.metrics_dir = tempfile.mkdtemp(prefix="recserve-metrics-")
@@ -205,6 +213,8 @@ class _Supervisor:
         for d in (self.metrics_dir, self.store_dir):
             if d:
                 shutil.rmtree(d, ignore_errors=True)
+        if self.state_claim:
+            self.state_claim.release()
 
     def _spawn(self, idx: int, fallback: str) -> _Child:
         rx, tx = self.ctx.Pipe(duplex=False)

@@ -1,38 +1,29 @@
-"""Feature store: user state and item counters, read per request, updated by events.
+"""Embedded feature store: the live state in arrays, shared by the worker processes of one server.
 
-Two backends behind one protocol (engine.core.features.FeatureStore): the embedded default
-here, and Redis (engine.store.redis_store) for several server processes or machines sharing
-one state; engine.store.factory picks one from a URL.
+The default backend (engine.store.redis shares one state between servers; engine.store.factory
+picks one from a URL). It keeps the bundle's feature state (engine.core.state.FeatureState) in
+arrays; given a directory (the server passes one under /dev/shm) they are memory-mapped files
+there, so an event reported to one worker is seen by the others on their next request. Writes
+take an fcntl lock on that directory; reads take none (a torn read costs at most one stale
+counter). Given a state directory too, every batch is logged (fsync'd) before it is
+acknowledged and the state is snapshotted there (engine.store.persistence): an acknowledged
+event survives a restart, SIGKILL and a new model bundle over the same catalog.
 
-The embedded backend keeps the bundle's feature state (engine.core.state.FeatureState) in
-arrays. Given a directory (the server passes one under /dev/shm), the arrays are
-memory-mapped files there, so every worker process of one server reads and writes the
-same state: an event reported to one worker is seen by the others on their next request.
-Writes take an fcntl lock on that directory; reads take none (a torn read costs at most
-one stale counter). Given a state directory too, the state is snapshotted there with
-msgpack every `snapshot_s` and at close, and reloaded at start when the snapshot was taken
-over the same catalog (`catalog_id`), so acknowledged events survive a clean restart and a
-new model bundle over the same items and users.
-
-Users the bundle does not know get a slot in a fixed-size guest table, found by a 64-bit
-hash of their id with linear probing, so new users build history too.
-
-State semantics are those of engine.core.state.snapshot (the training features): `seen` holds
-the last impressions (repeats included), `recent` the last primary-task positives, and hot
-scores are stored relative to the bundle's `t_ref` but read decayed to the clock's now.
+Users the bundle does not know get a slot in a fixed-size guest table, found by a 64-bit hash
+of their id with linear probing, so new users build history too. State semantics are those of
+engine.core.state.snapshot (the training features): `seen` holds the last impressions (repeats
+included), `recent` the last primary-task positives, and hot scores are stored relative to the
+bundle's `t_ref` but read decayed to the clock's now. What persists, and what each guarantee
+costs: docs/feature_store.md.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
-import logging
-import os
 import threading
-import time
 from pathlib import Path
 
-import msgpack
 import numpy as np
 
 from engine.core.bundle import Bundle
@@ -40,13 +31,13 @@ from engine.core.context import UserFeatures
 from engine.core.features import BundleClock, ResolvedEvent
 from engine.core.state import decay
 from engine.store.common import catalog_id, new_user, state_user, top_hot
-
-log = logging.getLogger("recserve.store")
+from engine.store.eventlog import new_meta
+from engine.store.persistence import Persistence
 
 GUEST_SLOTS = 1 << 16
 _PROBES = 16
 _GUEST = ("guest_key", "guest_recent", "guest_seen", "guest_counts")
-SNAPSHOT_FORMAT = 1
+IMPRESSION, POSITIVE = 1, 2     # flags of a logged event
 
 
 def _key(user_id: str) -> np.uint64:
@@ -58,7 +49,8 @@ class EmbeddedStore:
 
     def __init__(self, bundle: Bundle, shared_dir: str | Path | None = None, state_dir: str | Path | None = None,
                  snapshot_s: float = 60.0, snapshot_writer: bool = True):
-        """`snapshot_writer`: this process writes the periodic snapshots (one per shared dir is enough)."""
+        """`state_dir`: persist there (None: in memory only); `snapshot_writer`: this process
+        writes the periodic snapshots (one per shared dir is enough)."""
         st = bundle.state
         self.version = bundle.version
         self.primary = bundle.tasks[0]
@@ -73,27 +65,33 @@ class EmbeddedStore:
                 "guest_counts": np.zeros((GUEST_SLOTS, 2), np.float32)}
         self._dir = Path(shared_dir) if shared_dir else None
         self.catalog = catalog_id(bundle)
-        self._state_file = Path(state_dir) / f"embedded-{self.catalog[:16]}.msgpack" if state_dir else None
         self._tlock = threading.Lock()
-        self.snapshots = 0
+        self._persist: Persistence | None = None
+        meta_name = f"eventlog-{self.catalog[:16]}"
         if self._dir is None:
             self.a = {k: np.array(v) for k, v in init.items()}
-            self._load()
+            if state_dir:
+                self._persist = self._persistence(state_dir, new_meta(), None)
+                self._persist.restore(self._apply)
         else:
             self._dir.mkdir(parents=True, exist_ok=True)
             with self._write_lock():
                 stamp = self._dir / "bundle"
                 fresh = not stamp.exists() or stamp.read_text() != bundle.version
                 self.a = {k: self._open(k, v, fresh) for k, v in init.items()}
+                if state_dir:
+                    meta = self._open(meta_name, new_meta(), fresh)
+                    self._persist = self._persistence(state_dir, meta, self._dir / f"{meta_name}.sync")
+                    if fresh:
+                        self._persist.restore(self._apply)
                 if fresh:
-                    self._load()
                     stamp.write_text(bundle.version)
-        self._stop = threading.Event()
-        self._thread = None
-        if self._state_file and snapshot_writer:
-            self._thread = threading.Thread(target=self._snapshot_loop, args=(snapshot_s,), name="store-snapshot",
-                                            daemon=True)
-            self._thread.start()
+        if self._persist and snapshot_writer:
+            self._persist.start_snapshots(snapshot_s)
+
+    def _persistence(self, state_dir: str | Path, meta: np.ndarray, sync_file: Path | None) -> Persistence:
+        return Persistence(state_dir, self.catalog, self.version, meta, self._write_lock, sync_file,
+                           self._copy, self._load)
 
     def _open(self, name: str, init: np.ndarray, fresh: bool) -> np.ndarray:
         path = self._dir / f"{name}.npy"
@@ -118,64 +116,34 @@ class EmbeddedStore:
                     fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- persistence ------------------------------------------------------------------
-    def save(self) -> None:
-        """Write the state to the state dir atomically (tmp file + rename); guest rows only where used."""
-        with self._write_lock():
-            slots = np.flatnonzero(self.a["guest_key"])
-            arrays = {k: v[slots] if k in _GUEST else np.array(v) for k, v in self.a.items()}
+    def _copy(self) -> dict[str, np.ndarray]:
+        """The state for a snapshot (under the write lock); guest rows only where used."""
+        slots = np.flatnonzero(self.a["guest_key"])
+        arrays = {k: v[slots] if k in _GUEST else np.array(v) for k, v in self.a.items()}
         arrays["guest_slot"] = slots
-        tmp = self._state_file.with_name(f".{self._state_file.name}.{os.getpid()}.tmp")
-        self._state_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(msgpack.packb({"format": SNAPSHOT_FORMAT, "catalog": self.catalog, "bundle": self.version,
-                                   "unix": time.time()}))
-            for k, v in arrays.items():      # one array per object: no second copy of the whole state
-                f.write(msgpack.packb([k, v.dtype.str, list(v.shape), v.tobytes()]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_file)
-        self.snapshots += 1
+        return arrays
 
-    def _load(self) -> None:
-        """Fill the arrays from the state dir's snapshot over this catalog, if there is one."""
-        if self._state_file is None or not self._state_file.exists():
-            return
-        try:
-            with open(self._state_file, "rb") as f:
-                objs = msgpack.Unpacker(f, max_buffer_size=0)
-                head = next(objs)
-                if head.get("format") != SNAPSHOT_FORMAT or head.get("catalog") != self.catalog:
-                    raise ValueError(f"not a format {SNAPSHOT_FORMAT} snapshot over this catalog")
-                got = {k: np.frombuffer(b, np.dtype(dt)).reshape(shape) for k, dt, shape, b in objs}
-        except Exception:  # noqa: BLE001 - a broken snapshot must not keep the server down
-            log.exception("%s unusable; starting from the bundle's state", self._state_file)
-            return
+    def _load(self, got: dict[str, np.ndarray]) -> None:
         slots = got.pop("guest_slot")
         for k, v in got.items():
             if k in _GUEST:
                 self.a[k][slots] = v
             else:
                 self.a[k][...] = v
-        log.info("feature state restored from %s (written %.0f s ago)", self._state_file, time.time() - head["unix"])
 
-    def _snapshot_loop(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            try:
-                self.save()
-            except OSError:
-                log.exception("feature state snapshot to %s failed", self._state_file)
+    def save(self) -> None:
+        """Snapshot now (the state dir's snapshot and log rotation; engine.store.persistence)."""
+        self._persist.save()
+
+    @property
+    def snapshots(self) -> int:
+        return self._persist.snapshots if self._persist else 0
 
     def close(self) -> None:
         """Stop the snapshot thread and write a last snapshot: every process sharing the arrays
         does, so the last one to stop includes every event any of them acknowledged."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        if self._state_file:
-            try:
-                self.save()
-            except OSError:
-                log.exception("last feature state snapshot to %s failed", self._state_file)
+        if self._persist:
+            self._persist.close()
 
     # -- reads (hot path) -------------------------------------------------------------
     def _guest_slot(self, user_id: str, create: bool) -> int:
@@ -217,35 +185,51 @@ class EmbeddedStore:
         return False
 
     def stats(self) -> dict[str, int]:
-        return {"snapshots": self.snapshots}
+        if self._persist is None:
+            return {"snapshots": 0}
+        return {"snapshots": self._persist.snapshots, "log_fsyncs": self._persist.log.fsyncs}
 
     # -- writes (event path) ----------------------------------------------------------
     def apply(self, events: list[ResolvedEvent]) -> None:
+        """Apply a batch; with a state dir, return only once it is logged and fsync'd (raises
+        engine.core.errors.Overloaded when the log cannot be written: nothing acknowledged)."""
+        records = []
+        for e in events:
+            flags = (e.kind == "impression") * IMPRESSION | (e.kind == self.primary) * POSITIVE
+            if flags:   # other kinds change no feature: nothing to apply or log
+                records.append((flags, int(e.user), e.user_id, int(e.item), float(e.t)))
+        if not records:
+            return
+        with self._write_lock():   # logged and applied in one order, the order a replay repeats
+            seq = self._persist.append(records) if self._persist else 0
+            self._apply(records)
+        if seq:
+            self._persist.commit(seq)
+
+    def _apply(self, records: list) -> None:
+        """(flags, user index or -1, user id, item, t) records into the arrays; caller holds the lock."""
         a = self.a
-        with self._write_lock():
-            for e in events:
-                imp, pos = e.kind == "impression", e.kind == self.primary
-                if imp:
-                    a["item_n_imp"][e.item] += 1
-                if pos:
-                    a["item_n_pos"][e.item] += 1
-                    a["item_hot"][e.item] += decay(e.t, self.t_ref, self.half_life)
-                if not (imp or pos):
-                    continue
-                if e.user >= 0:
-                    recent, seen = a["user_recent"][e.user], a["user_seen"][e.user]
-                    n_imp, n_pos = a["user_n_imp"][e.user:e.user + 1], a["user_n_pos"][e.user:e.user + 1]
-                else:
-                    s = self._guest_slot(e.user_id, create=True)
-                    if s < 0:
-                        continue  # guest table full around this hash: no history, the items still counted
-                    recent, seen = a["guest_recent"][s], a["guest_seen"][s]
-                    n_imp, n_pos = a["guest_counts"][s, 0:1], a["guest_counts"][s, 1:2]
-                if imp:
-                    n_imp += 1
-                    seen[1:] = seen[:-1]
-                    seen[0] = e.item
-                if pos:
-                    n_pos += 1
-                    recent[1:] = recent[:-1]
-                    recent[0] = e.item
+        for flags, user, user_id, item, t in records:
+            imp, pos = flags & IMPRESSION, flags & POSITIVE
+            if imp:
+                a["item_n_imp"][item] += 1
+            if pos:
+                a["item_n_pos"][item] += 1
+                a["item_hot"][item] += decay(t, self.t_ref, self.half_life)
+            if user >= 0:
+                recent, seen = a["user_recent"][user], a["user_seen"][user]
+                n_imp, n_pos = a["user_n_imp"][user:user + 1], a["user_n_pos"][user:user + 1]
+            else:
+                s = self._guest_slot(user_id, create=True)
+                if s < 0:
+                    continue  # guest table full around this hash: no history, the items still counted
+                recent, seen = a["guest_recent"][s], a["guest_seen"][s]
+                n_imp, n_pos = a["guest_counts"][s, 0:1], a["guest_counts"][s, 1:2]
+            if imp:
+                n_imp += 1
+                seen[1:] = seen[:-1]
+                seen[0] = item
+            if pos:
+                n_pos += 1
+                recent[1:] = recent[:-1]
+                recent[0] = item
