@@ -38,7 +38,7 @@ class RankMultitask:
             item = featurize.ranker_item_input(c.feats["item_e"], c.feats["coarse_x"])
         seq, mask = featurize.sequence_input(self.tables, ctx.user.recent)
         feeds = {"user": ranker_user(ctx, self.tables), "item": item, "seq": seq, "seq_mask": mask}
-        probs = self.models.run("fine", feeds, timeout_s=max(ctx.remaining_ms(), 0.0) / 1e3)   # a remote fine ranker
+        probs = self.models.run("fine", feeds, timeout_s=max(ctx.remaining_ms(), 0.0) / 1e3)   # bounds a remote one
         c = c.with_columns({f"task:{t}": probs[:, i] for i, t in enumerate(self.tasks)},
                            primary=f"task:{self.tasks[0]}")
         if self.keep:

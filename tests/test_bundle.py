@@ -83,10 +83,18 @@ def test_missing_file_is_detected(copy):
         load_bundle(copy)
 
 
-def test_same_config_reuses_the_current_version(tiny_bundle, tiny_config):
+def test_same_config_reuses_the_current_version(tiny_bundle, tiny_config, capsys):
     t = time.time()
     again = build_bundle(load_config(tiny_config), tiny_bundle)
     assert again == resolve(tiny_bundle) and time.time() - t < 5
+    assert "reusing it" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_reuse_says_when_the_carried_config_differs(tiny_bundle, tiny_config, tmp_path, capsys):
+    """A serving-only edit reuses the models, and the build says the bundle's copy is the old one."""
+    edited = _config_copy(tiny_config, tmp_path / "configs", **{"beam_width = 4": "beam_width = 2"})
+    assert build_bundle(load_config(edited), tiny_bundle) == resolve(tiny_bundle)
+    assert f"copy differs from {edited}" in capsys.readouterr().out
 
 
 def test_checkpoints_load_with_weights_only(tiny_bundle):

@@ -286,7 +286,8 @@ def test_app_builder_for_serve_config_files_and_kuberay(tiny_config, tiny_bundle
     app = app_builder({"config": str(tiny_config), "bundle": str(tiny_bundle), "feature_store": "redis://h:1/0",
                        "replicas": 3, "set": ["ray.split_fine=true"]})
     assert isinstance(app, Application)
-    for bad in ({"bundle": "b"}, {"config": "c", "bundle": "b", "replica": 2},
-                {"config": str(tiny_config), "bundle": "b", "replicas": 2}):
+    assert isinstance(app_builder({"bundle": str(tiny_bundle)}), Application)   # the config the bundle carries
+    for bad in ({"config": str(tiny_config)}, {"bundle": "no-such-bundle"},
+                {"config": "c", "bundle": "b", "replica": 2}, {"config": str(tiny_config), "bundle": "b", "replicas": 2}):
         with pytest.raises(Fail):
             app_builder(bad)

@@ -11,6 +11,7 @@ import pytest
 from helpers import OWN_CONNECTION, TOKEN, Server, copy_bundle, point, publish_copy, wait_for, worker_status
 
 from engine.app.client import add_reload_args, main_reload
+from engine.core.bundle import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +142,15 @@ def test_reload_cli_reports_what_serves(two, capsys):
     assert _reload_cli(two) == 0          # no version: re-read CURRENT
     assert _reload_cli(two, "no-such-version") == 1
     assert "recserve reload: INVALID_ARGUMENT: path 'no-such-version': not a version folder" in capsys.readouterr().err
+
+
+def test_a_server_on_one_version_folder_has_nothing_to_reload(tmp_path, tiny_config, tiny_bundle):
+    s = Server(tmp_path, tiny_config, resolve(tiny_bundle), workers=1, extra=("--token", TOKEN))
+    try:
+        with s.client() as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.reload()
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "started on a version folder" in e.value.details()
+    finally:
+        assert s.terminate() == 0, s.stderr()

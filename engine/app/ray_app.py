@@ -44,8 +44,9 @@ import numpy as np
 from ray import serve
 from ray.serve.config import AutoscalingConfig, gRPCOptions
 
-from engine.core.bundle import load_bundle
+from engine.core.bundle import config_file, load_bundle
 from engine.core.config import Config, load_config
+from engine.core.errors import BundleError
 from engine.core.models import session_options
 from engine.core.ready import free_port, print_ready
 from engine.app.service import POLL_S, Service
@@ -290,16 +291,20 @@ def scale(replicas: int | None, autoscale: str | None, feature_store: str | None
 
 def app_builder(args: dict[str, Any]):
     """The application for a Serve config file or KubeRay's RayService (serveConfigV2):
-    `import_path: engine.app.ray_app:app_builder` with args config, bundle (paths every node reads),
-    feature_store, replicas or autoscale ("MIN,MAX"), set (list of KEY=VALUE). The token comes
-    from $RECSERVE_TOKEN on the nodes, never from the config file. docs/deploy.md has an example."""
+    `import_path: engine.app.ray_app:app_builder` with args bundle (a path every node reads),
+    config (default: the config the bundle carries), feature_store, replicas or autoscale
+    ("MIN,MAX"), set (list of KEY=VALUE). The token comes from $RECSERVE_TOKEN on the nodes,
+    never from the config file. docs/deploy.md has an example."""
     unknown = set(args) - {"config", "bundle", "feature_store", "replicas", "autoscale", "set"}
-    if unknown or not {"config", "bundle"} <= set(args):
-        raise Fail(f"app_builder args: need config and bundle; unknown: {sorted(unknown) or 'none'}")
+    if unknown or "bundle" not in args:
+        raise Fail(f"app_builder args: need bundle; unknown: {sorted(unknown) or 'none'}")
     store = args.get("feature_store", "embedded")
     replicas, autoscale = scale(args.get("replicas"), args.get("autoscale"), store)
     overrides = list(args.get("set", []))
-    config = str(Path(args["config"]).resolve())
+    try:
+        config = str(Path(args.get("config") or config_file(args["bundle"])).resolve())
+    except BundleError as e:
+        raise Fail(str(e)) from None
     return build_app(load_config(config, overrides), config, overrides, str(Path(args["bundle"]).resolve()),
                      store, os.environ.get("RECSERVE_TOKEN") or None, replicas, autoscale)
 
