@@ -111,8 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind, nlist in configs:
             t = time.perf_counter()
-            index = build_index(emb, kind, nlist, 1, max(100_000, 39 * nlist), progress=False,
-                                threads=args.threads)
+            index = build_index(emb, kind, nlist, 1, max(100_000, 39 * nlist), threads=args.threads)
             build_s = time.perf_counter() - t
             index.threads = args.threads
             nprobe = tune_nprobe(index, emb, tune_q, args.k, args.target)

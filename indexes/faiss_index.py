@@ -11,12 +11,11 @@ Measured choices (indexes/bench.py, docs):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import faiss
 import numpy as np
-from tqdm import tqdm
-
 
 _ADD_CHUNK = 100_000
 _MIN_POINTS_PER_LIST = 39  # faiss k-means warns below this many training points per centroid
@@ -70,9 +69,11 @@ class FaissIndex:
 
 
 def build_index(emb: np.ndarray, kind: str = "flat", nlist: int = 1024, nprobe: int = 32,
-                train_size: int = 100_000, progress: bool = True, threads: int = 1) -> FaissIndex:
+                train_size: int = 100_000, progress: Callable[..., Iterable] | None = None,
+                threads: int = 1) -> FaissIndex:
     """Index L2-normalised item embeddings [n, d] for inner-product search: `kind` is flat |
     ivf_flat | ivf_sq8; IVF kinds train `nlist` lists on `train_size` sampled rows.
+    `progress(chunks, desc=..., unit=...)` wraps the add loop (model_export.progress.bar).
 
     One build thread by default: libgomp threads spin-wait, and on a busy 2-core machine two of
     them built 2-3x slower in wall time (and burned 2.7x the CPU) than one.
@@ -95,7 +96,9 @@ def build_index(emb: np.ndarray, kind: str = "flat", nlist: int = 1024, nprobe: 
         index.train(emb[np.sort(sample)])
         index.nprobe = min(nprobe, nlist)
     chunks = range(0, n, _ADD_CHUNK)
-    for i in tqdm(chunks, desc=f"faiss add {kind}", unit="chunk", disable=not progress or len(chunks) < 2):
+    if progress is not None and len(chunks) > 1:
+        chunks = progress(chunks, desc=f"faiss add {kind}", unit="chunk")
+    for i in chunks:
         index.add(emb[i:i + _ADD_CHUNK])
     return FaissIndex(index)
 

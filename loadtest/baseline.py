@@ -23,7 +23,6 @@ computed once at start.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
+from engine.core.ready import print_ready
 from engine.core import featurize
 from engine.core.bundle import load_bundle
 from engine.core.errors import BundleError, ConfigError
@@ -55,8 +55,6 @@ from model_export.models import load_checkpoints
 from protos import pb2, pb2_grpc
 from stages.filter import Filter
 from stages.rerank_beam import fuse
-
-READY = re.compile(r"^baseline serving on (\S+)")
 
 Route = Callable[[RequestContext], Candidates]
 Stage = Callable[[RequestContext, Candidates], Candidates]
@@ -228,7 +226,7 @@ class BaselineServer(Server):
         self.metrics_url = None   # no /metrics: the report takes its stage times from traced samples
         cmd = [sys.executable, "-m", "loadtest.baseline", "--config", str(config), "--bundle", str(bundle),
                "--port", "0"]
-        self.target = self._start(cmd, READY, log, timeout_s)[1]
+        self.target = self._start(cmd, "baseline", log, timeout_s).target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: server.stop(grace=2))
-    print(f"baseline serving on {args.host}:{port}", flush=True)
+    print_ready(f"{args.host}:{port}", "baseline")
     server.wait_for_termination()
     return 0
 

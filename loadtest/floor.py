@@ -49,7 +49,7 @@ class Recorder:
         targets: list[tuple[Any, str, Callable[..., tuple[str, int]]]] = [
             (FaissIndex, "search", lambda _, q, k: (f"faiss search k={k}", len(q))),
             (Models, "predict_trees", lambda _, x: ("lightgbm predict", len(x))),
-            (Models, "run", lambda _, name, feeds: (f"onnx {name}", max(len(v) for v in feeds.values()))),
+            (Models, "run", lambda _, name, feeds, **__: (f"onnx {name}", max(len(v) for v in feeds.values()))),
             (stages.rerank_beam, "beam_search", lambda fused, *_, **__: ("beam search", fused.size)),
         ]
         originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from engine.core.bundle import load_bundle
 from engine.core.config import load_config
@@ -20,6 +19,7 @@ from engine.core.runner import Engine
 from engine.core.request import Request
 from engine.store.embedded import EmbeddedStore
 from loadtest.generator import Users
+from model_export.progress import bar
 
 
 def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknown_share: float,
@@ -29,7 +29,7 @@ def run(config: str, bundle: str, requests: int, warmup: int, count: int, unknow
     engine = Engine(cfg, loaded, make_store=EmbeddedStore)
     users = Users(loaded.user_ids, 1.1, unknown_share, seed=0, stream=0)
     total, stages = [], {}
-    for i in tqdm(range(warmup + requests), desc="in-process requests", unit="req"):
+    for i in bar(range(warmup + requests), desc="in-process requests", unit="req"):
         resp = engine.recommend(Request(user_id=users.next(), count=count, deadline_ms=10_000))
         if i < warmup:
             continue

@@ -1,13 +1,9 @@
 """The server side of a load test: start one on loopback, watch its processes, scrape its metrics."""
 from __future__ import annotations
 
-import queue
-import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -16,8 +12,9 @@ from typing import Any
 
 import psutil
 
+from engine.core.ready import NotReady, Ready, free_port, wait_ready
+
 REPO = Path(__file__).absolute().parents[1]
-READY = re.compile(r"^recserve serving on (\S+) .*\bbundle=(\S+)")
 
 
 class Server:
@@ -33,34 +30,23 @@ class Server:
         native = ("--workers", str(workers), "--metrics-port", str(port)) if workers is not None else ()
         cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", str(config), "--bundle", str(bundle),
                "--port", "0", *native, *extra]
-        m = self._start(cmd, READY, log, timeout_s)
-        self.target, self.version = m[1], m[2]
-        self.workers = int(w[1]) if (w := re.search(r"\bworkers=(\d+)", m[0])) else 0
+        ready = self._start(cmd, "recserve", log, timeout_s)
+        self.target, self.version, self.workers = ready.target, ready.version, ready.workers
 
-    def _start(self, cmd: list[str], ready: re.Pattern[str], log: Path | None, timeout_s: float) -> re.Match[str]:
-        """Run `cmd` from the repo root; return the match of its first stdout line that `ready` matches."""
+    def _start(self, cmd: list[str], server: str, log: Path | None, timeout_s: float) -> Ready:
+        """Run `cmd` from the repo root and wait for its ready line."""
         err = open(log, "w") if log else None
         try:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
         finally:
             if err:
                 err.close()
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
-        end = time.monotonic() + timeout_s
-        while not (m := ready.match(self._line(lines, end, log))):
-            pass
-        return m
-
-    def _line(self, lines: queue.Queue[str], end: float, log: Path | None) -> str:
-        while True:
-            try:
-                return lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    self.stop()
-                    where = f"; see {log}" if log else ""
-                    raise RuntimeError(f"server did not become ready (exit {self.proc.returncode}){where}") from None
+        try:
+            return wait_ready(self.proc, timeout_s, server)
+        except NotReady as e:
+            self.stop()
+            where = f"; see {log}" if log else ""
+            raise RuntimeError(f"{e}{where}") from None
 
     @property
     def pid(self) -> int:
@@ -80,12 +66,6 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ProcProbe:

@@ -1,5 +1,6 @@
 """The whole offline pipeline: data -> four models -> ONNX + parity -> catalog embeddings -> faiss
--> feature state -> one checksummed bundle version (engine/bundle.py reads it).
+-> feature state -> one checksummed bundle version (engine/bundle.py reads it), carrying the
+config it was built from and its stages' side files, so it serves and evaluates from anywhere.
 
 Feature windows: the two-tower model trains on [0, t_history); the rankers on [t_history, t_valid)
 with the state as of t_history; validation is [t_valid, t_end) with the state as of t_valid; the
@@ -7,8 +8,11 @@ bundle ships the state as of t_end, which seeds the serving feature store.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.core.bundle import MANIFEST, current_version, resolve
-from engine.core.errors import BundleError
+from engine.core.errors import BundleError, ConfigError
 from engine.core.config import Config
 from engine.core.featurize import COARSE_FEATURES, Tables, item_tower_input, sequence_input, user_tower_input
 from engine.core.state import FeatureState, snapshot
@@ -27,11 +31,13 @@ from model_export.data import load_dataset
 from model_export.dataset import Dataset
 from model_export.export import export_checked, ort_session
 from model_export.models import save_checkpoints
+from model_export.progress import bar
 
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
 RECALL_MARGIN = 0.005       # tuned on other queries than it is reported on: aim a little higher
 PARITY_ROWS = 256           # candidates (N) in the parity cases
 RECORDED_SECTIONS = ("data", "train", "index", "serving")   # raw config kept in the manifest
+CONFIG_DIR = "config"       # the bundle's copy of its config file and the stages' side files
 
 
 def build_bundle(cfg: Config, out_root: Path, force: bool = False) -> Path:
@@ -42,16 +48,22 @@ def build_bundle(cfg: Config, out_root: Path, force: bool = False) -> Path:
     """
     out_root = Path(out_root)
     fingerprint = cfg.fingerprint()
+    side_files = _side_files(cfg)
     reusable = _reusable(out_root, fingerprint)
     if reusable is not None and not force:
         print(f"bundle {reusable.name} was built from this config (fingerprint {fingerprint}); reusing it")
+        if _carried_differs(reusable, cfg, side_files):
+            print(f"  its {CONFIG_DIR}/ copy differs from {cfg.path} outside the build keys (pipeline, serving, "
+                  f"side files): serve with --config {cfg.path} to use the edited one, or --force to carry it")
         return reusable
     t0 = time.time()
     torch.set_num_threads(train.TRAIN_THREADS)
     torch.manual_seed(cfg.train.seed)
     writer = BundleWriter(out_root)
     try:
+        carried = _carry_config(cfg, side_files, writer)
         manifest, checkpoints = _build(cfg, writer, fingerprint)
+        manifest["config"]["file"] = carried
         manifest["build_seconds"] = round(time.time() - t0, 1)
         version = writer.commit(manifest)
     except BaseException:
@@ -71,7 +83,50 @@ def _reusable(out_root: Path, fingerprint: str) -> Path | None:
         manifest = json.loads((vdir / MANIFEST).read_text())
     except (BundleError, OSError, json.JSONDecodeError):
         return None
-    return vdir if manifest.get("config", {}).get("fingerprint") == fingerprint else None
+    recorded = manifest.get("config", {})
+    # a version without its own config copy is rebuilt once, so every bundle served carries one
+    return vdir if recorded.get("fingerprint") == fingerprint and recorded.get("file") else None
+
+
+def _side_files(cfg: Config) -> list[str]:
+    """The stages' side files (StageEnv.read_sidecar: whitelists, blocklists), over the control
+    config and every experiment variant: each string parameter naming a file relative to the
+    config. They travel with the bundle, so they must sit in the config's folder or below it."""
+    base = Path(cfg.path).parent
+    found: dict[str, None] = {}
+    for c in (cfg, *(cfg.variant(e) for e in cfg.experiments)):
+        for name, (_, params) in c.stage.items():
+            for f in dataclasses.fields(params):
+                value = getattr(params, f.name)
+                if not isinstance(value, str) or not value or not (base / value).is_file():
+                    continue
+                rel = Path(value)
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise ConfigError(f"stage.{name}.{f.name}: {value}: a side file must sit in the folder of "
+                                      f"{cfg.path} or below it to travel with the bundle")
+                found[rel.as_posix()] = None
+    return list(found)
+
+
+def _carry_config(cfg: Config, side_files: list[str], w: BundleWriter) -> str:
+    """Copy the config file and its side files into the bundle; returns the config's path inside it."""
+    src = Path(cfg.path)
+    text = src.read_text()
+    if tomllib.loads(text) != cfg.raw:
+        raise ConfigError(f"{src}: changed since it was loaded, or loaded with --set overrides: a bundle "
+                          "carries the exact config file it was built from")
+    rel = f"{CONFIG_DIR}/{src.name}"
+    w.path(rel).write_text(text)
+    for side in side_files:
+        shutil.copyfile(src.parent / side, w.path(f"{CONFIG_DIR}/{side}"))
+    return rel
+
+
+def _carried_differs(vdir: Path, cfg: Config, side_files: list[str]) -> bool:
+    """Whether a reused version's config copy is not the config (and side files) given now."""
+    carried = vdir / json.loads((vdir / MANIFEST).read_text())["config"]["file"]
+    pairs = [(Path(cfg.path), carried)] + [(Path(cfg.path).parent / s, carried.parent / s) for s in side_files]
+    return any(not b.is_file() or a.read_bytes() != b.read_bytes() for a, b in pairs)
 
 
 def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
@@ -196,7 +251,7 @@ def _index(ds: Dataset, cfg: Config, tables: Tables, user_emb: train.EmbedFn, st
     queries = user_emb(user_tower_input(tables, u, ds.user_profile[u], ds.log_context[rows], st.user_recent[u]))
     tune_q, held_q = queries[::2], queries[1::2]
     ic = cfg.index
-    index = build_index(tables.item_emb, ic.kind, ic.nlist, ic.nprobe, ic.train_size)
+    index = build_index(tables.item_emb, ic.kind, ic.nlist, ic.nprobe, ic.train_size, progress=bar)
     k = min(cfg.index.recall_k, ds.n_items)
     if index.kind != "flat":
         tune_nprobe(index, tables.item_emb, tune_q, k, RECALL_TARGET + RECALL_MARGIN)

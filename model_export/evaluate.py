@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from engine.core import featurize
 from engine.core.bundle import Bundle, load_bundle
@@ -29,6 +28,7 @@ from engine.store.embedded import EmbeddedStore
 from indexes import measure_recall
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
+from model_export.progress import bar
 from stages.filter import Filter
 from stages.rerank_beam import Params as RerankParams
 from stages.rerank_beam import fuse
@@ -43,7 +43,7 @@ DISCOUNT = 1.0 / np.log2(np.arange(COUNT) + 2.0)
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle root or version folder")
     p.add_argument("--config", default=None,
-                   help="serving config (default: the config the bundle was built from, as recorded in its manifest)")
+                   help="serving config (default: the config the bundle was built from, which it carries)")
     p.add_argument("--users", type=int, default=300, help="held-out users to sample (default %(default)s)")
     p.add_argument("--out", default="reports/eval", help="folder for eval.json and eval.md (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="user sample and random lists")
@@ -152,7 +152,7 @@ def evaluate(bundle_path: str | Path, config_path: str | Path | None = None, n_u
     """Run the evaluation and return the report (plain JSON types)."""
     bundle = load_bundle(bundle_path)
     m = bundle.manifest
-    cfg = load_config(config_path or m["config"]["path"])
+    cfg = load_config(config_path or bundle.config_path)
     ds = load_dataset(DataConfig(**m["config"]["data"]))
     if ds.truth is None:
         # Held-out protocol: the bundle's state already holds the validation window, so its seen
@@ -200,7 +200,7 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
         faults += r.degraded or any(s.status != "ok" for s in r.trace)
         return np.array([item_index[i] for i in r.item_ids], np.int64), r
 
-    for u, row in zip(tqdm(users, desc="eval users", unit="user"), ctx_rows):
+    for u, row in zip(bar(users, desc="eval users", unit="user"), ctx_rows):
         req = Request(str(ds.user_ids[u]), COUNT, dict(zip(ds.context_fields, ds.log_context[row].tolist())),
                       deadline_ms=DEADLINE_MS)
         ctx = engine.hydrate(req)

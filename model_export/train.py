@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from engine.core.config import TrainConfig
 from engine.core.featurize import (COARSE_FEATURES, Tables, coarse_features, item_tower_input, one_hot,
@@ -25,6 +24,7 @@ from engine.core.state import FeatureState, recent_before
 from indexes import exact_ids
 from model_export.dataset import Dataset
 from model_export.models import MMoE, CoarseDNN, TwoTower
+from model_export.progress import bar
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]   # dense tower input [B, D] -> embeddings [B, d]
 # One thread for torch and LightGBM. Measured on this 2-core machine while other processes ran:
@@ -48,7 +48,7 @@ def auc(y: np.ndarray, s: np.ndarray) -> float:
 def _train_loop(model: nn.Module, n_rows: int, epochs: int, cfg: TrainConfig, desc: str,
                 loss_fn: Callable[[np.ndarray], Tensor], evaluate: Callable[[], dict[str, float]] | None = None,
                 select: str | None = None) -> dict[str, float]:
-    """Adam over shuffled mini-batches with a tqdm bar; prints the validation metric per epoch.
+    """Adam over shuffled mini-batches with a progress bar; prints the validation metric per epoch.
 
     `select`: keep the weights of the epoch with the highest `evaluate()[select]` (early stopping)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)   # one kernel: 6x faster on CPU
@@ -58,22 +58,22 @@ def _train_loop(model: nn.Module, n_rows: int, epochs: int, cfg: TrainConfig, de
     for ep in range(epochs):
         model.train()
         perm = rng.permutation(n_rows)
-        bar = tqdm(range(0, n_rows, cfg.batch_size), desc=f"{desc} {ep + 1}/{epochs}", unit="batch", leave=False)
+        batches = bar(range(0, n_rows, cfg.batch_size), desc=f"{desc} {ep + 1}/{epochs}", unit="batch")
         total = 0.0
-        for k, s in enumerate(bar, 1):
+        for k, s in enumerate(batches, 1):
             loss = loss_fn(np.sort(perm[s:s + cfg.batch_size]))
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item()
             if k % 20 == 0:
-                bar.set_postfix(loss=f"{total / k:.4f}")
+                batches.set_postfix(loss=f"{total / k:.4f}")
         model.eval()
         if evaluate is not None:
             with torch.no_grad():
                 metrics = evaluate()
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        print(f"  {desc} epoch {ep + 1}/{epochs}: train loss {total / max(len(bar), 1):.4f} {shown}")
+        print(f"  {desc} epoch {ep + 1}/{epochs}: train loss {total / max(len(batches), 1):.4f} {shown}")
         if select is not None and (best is None or metrics[select] > best[0]):
             best = (metrics[select], ep, copy.deepcopy(model.state_dict()))
     if best is not None:
@@ -150,7 +150,7 @@ def embed_catalog(t: Tables, tt_tables: dict[str, np.ndarray], item_emb: EmbedFn
     n = len(t.item_category)
     t.item_emb = np.concatenate([item_emb(item_tower_input(t, tt_tables["category_emb"], tt_tables["author_emb"],
                                                            np.arange(s, min(s + chunk, n))))
-                                 for s in tqdm(range(0, n, chunk), desc="embed catalog", unit="chunk", leave=False)])
+                                 for s in bar(range(0, n, chunk), desc="embed catalog", unit="chunk")])
     return t
 
 
@@ -205,7 +205,7 @@ def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureSta
     out = RankerRows(np.empty((n, du), np.float32),
                      np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
                      state.user_recent[ds.log_user[rows]], ds.log_labels[rows].astype(np.float32))
-    for s in tqdm(range(0, n, chunk), desc=f"features {desc}", unit="chunk", leave=False):
+    for s in bar(range(0, n, chunk), desc=f"features {desc}", unit="chunk"):
         r = rows[s:s + chunk]
         u, i, ctx, rec = ds.log_user[r], ds.log_item[r], ds.log_context[r], out.recent[s:s + chunk]
         ue = user_emb(user_tower_input(tables, u, ds.user_profile[u], ctx, rec))
@@ -224,8 +224,8 @@ def fit_gbdt(train: RankerRows, valid: RankerRows, task: str, cfg: TrainConfig) 
     params = {"objective": "binary", "num_leaves": cfg.gbdt_leaves, "learning_rate": cfg.gbdt_lr,
               "num_threads": TRAIN_THREADS, "seed": cfg.seed, "verbose": -1, "deterministic": True}
     data = lgb.Dataset(train.coarse, np.ascontiguousarray(train.labels[:, 0]), feature_name=list(COARSE_FEATURES))
-    with tqdm(total=cfg.gbdt_trees, desc="coarse trees", unit="tree", leave=False) as bar:
-        booster = lgb.train(params, data, num_boost_round=cfg.gbdt_trees, callbacks=[lambda env: bar.update(1)])
+    with bar(total=cfg.gbdt_trees, desc="coarse trees", unit="tree") as trees:
+        booster = lgb.train(params, data, num_boost_round=cfg.gbdt_trees, callbacks=[lambda env: trees.update(1)])
     metrics = {f"auc_{task}": auc(valid.labels[:, 0], booster.predict(valid.coarse, num_threads=TRAIN_THREADS))}
     print(f"  coarse trees: {cfg.gbdt_trees} trees x {cfg.gbdt_leaves} leaves, valid auc {metrics[f'auc_{task}']:.4f}")
     return booster, metrics

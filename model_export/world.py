@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from engine.core.config import DataConfig
 from model_export.dataset import Dataset
+from model_export.progress import bar
 
 TASKS = ("click", "like", "finish")
 PROFILE_FIELDS, PROFILE_CARDINALITY = ("age_bucket", "region", "activity"), (6, 8, 4)
@@ -275,8 +275,8 @@ def _repeats(sess: np.ndarray, item: np.ndarray, n_items: int) -> np.ndarray:
 def _blocks(n: int, desc: str | None = None, size: int = _CHUNK) -> Iterator[slice]:
     """Slices of at most `size`; a progress bar when described and more than one block."""
     starts = range(0, n, size)
-    bar = tqdm(starts, desc=desc, disable=None if desc and len(starts) > 1 else True, leave=False)
-    return (slice(i, min(i + size, n)) for i in bar)
+    blocks = bar(starts, desc=desc or "", unit="block", disable=not desc or len(starts) < 2)
+    return (slice(i, min(i + size, n)) for i in blocks)
 
 
 def _ids(prefix: str, n: int) -> np.ndarray:

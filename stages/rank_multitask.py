@@ -40,7 +40,8 @@ class RankMultitask:
         if item is None:
             item = featurize.ranker_item_input(c.feats["item_e"], c.feats["coarse_x"])
         seq, mask = featurize.sequence_input(self.tables, ctx.user.recent)
-        probs = self.models.run("fine", {"user": ctx.ranker_user, "item": item, "seq": seq, "seq_mask": mask})
+        feeds = {"user": ctx.ranker_user, "item": item, "seq": seq, "seq_mask": mask}
+        probs = self.models.run("fine", feeds, timeout_s=max(ctx.remaining_ms(), 0.0) / 1e3)   # bounds a remote one
         c = c.with_columns({task_column(t): probs[:, i] for i, t in enumerate(self.tasks)},
                            primary=task_column(self.tasks[0]))
         if self.keep:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+from engine.core.ready import free_port
 
 
 def redis_server_binary() -> str:
@@ -44,12 +45,6 @@ def redis_cli_binary() -> str:
     """redis-cli, from the same Debian package as redis-server (redis-tools)."""
     server = redis_server_binary()
     return shutil.which("redis-cli") or str(Path(server).with_name("redis-cli"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

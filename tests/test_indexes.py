@@ -29,7 +29,7 @@ def _cfg(kind: str) -> dict:
 @pytest.mark.parametrize("kind", KINDS)
 def test_build_search_and_round_trip(kind, data, tmp_path):
     emb, queries = data
-    index = build_index(emb, **_cfg(kind), progress=False)
+    index = build_index(emb, **_cfg(kind))
     assert (index.kind, index.ntotal, index.d) == (kind, 4000, 16)
     scores, ids = index.search(queries, 10)
     assert scores.dtype == np.float32 and ids.dtype == np.int32 and ids.shape == (50, 10)
@@ -44,13 +44,13 @@ def test_build_search_and_round_trip(kind, data, tmp_path):
 
 def test_flat_is_exact(data):
     emb, queries = data
-    assert measure_recall(build_index(emb, **_cfg("flat"), progress=False), emb, queries, 100) == 1.0
+    assert measure_recall(build_index(emb, **_cfg("flat")), emb, queries, 100) == 1.0
 
 
 @pytest.mark.parametrize("kind", ["ivf_flat", "ivf_sq8"])
 def test_ivf_recall_and_tuning(kind, data):
     emb, queries = data
-    index = build_index(emb, **_cfg(kind), progress=False)
+    index = build_index(emb, **_cfg(kind))
     assert measure_recall(index, emb, queries, 100) > 0.6
     nprobe = tune_nprobe(index, emb, queries, 100, target=0.95)
     assert index.nprobe == nprobe < index.nlist
@@ -60,7 +60,7 @@ def test_ivf_recall_and_tuning(kind, data):
 
 
 def test_nlist_clipped_for_small_catalog(data):
-    index = build_index(data[0][:390], **_cfg("ivf_sq8"), progress=False)
+    index = build_index(data[0][:390], **_cfg("ivf_sq8"))
     assert index.nlist == 10 and index.nprobe == 8
 
 
@@ -68,7 +68,7 @@ def test_nlist_clipped_for_small_catalog(data):
 def test_pads_with_minus_one_when_k_exceeds_catalog(kind, data):
     emb, queries = data
     small = emb[:100]
-    index = build_index(small, kind=kind, nlist=2, nprobe=2, train_size=100, progress=False)
+    index = build_index(small, kind=kind, nlist=2, nprobe=2, train_size=100)
     _, ids = index.search(queries[:3], 150)
     assert ids.shape == (3, 150)
     assert (ids[:, 100:] == -1).all() and sorted(ids[0, :100]) == list(range(100))

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import wait_for
-from redis_fixtures import free_port, redis_cluster  # noqa: F401 - session fixture
-from test_server import OWN_CONNECTION, Server, _copy_bundle, _publish_copy
+from helpers import OWN_CONNECTION, Server, copy_bundle, publish_copy, wait_for
+from redis_fixtures import redis_cluster  # noqa: F401 - session fixture
+
+from engine.core.ready import free_port
 
 pytest.importorskip("ray.serve", reason="pip install '.[ray]'")
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
@@ -78,7 +79,7 @@ def grpc_port() -> int:
 @pytest.fixture(scope="module")
 def bundle_root(tiny_bundle, tmp_path_factory) -> Path:
     """A copy: the roll test publishes new versions into it."""
-    return _copy_bundle(tiny_bundle, tmp_path_factory.mktemp("ray") / "bundle")
+    return copy_bundle(tiny_bundle, tmp_path_factory.mktemp("ray") / "bundle")
 
 
 def _start(tmp: Path, config: Path, bundle: Path, cluster: str, port: int, *extra: str) -> Server:
@@ -198,7 +199,7 @@ def test_a_new_bundle_rolls_through_the_replicas_under_load(app, bundle_root):
     try:
         wait_for(lambda: len(load.since(0)) == 2, 30, "both replicas serving")
         new = f"roll-{time.monotonic_ns()}"
-        _publish_copy(bundle_root, new)
+        publish_copy(bundle_root, new)
         with app.client() as c:            # reaches one replica; CURRENT carries it to the other
             assert c.reload(new).ok
         wait_for(lambda: {v for t, _, v in load.ok[-40:]} == {new}
@@ -243,6 +244,27 @@ def test_split_fine_ranker_batches_across_requests_and_serves_the_same_lists(
         assert split.terminate(120) == 0, split.stderr()
 
 
+def test_a_hung_fine_ranker_costs_the_fine_stage_not_the_deadline(cluster, redis_url, grpc_port, bundle_root,
+                                                                  tiny_config, tmp_path):
+    """A FineRanker replica that holds every call 3 s (a batch that waits to fill 64 rows) stands
+    in for a hung one. Requests get serving.deadline_ms (200 ms on the tiny config): the remote
+    call gives up at the request's remaining time and the fine stage fails open."""
+    hung = _start(tmp_path, tiny_config, bundle_root, cluster, grpc_port, "--replicas", "1",
+                  "--feature-store", redis_url, "--set", "ray.split_fine=true", "--set", "ray.fine_max_batch=64",
+                  "--set", "ray.fine_batch_wait_ms=3000.0", "--set", "ray.num_cpus=0.5",
+                  "--set", "ray.fine_num_cpus=0.5")
+    try:
+        assert hung.info["fine"] == "split"
+        with hung.client() as c:
+            for user in ("u1", "new-user"):
+                r = c.recommend(user, count=5, debug=True, timeout=30)
+                status = {t.name: t.status for t in r.trace}
+                assert status["fine"] == "failed" and r.degraded, status
+                assert len(r.items) == 5 and all(it.score > 0 for it in r.items)
+    finally:
+        assert hung.terminate(120) == 0, hung.stderr()
+
+
 @pytest.mark.parametrize("extra, says", [
     ((), "listens on every interface"),
     (("--host", "0.0.0.0", "--replicas", "2"), "needs a shared feature store"),
@@ -264,7 +286,8 @@ def test_app_builder_for_serve_config_files_and_kuberay(tiny_config, tiny_bundle
     app = app_builder({"config": str(tiny_config), "bundle": str(tiny_bundle), "feature_store": "redis://h:1/0",
                        "replicas": 3, "set": ["ray.split_fine=true"]})
     assert isinstance(app, Application)
-    for bad in ({"bundle": "b"}, {"config": "c", "bundle": "b", "replica": 2},
-                {"config": str(tiny_config), "bundle": "b", "replicas": 2}):
+    assert isinstance(app_builder({"bundle": str(tiny_bundle)}), Application)   # the config the bundle carries
+    for bad in ({"config": str(tiny_config)}, {"bundle": "no-such-bundle"},
+                {"config": "c", "bundle": "b", "replica": 2}, {"config": str(tiny_config), "bundle": "b", "replicas": 2}):
         with pytest.raises(Fail):
             app_builder(bad)

@@ -2,17 +2,15 @@
 
 Needs the session fixtures `tiny_bundle` (bundle root: CURRENT + version folders) and
 `tiny_config` (configs/tiny.toml) from conftest.py. Servers are module-scoped where the
-tests don't disturb each other; tests that rewrite CURRENT work on their own bundle copy.
+tests don't disturb each other; test_reload.py has the two-worker server whose bundle root
+the tests rewrite.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,118 +21,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import wait_for
+from helpers import OWN_CONNECTION, REPO, READY_TIMEOUT_S, TOKEN, Server, copy_bundle, publish_copy, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine.app.client import RecServeClient, add_events_args, add_recommend_args, main_events, main_recommend
+from engine.core.ready import NotReady, Ready, free_port, parse_ready, print_ready, wait_ready
+from engine.app.client import add_events_args, add_recommend_args, main_events, main_recommend
 from engine.core.config import load_config
 from protos import pb2, pb2_grpc
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).absolute().parents[1]
-TOKEN = "test-token"
-READY_TIMEOUT_S = 180
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]   # a new TCP connection per client
-
-
-class Server:
-    """`recserve serve` in a subprocess; waits for its ready line."""
-
-    def __init__(self, tmp: Path, config: Path, bundle: Path, workers: int | None = 1, extra: tuple[str, ...] = (),
-                 entry: tuple[str, ...] = ("-m", "engine.app.cli"), port: int = 0):
-        self.stderr_path = tmp / f"server-{time.monotonic_ns()}.stderr"
-        cmd = [sys.executable, *entry, "serve", "--config", str(config), "--bundle", str(bundle),
-               "--port", str(port), *(("--workers", str(workers)) if workers else ()), *extra]
-        with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
-        end = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    self.kill()
-                    raise AssertionError(f"server did not start:\n{self.stderr()}")
-                continue
-            if line.startswith("recserve serving on "):
-                break
-        words = line.split()
-        self.target = words[3]
-        self.info = dict(w.split("=", 1) for w in words[4:] if "=" in w)   # workers=, bundle=, backend=...
-        self.workers = int(self.info.get("workers", 0))
-        self.version = self.info["bundle"]
-
-    def client(self, token: str | None = TOKEN, **kw) -> RecServeClient:
-        return RecServeClient(self.target, token=token, **kw)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def terminate(self, timeout: float = 60) -> int | None:
-        """SIGTERM and the exit code; a server that does not stop is killed and gives None."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _copy_bundle(src: Path, dst: Path) -> Path:
-    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
-    return dst
-
-
-def _publish_copy(root: Path, new: str, corrupt: bool = False) -> None:
-    """Copy the CURRENT version to `new` (manifest version rewritten), optionally corrupt one of
-    its files, and point CURRENT at it atomically, as a deploy would."""
-    old = root / (root / "CURRENT").read_text().strip()
-    _copy_bundle(old, root / new)
-    manifest = root / new / "manifest.json"
-    m = json.loads(manifest.read_text())
-    m["version"] = new
-    manifest.write_text(json.dumps(m, indent=1))
-    if corrupt:
-        victim = max((f for f in (root / new).rglob("*") if f.is_file() and f.name != "manifest.json"),
-                     key=lambda f: f.stat().st_size)
-        with open(victim, "ab") as f:
-            f.write(b"corrupt")
-    _point(root, new)
-
-
-def _point(root: Path, version: str) -> None:
-    """Write CURRENT atomically: a poller must never read half a name."""
-    tmp = root / ".CURRENT.test"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, root / "CURRENT")
-
-
-def _worker_status(server: Server, tries: int = 60) -> dict[int, pb2.GetStatusResponse]:
-    """GetStatus over many fresh connections, so every worker answers at least once."""
-    seen: dict[int, pb2.GetStatusResponse] = {}
-    for _ in range(tries):
-        with server.client(options=OWN_CONNECTION) as c:
-            s = c.status()
-        seen[s.pid] = s
-        if len(seen) == server.workers:
-            break
-    return seen
-
 
 
 @pytest.fixture(scope="module")
@@ -145,20 +41,10 @@ def cfg(tiny_config):
 @pytest.fixture(scope="module")
 def one(tmp_path_factory, tiny_config, tiny_bundle):
     """One worker, with a token and metrics."""
-    port = _free_port()
+    port = free_port()
     s = Server(tmp_path_factory.mktemp("one"), tiny_config, tiny_bundle, workers=1,
                extra=("--token", TOKEN, "--metrics-port", str(port)))
     s.metrics_port = port
-    yield s
-    assert s.terminate() == 0, s.stderr()
-
-
-@pytest.fixture(scope="module")
-def two(tmp_path_factory, tiny_config, tiny_bundle):
-    """Two workers on a private bundle copy whose CURRENT the tests rewrite."""
-    tmp = tmp_path_factory.mktemp("two")
-    s = Server(tmp, tiny_config, _copy_bundle(tiny_bundle, tmp / "bundle"), workers=2, extra=("--token", TOKEN))
-    s.root = tmp / "bundle"
     yield s
     assert s.terminate() == 0, s.stderr()
 
@@ -287,78 +173,6 @@ def test_metrics_endpoint(one):
         assert series in text, series
 
 
-def test_two_workers_both_serve(two):
-    status = _worker_status(two)
-    assert len(status) == 2, f"only pids {list(status)} answered"
-    assert {s.worker_id for s in status.values()} == {0, 1}
-    assert all(s.bundle_version == two.version for s in status.values())
-
-
-def test_an_event_reaches_every_worker(two):
-    """The embedded store's arrays are shared files: what one worker learns, all serve."""
-    with two.client() as c:
-        served = [it.item_id for it in c.recommend("u-shared", count=10).items]
-        hidden = [x for x in served if x != "i10"][:5]   # i10 is pinned to the final list
-        assert c.report_events([{"kind": "impression", "user_id": "u-shared", "item_id": x}
-                                for x in hidden]).accepted == len(hidden)
-    pids = set()
-    for _ in range(40):
-        with two.client(options=OWN_CONNECTION) as c:
-            pids.add(c.status().pid)
-            again = {it.item_id for it in c.recommend("u-shared", count=10).items}
-        assert not again & set(hidden)
-    assert len(pids) == 2
-
-
-def test_hot_reload_under_load_drops_nothing(two):
-    new = f"reload-{time.monotonic_ns()}"
-    stop, errors, versions = threading.Event(), [], set()
-
-    def hammer(i: int) -> None:
-        with two.client(options=OWN_CONNECTION) as c:
-            while not stop.is_set():
-                try:
-                    versions.add(c.recommend(f"load-{i}", count=5).bundle_version)
-                except grpc.RpcError as e:
-                    errors.append(f"{e.code().name}: {e.details()}")
-
-    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(0.5)
-        _publish_copy(two.root, new)
-        wait_for(lambda: {s.bundle_version for s in _worker_status(two).values()} == {new},
-                  what=f"every worker to serve {new}")
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert not errors, errors[:5]
-    assert new in versions
-
-
-def test_broken_bundle_is_refused_and_old_keeps_serving(two):
-    serving = (two.root / "CURRENT").read_text().strip()
-    before = {pid: s.counters["reloads_refused"] for pid, s in _worker_status(two).items()}
-    bad = f"broken-{time.monotonic_ns()}"
-    _publish_copy(two.root, bad, corrupt=True)
-    try:
-        wait_for(lambda: all(s.counters["reloads_refused"] == before[pid] + 1
-                              for pid, s in _worker_status(two).items()), what="every worker to refuse")
-        time.sleep(2.5)      # several polls later: refused once, not retried every second
-        status = _worker_status(two)
-        assert all(s.counters["reloads_refused"] == before[pid] + 1 for pid, s in status.items())
-        assert all(s.bundle_version == serving for s in status.values())
-        with two.client() as c:
-            assert c.recommend("u1", count=3).bundle_version == serving
-            r = c.reload(bad)
-        assert not r.ok and bad in r.message and r.version == serving
-    finally:
-        _point(two.root, serving)
-
-
 def test_sigterm_drains_in_flight_calls(tmp_path, tiny_config, tiny_bundle):
     # Spawned workers import the parent's main script, so this patch reaches them too.
     script = tmp_path / "slow_serve.py"
@@ -414,24 +228,69 @@ def test_sigterm_drains_in_flight_calls(tmp_path, tiny_config, tiny_bundle):
         server.kill()
 
 
-@pytest.mark.parametrize("case", ["missing bundle", "broken bundle", "bad config"])
+@pytest.mark.parametrize("case", ["missing bundle", "missing bundle, no config", "broken bundle", "bad config",
+                                  "no config, bundle without one"])
 def test_bad_start_exits_with_one_line(tmp_path, tiny_config, tiny_bundle, case):
     config, bundle, expect = tiny_config, tiny_bundle, ""
-    if case == "missing bundle":
+    if case.startswith("missing bundle"):
         bundle, expect = tmp_path / "no-such-bundle", "no-such-bundle"
+        config = config if case == "missing bundle" else None
     elif case == "broken bundle":
-        bundle = _copy_bundle(tiny_bundle, tmp_path / "bundle")
-        _publish_copy(bundle, "broken", corrupt=True)
-    else:
+        bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+        publish_copy(bundle, "broken", corrupt=True)
+    elif case == "bad config":
         config, expect = tmp_path / "bad.toml", "no_such_key"
         config.write_text("[serving]\nno_such_key = 1\n")
-    p = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", "--config", str(config), "--bundle",
-                        str(bundle), "--port", "0", "--workers", "2"],
+    else:     # built before bundles carried their config
+        bundle, config, expect = copy_bundle(tiny_bundle, tmp_path / "bundle"), None, "pass --config or rebuild"
+        manifest = bundle / (bundle / "CURRENT").read_text().strip() / "manifest.json"
+        m = json.loads(manifest.read_text())
+        del m["config"]["file"]
+        manifest.write_text(json.dumps(m))
+    p = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", *(("--config", str(config)) if config else ()),
+                        "--bundle", str(bundle), "--port", "0", "--workers", "2"],
                        cwd=REPO, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
-    assert p.returncode != 0 and "recserve serving on" not in p.stdout
+    assert p.returncode != 0 and not any(parse_ready(line) for line in p.stdout.splitlines())
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert lines[0].startswith("recserve serve: ") and expect in lines[0]
+
+
+def test_serve_from_another_folder_uses_the_bundle_config(tmp_path, tiny_bundle):
+    """No --config and not run from the repository: the bundle's own config and side files."""
+    s = Server(tmp_path, None, tiny_bundle.absolute(), workers=1, cwd=tmp_path)
+    try:
+        with s.client() as c:
+            items = [it.item_id for it in c.recommend("someone-new", count=10).items]
+        assert "i10" in items       # configs/whitelist_tiny.toml pins it to the final list
+    finally:
+        assert s.terminate() == 0, s.stderr()
+
+
+def test_ready_line_round_trip(capsys):
+    print_ready("127.0.0.1:5", workers=2, bundle="v1")
+    r = parse_ready(capsys.readouterr().out)
+    assert r == Ready("recserve", "127.0.0.1:5", {"workers": "2", "bundle": "v1"})
+    assert (r.workers, r.version) == (2, "v1") and parse_ready(r.line) == r
+    assert parse_ready("baseline serving on h:1") is None
+    assert parse_ready("baseline serving on h:1", "baseline").target == "h:1"
+    assert parse_ready("recserve serve: cannot bind 127.0.0.1:1") is None
+
+
+def test_wait_ready_skips_other_lines_and_reports_an_early_exit():
+    ready = "print('warming up'); print('recserve serving on 127.0.0.1:9 workers=1 bundle=v', flush=True)"
+    ok = subprocess.Popen([sys.executable, "-c", f"{ready}; import time; time.sleep(60)"],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        assert wait_ready(ok, READY_TIMEOUT_S).target == "127.0.0.1:9"
+    finally:
+        ok.kill()
+        ok.wait()
+    dead = subprocess.Popen([sys.executable, "-c", "print('no'); raise SystemExit(3)"], stdout=subprocess.PIPE,
+                            text=True)
+    with pytest.raises(NotReady) as e:
+        wait_ready(dead, READY_TIMEOUT_S)
+    assert e.value.returncode == 3 and "exited with code 3" in str(e.value)
 
 
 def test_overload_answers_resource_exhausted_at_once(tmp_path, tiny_config, tiny_bundle):

@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.set_defaults(func=_check_config)
 
-    from engine.app.client import add_events_args, add_recommend_args, main_events, main_recommend
+    from engine.app.client import (add_events_args, add_recommend_args, add_reload_args, main_events,
+                                   main_recommend, main_reload)
     from model_export.evaluate import add_eval_args, run_eval
     from engine.app.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
@@ -57,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
         ("recommend", "ask a server for a list and print it as a table", add_recommend_args, main_recommend),
         ("events", "send events (impression, click, like, finish, dislike) to a server", add_events_args,
          main_events),
+        ("reload", "load a bundle version on the server now and publish it in CURRENT", add_reload_args,
+         main_reload),
         ("eval", "offline quality report of a bundle against the synthetic oracle", add_eval_args, run_eval),
         ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),
     ):

@@ -1,4 +1,4 @@
-"""Python client of the recserve gRPC API and the `recserve recommend` / `recserve events` commands."""
+"""Python client of the recserve gRPC API and the `recserve recommend` / `events` / `reload` commands."""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +55,9 @@ class RecServeClient:
         return self._rec.ReportEvents(req, timeout=timeout or self.timeout, metadata=self.metadata)
 
     def reload(self, path: str | None = None, timeout: float | None = 60.0) -> pb2.ReloadBundleResponse:
-        """Load a version folder of the served bundle root (or re-read CURRENT) on the worker reached."""
+        """Load a version folder of the served bundle root (or re-read CURRENT) on the worker reached.
+        A refusal raises grpc.RpcError: INVALID_ARGUMENT (no such version folder) or
+        FAILED_PRECONDITION (it does not load; the old version keeps serving), the reason in details()."""
         req = pb2.ReloadBundleRequest() if path is None else pb2.ReloadBundleRequest(path=path)
         return self._admin.ReloadBundle(req, timeout=timeout, metadata=self.metadata)
 
@@ -111,6 +113,25 @@ def add_events_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", action="append", default=[], choices=EVENT_KINDS,
                    help="repeat per event, or once for all")
     p.add_argument("--file", help="JSON lines with kind, user_id, item_id[, timestamp, request_id]; - for stdin")
+
+
+def add_reload_args(p: argparse.ArgumentParser) -> None:
+    _add_conn_args(p)
+    p.add_argument("version", nargs="?", default=None,
+                   help="version folder of the served bundle root (name or absolute path); "
+                        "default: re-read CURRENT, retrying a version refused before")
+    p.set_defaults(timeout=60.0)
+
+
+def main_reload(args: argparse.Namespace) -> int:
+    """Exit 0 when the worker reached serves the version, 1 with the server's reason when refused."""
+    with _connect(args) as c:
+        try:
+            r = c.reload(args.version, timeout=args.timeout)
+        except grpc.RpcError as e:
+            return _rpc_failed("reload", e)
+    print(f"{r.message} (bundle {r.version})")
+    return 0
 
 
 def main_recommend(args: argparse.Namespace) -> int:

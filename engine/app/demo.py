@@ -10,12 +10,14 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from engine.core.ready import NotReady, wait_ready
 from engine.core.bundle import resolve
+
+READY_TIMEOUT_S = 180
 
 
 def _start_server(config: str, bundles: str) -> tuple[subprocess.Popen, str]:
@@ -23,16 +25,13 @@ def _start_server(config: str, bundles: str) -> tuple[subprocess.Popen, str]:
            "--state-dir", "none"]   # a throwaway run: no feature state left behind in the home dir
     print("$", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
-        if line.startswith("recserve serving on "):
-            print(line.strip())
-            return proc, line.split()[3]
-    proc.kill()
-    raise SystemExit("server not ready within 180 s")
+    try:
+        ready = wait_ready(proc, READY_TIMEOUT_S)
+    except NotReady as e:
+        proc.kill()
+        raise SystemExit(str(e)) from None
+    print(ready.line)
+    return proc, ready.target
 
 
 def _show(resp, title: str) -> None:

@@ -13,8 +13,9 @@ it is refused with more than one.
 
 Optional split placement (`ray.split_fine`): the fine ranker is its own deployment (e.g. on
 accelerator nodes) and `serve.batch` concatenates the candidates of concurrent requests
-into one ONNX call. The engine calls it through `engine.core.models.Models(remote=...)`; if it
-fails or is late, the fine stage fails open like any other stage.
+into one ONNX call. The engine calls it through `engine.core.models.Models(remote=...)`, waiting
+no longer than the request's remaining time; if it fails or is late, the fine stage fails open
+like any other stage.
 
 What Ray's proxy does differently from the native server, and what this module does about it:
 - it binds every interface ([::]:PORT): the CLI asks for `--host 0.0.0.0` to say so;
@@ -32,7 +33,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,9 +44,11 @@ import numpy as np
 from ray import serve
 from ray.serve.config import AutoscalingConfig, gRPCOptions
 
-from engine.core.bundle import load_bundle
+from engine.core.bundle import config_file, load_bundle
 from engine.core.config import Config, load_config
+from engine.core.errors import BundleError
 from engine.core.models import session_options
+from engine.core.ready import free_port, print_ready
 from engine.app.service import POLL_S, Service
 from protos import pb2
 
@@ -56,6 +58,7 @@ APP = "recserve"
 SERVICERS = ["protos.recserve_pb2_grpc.add_RecServeServicer_to_server",
              "protos.recserve_pb2_grpc.add_AdminServicer_to_server"]
 FINE_VERSIONS = 2           # fine ranker sessions kept per replica: the serving version and the next
+FINE_STARTUP_S = 300.0      # a RecServe replica waits this long for the FineRanker deployment
 
 
 class _Refused(Exception):
@@ -81,13 +84,20 @@ class _Context:
 
 
 class _RemoteFine:
-    """engine.core.models.RemoteModel over the FineRanker deployment's handle."""
+    """engine.core.models.RemoteModel over the FineRanker deployment's handle: waits no longer
+    than the request's remaining time, then cancels the call and raises TimeoutError, so a
+    hung or overloaded FineRanker replica costs the fine stage (failed open), not the request."""
 
     def __init__(self, handle: Any):
         self.handle = handle
 
-    def __call__(self, version: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.handle.score.remote(version, feeds).result()
+    def __call__(self, version: str, feeds: dict[str, np.ndarray], timeout_s: float | None) -> np.ndarray:
+        response = self.handle.score.remote(version, feeds)
+        try:
+            return response.result(timeout_s=timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"FineRanker deployment gave no answer within {timeout_s * 1e3:.0f} ms") from None
 
 
 @serve.deployment(name="RecServe")
@@ -101,11 +111,20 @@ class RecServeDeployment:
         cfg = load_config(config, overrides)
         s = cfg.serving
         self.fine = fine
-        remote = {"fine": _RemoteFine(fine)} if fine is not None else None
-        # off Serve's event loop: the engine's smoke request may block on the fine ranker's handle
+
+        def start() -> Service:
+            remote = None
+            if fine is not None:
+                # a FineRanker replica up and loaded before the engine's smoke request, whose own
+                # budget (10 s) would otherwise include the other deployment's start
+                fine.stats.remote().result(timeout_s=FINE_STARTUP_S)
+                remote = {"fine": _RemoteFine(fine)}
+            return Service(cfg, Path(bundle), store_factory(feature_store, event_buffer=s.event_buffer), token,
+                           remote_models=remote)
+
+        # off Serve's event loop: waiting on a handle blocks
         with ThreadPoolExecutor(1) as ex:
-            self.svc = ex.submit(Service, cfg, Path(bundle), store_factory(
-                feature_store, event_buffer=s.event_buffer), token, remote_models=remote).result()
+            self.svc = ex.submit(start).result()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="recserve-tick", daemon=True)
         self._ticker.start()
@@ -155,6 +174,7 @@ class FineRankerDeployment:
         self.counts = {"requests": 0, "batches": 0, "rows": 0}
         self.score.set_max_batch_size(max_batch)
         self.score.set_batch_wait_timeout_s(wait_ms / 1000)
+        self._session(load_bundle(self.root, verify=False).version)   # ready means ready to score
 
     def _session(self, version: str) -> Any:
         sess = self.sessions.get(version)
@@ -271,24 +291,22 @@ def scale(replicas: int | None, autoscale: str | None, feature_store: str | None
 
 def app_builder(args: dict[str, Any]):
     """The application for a Serve config file or KubeRay's RayService (serveConfigV2):
-    `import_path: engine.app.ray_app:app_builder` with args config, bundle (paths every node reads),
-    feature_store, replicas or autoscale ("MIN,MAX"), set (list of KEY=VALUE). The token comes
-    from $RECSERVE_TOKEN on the nodes, never from the config file. docs/deploy.md has an example."""
+    `import_path: engine.app.ray_app:app_builder` with args bundle (a path every node reads),
+    config (default: the config the bundle carries), feature_store, replicas or autoscale
+    ("MIN,MAX"), set (list of KEY=VALUE). The token comes from $RECSERVE_TOKEN on the nodes,
+    never from the config file. docs/deploy.md has an example."""
     unknown = set(args) - {"config", "bundle", "feature_store", "replicas", "autoscale", "set"}
-    if unknown or not {"config", "bundle"} <= set(args):
-        raise Fail(f"app_builder args: need config and bundle; unknown: {sorted(unknown) or 'none'}")
+    if unknown or "bundle" not in args:
+        raise Fail(f"app_builder args: need bundle; unknown: {sorted(unknown) or 'none'}")
     store = args.get("feature_store", "embedded")
     replicas, autoscale = scale(args.get("replicas"), args.get("autoscale"), store)
     overrides = list(args.get("set", []))
-    config = str(Path(args["config"]).resolve())
+    try:
+        config = str(Path(args.get("config") or config_file(args["bundle"])).resolve())
+    except BundleError as e:
+        raise Fail(str(e)) from None
     return build_app(load_config(config, overrides), config, overrides, str(Path(args["bundle"]).resolve()),
                      store, os.environ.get("RECSERVE_TOKEN") or None, replicas, autoscale)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_ray(args: argparse.Namespace) -> int:
@@ -308,7 +326,7 @@ def serve_ray(args: argparse.Namespace) -> int:
         store_factory(args.feature_store)    # checks the URL
     except ValueError as e:
         raise Fail(str(e)) from None
-    port = args.port or _free_port()
+    port = args.port or free_port()
     own = args.ray_address is None
     ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING,
              configure_logging=False, **({"num_cpus": args.ray_cpus} if own and args.ray_cpus else {}))
@@ -317,7 +335,7 @@ def serve_ray(args: argparse.Namespace) -> int:
         signal.signal(s, lambda *_: stop.set())
     try:
         serve.start(proxy_location=args.proxy_location, logging_config=_logging(cfg),
-                    http_options={"host": "127.0.0.1", "port": _free_port()},
+                    http_options={"host": "127.0.0.1", "port": free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICERS))
         app = build_app(cfg, str(args.config.resolve()), list(args.set), str(args.bundle.resolve()),
                         args.feature_store, args.token, replicas, autoscale)
@@ -327,9 +345,9 @@ def serve_ray(args: argparse.Namespace) -> int:
             serve.delete(APP)
             raise Fail(f"Ray Serve could not deploy {APP}: {str(e).splitlines()[0]}") from None
         version = _status(port, args.token).bundle_version
-        n = f"autoscale={autoscale[0]},{autoscale[1]}" if autoscale else f"replicas={replicas}"
-        print(f"recserve serving on 0.0.0.0:{port} backend=ray {n} bundle={version} "
-              f"fine={'split' if cfg.ray.split_fine else 'local'}", flush=True)
+        scale_info = {"autoscale": f"{autoscale[0]},{autoscale[1]}"} if autoscale else {"replicas": replicas}
+        print_ready(f"0.0.0.0:{port}", backend="ray", **scale_info, bundle=version,
+                    fine="split" if cfg.ray.split_fine else "local")
         stop.wait()
         log.info("stopping: deleting the Serve application (in-flight calls drain)")
         serve.delete(APP)

@@ -3,9 +3,9 @@
 One Python process tops out near 3.5k calls/s (the GIL), so `--workers N` spawns N processes
 that each build their own Engine and bind the same port with SO_REUSEPORT; the kernel
 spreads connections across them. The parent finds the port, waits for every worker to be
-ready, prints `recserve serving on HOST:PORT workers=N bundle=VERSION`, serves /metrics
-(prometheus multiprocess mode, so one scrape sees every worker), restarts a worker that
-dies, and on SIGTERM forwards it and exits 0 once every worker drained and exited 0.
+ready, prints `recserve serving on HOST:PORT workers=N bundle=VERSION` (engine.core.ready),
+serves /metrics (prometheus multiprocess mode, so one scrape sees every worker), restarts a
+worker that dies, and on SIGTERM forwards it and exits 0 once every worker drained and exited 0.
 
 What each call does (validation, error mapping, metrics, hot reload through CURRENT) lives
 in engine.app.service, shared with the Ray Serve backend (engine.app.ray_app, `--backend ray`).
@@ -37,8 +37,10 @@ from typing import Any
 
 import grpc
 
+from engine.core.bundle import config_file
 from engine.core.config import load_config
-from engine.core.errors import ConfigError
+from engine.core.errors import BundleError, ConfigError
+from engine.core.ready import print_ready
 from engine.app.service import POLL_S, Service, one_line
 from protos import pb2, pb2_grpc
 
@@ -49,7 +51,9 @@ STARTUP_TIMEOUT_S = 600.0
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, type=Path, help="pipeline TOML")
+    p.add_argument("--config", type=Path, default=None,
+                   help="pipeline TOML (default: the config the bundle carries, of its CURRENT version at start; "
+                        "it stays in force across hot reloads)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override with a TOML value, e.g. --set ray.split_fine=true (repeatable)")
     p.add_argument("--bundle", required=True, type=Path,
@@ -107,6 +111,12 @@ class _Fail(Exception):
 def serve(args: argparse.Namespace) -> int:
     """`recserve serve`: returns the process exit code."""
     _setup_logging("")
+    if args.config is None:
+        try:
+            args.config = config_file(args.bundle)
+        except BundleError as e:
+            print(f"recserve serve: {e}", file=sys.stderr, flush=True)
+            return 1
     if args.backend == "ray":
         return _serve_ray(args)
     sup = _Supervisor()
@@ -198,8 +208,7 @@ class _Supervisor:
         self.children = [self._spawn(i, fallback="") for i in range(self.n)]
         version = self._wait_ready()
         self.hold.close()
-        print(f"recserve serving on {_addr(self.host, self.opts.port)} workers={self.n} bundle={version}",
-              flush=True)
+        print_ready(_addr(self.host, self.opts.port), workers=self.n, bundle=version)
         log.info("%d worker(s) ready, pids %s", self.n, [c.proc.pid for c in self.children])
         self._supervise()
         return self._shutdown()

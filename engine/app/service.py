@@ -11,7 +11,9 @@ through `Engine.swap_bundle`. A version that fails to load is logged, counted an
 remembered, and the old one keeps serving. `Admin.ReloadBundle` reaches one process only:
 it loads the requested version there first and, only if that worked, writes CURRENT, which
 every other process picks up on its next poll (<= 1 s). CURRENT stays the one source of
-truth, so a restarted worker or replica serves what the others serve.
+truth, so a restarted worker or replica serves what the others serve. A refused reload is a
+non-OK status with the reason (INVALID_ARGUMENT: the path names no version folder;
+FAILED_PRECONDITION: the version does not load), so clients and scripts can tell.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from typing import Any, Callable
 
 import grpc
 
+from engine.core.bundle import MANIFEST
 from engine.core.config import Config
 from engine.core.request import EVENT_KINDS, Event, Request
 from engine.core.errors import BundleError, DeadlineExceeded, InvalidRequest, Overloaded
@@ -162,25 +165,35 @@ class _Reloader:
         if name and name != self.current and name not in self.refused:
             self._swap(name)
 
-    def reload(self, path: str | None) -> tuple[bool, str]:
+    def reload(self, path: str | None) -> str:
         """Admin.ReloadBundle: load `path` (a version folder of the root: its name or absolute
         path) here, then publish it in CURRENT for the other workers; without a path, re-read
-        CURRENT now, retrying a version refused before."""
+        CURRENT now, retrying a version refused before. Returns what serves now; a refusal
+        raises _Abort: INVALID_ARGUMENT for a path that names no version folder of the root,
+        FAILED_PRECONDITION when there is nothing to reload or the version fails to load,
+        verify or answer the smoke request (the old one keeps serving)."""
         if self.root is None:
-            return False, "started on a version folder, not a bundle root with CURRENT: nothing to reload"
-        name = self._pointer() if path is None else self._version_name(path)
-        if name is None:
-            return False, (f"{self.root}/CURRENT is missing or empty" if path is None
-                           else f"{path}: not a version folder inside {self.root}")
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         "started on a version folder, not a bundle root with CURRENT: nothing to reload")
+        if path is None:
+            name = self._pointer()
+            if name is None:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.root}/CURRENT is missing or empty")
+        else:
+            name = self._version_name(path)
         self.refused.discard(name)
         ok, msg = self._swap(name)
-        if ok and path is not None and self._pointer() != name:
+        if not ok:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, msg)
+        if path is not None and self._pointer() != name:
             try:
                 _write_atomic(self.root / "CURRENT", name + "\n")
             except OSError as e:
-                return False, f"serving {name} on this worker only: cannot write CURRENT: {e}"
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"loaded {name} on this worker only, cannot write CURRENT ({e.strerror}): "
+                             "it returns to the version CURRENT names on its next poll") from None
             msg += "; CURRENT updated, other workers follow within ~1 s"
-        return ok, msg
+        return msg
 
     def _pointer(self) -> str | None:
         if self.root is None:
@@ -190,13 +203,31 @@ class _Reloader:
         except OSError:
             return None
 
-    def _version_name(self, path: str) -> str | None:
-        p = (self.root / path).resolve()     # an absolute path replaces the root
-        return p.name if p.parent == self.root.resolve() and p.is_dir() else None
+    def _version_name(self, path: str) -> str:
+        """The version folder `path` names inside the root, or _Abort(INVALID_ARGUMENT) saying why not."""
+        def refuse(why: str) -> _Abort:
+            shown = path if len(path) <= 120 else path[:100] + f"... ({len(path)} characters)"
+            return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {shown!r}: {why}")
+
+        if not path.strip():
+            raise refuse("empty; leave path unset to re-read CURRENT")
+        if "\0" in path:
+            raise refuse("contains a NUL byte")
+        try:
+            p = (self.root / path).resolve()     # an absolute path replaces the root
+            inside, is_dir = p.parent == self.root.resolve(), p.is_dir()
+            has_manifest = is_dir and (p / MANIFEST).is_file()
+        except OSError as e:                     # too long, a loop of symlinks, ...
+            raise refuse(e.strerror or str(e)) from None
+        if not inside or not is_dir or p.name.startswith("."):
+            raise refuse(f"not a version folder inside {self.root}")
+        if not has_manifest:
+            raise refuse(f"{p.name} holds no {MANIFEST}: not a bundle version")
+        return p.name
 
     def _swap(self, name: str) -> tuple[bool, str]:
         from engine.core.bundle import load_bundle
-    
+
         with self.lock:
             if name == self.current:
                 return True, f"already serving {name}"
@@ -343,8 +374,8 @@ class AdminRPCs(pb2_grpc.AdminServicer):
     def ReloadBundle(self, request, context):
         def run():
             self.w.check_token(context)
-            ok, msg = self.w.reloader.reload(request.path if request.HasField("path") else None)
-            return pb2.ReloadBundleResponse(ok=ok, version=self.w.engine.bundle_version, message=msg)
+            msg = self.w.reloader.reload(request.path if request.HasField("path") else None)
+            return pb2.ReloadBundleResponse(ok=True, version=self.w.engine.bundle_version, message=msg)
         return self.w.call("ReloadBundle", context, run)
 
     def GetStatus(self, request, context):

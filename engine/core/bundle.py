@@ -7,6 +7,8 @@ Layout of a bundle root:
     <version>/tables/       *.npy id-embedding and item/user attribute tables (no pickles)
     <version>/state/        *.npy feature state at the end of the log (seeds the feature store)
     <version>/index/        items.faiss
+    <version>/config/       the config TOML it was built from and the stages' side files (whitelist,
+                            blocklist) beside it: `recserve eval`, `serve` and reloads need no checkout
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ class Bundle:
     def file(self, rel: str) -> Path:
         return self.path / rel
 
+    @property
+    def config_path(self) -> Path:
+        """The config this bundle was built from: its own checksummed copy."""
+        return _carried_config(self.path, self.manifest)
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -67,6 +74,24 @@ def resolve(path: str | Path) -> Path:
     if not (path / MANIFEST).is_file():
         raise BundleError(f"{path}: no {MANIFEST} (not a bundle, or CURRENT points at a missing version)")
     return path
+
+
+def config_file(path: str | Path) -> Path:
+    """The config a bundle (root or version folder) carries, from its manifest alone: for a
+    server's parent process, which reads the config before any worker verifies the bundle."""
+    vdir = resolve(path)
+    try:
+        manifest = json.loads((vdir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{vdir / MANIFEST}: unreadable: {e}") from None
+    return _carried_config(vdir, manifest)
+
+
+def _carried_config(vdir: Path, manifest: dict[str, Any]) -> Path:
+    rel = manifest.get("config", {}).get("file")
+    if not rel:
+        raise BundleError(f"{vdir}: built before bundles carried their config; pass --config or rebuild it")
+    return vdir / rel
 
 
 def current_version(root: str | Path) -> str | None:

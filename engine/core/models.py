@@ -22,7 +22,8 @@ from indexes import load_index
 
 ONNX_MODELS = ("user_tower", "coarse_dnn", "fine")
 
-RemoteModel = Callable[[str, dict[str, np.ndarray]], np.ndarray]   # (bundle version, feeds) -> first output
+# (bundle version, feeds, timeout s or None) -> first output; TimeoutError once the timeout passed
+RemoteModel = Callable[[str, dict[str, np.ndarray], float | None], np.ndarray]
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -56,10 +57,12 @@ class Models:
         self.index = load_index(str(bundle.file("index/items.faiss")), nprobe=idx.get("nprobe"),
                                 threads=serving.faiss_threads)
 
-    def run(self, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """First output of an ONNX model (ORT releases the GIL while it runs)."""
+    def run(self, name: str, feeds: dict[str, np.ndarray], timeout_s: float | None = None) -> np.ndarray:
+        """First output of an ONNX model (ORT releases the GIL while it runs). `timeout_s`: how
+        long a remote model may take, the request's remaining time: a hung one raises
+        TimeoutError, and the stage fails open, instead of holding the request past its deadline."""
         if name in self.remote:
-            return self.remote[name](self.bundle.version, feeds)
+            return self.remote[name](self.bundle.version, feeds, timeout_s)
         return self.sessions[name].run(None, feeds)[0]
 
     def predict_trees(self, x: np.ndarray) -> np.ndarray:
