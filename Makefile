@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m engine.app.demo --config $(CONFIG) --bundles $(BUNDLES)
+	$(PY) -m engine.cli.demo --config $(CONFIG) --bundles $(BUNDLES)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15

@@ -37,7 +37,7 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
-from engine.core.ready import print_ready
+from engine.app.ready import print_ready
 from engine.core import featurize
 from engine.core.bundle import load_bundle
 from engine.core.errors import BundleError, ConfigError

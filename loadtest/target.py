@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from engine.core.ready import NotReady, Ready, free_port, wait_ready
+from engine.app.ready import NotReady, Ready, free_port, wait_ready
 
 REPO = Path(__file__).absolute().parents[1]
 
@@ -28,7 +28,7 @@ class Server:
         port = free_port()
         self.metrics_url = f"http://127.0.0.1:{port}/metrics" if workers is not None else None
         native = ("--workers", str(workers), "--metrics-port", str(port)) if workers is not None else ()
-        cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", str(config), "--bundle", str(bundle),
+        cmd = [sys.executable, "-m", "engine.cli.main", "serve", "--config", str(config), "--bundle", str(bundle),
                "--port", "0", *native, *extra]
         ready = self._start(cmd, "recserve", log, timeout_s)
         self.target, self.version, self.workers = ready.target, ready.version, ready.workers

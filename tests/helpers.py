@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from engine.app.client import RecServeClient
-from engine.core.ready import NotReady, wait_ready
+from engine.app.ready import NotReady, wait_ready
 from protos import pb2
 
 
@@ -33,7 +33,7 @@ class Server:
     """`recserve serve` in a subprocess; waits for its ready line."""
 
     def __init__(self, tmp: Path, config: Path | None, bundle: Path, workers: int | None = 1,
-                 extra: tuple[str, ...] = (), entry: tuple[str, ...] = ("-m", "engine.app.cli"), port: int = 0,
+                 extra: tuple[str, ...] = (), entry: tuple[str, ...] = ("-m", "engine.cli.main"), port: int = 0,
                  cwd: Path = REPO):
         """`config=None`: the server uses the config the bundle carries."""
         self.stderr_path = tmp / f"server-{time.monotonic_ns()}.stderr"

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
-from engine.core.ready import free_port
+from engine.app.ready import free_port
 
 
 def redis_server_binary() -> str:

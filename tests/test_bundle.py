@@ -116,7 +116,7 @@ def test_bundle_carries_its_config_and_side_files(tiny_bundle, tiny_config):
 
 def test_eval_from_another_folder_uses_the_bundle_config(tiny_bundle, tmp_path):
     """`recserve eval --bundle DIR` without --config, run outside the repository."""
-    out = subprocess.run([sys.executable, "-m", "engine.app.cli", "eval", "--bundle", str(tiny_bundle.absolute()),
+    out = subprocess.run([sys.executable, "-m", "engine.cli.main", "eval", "--bundle", str(tiny_bundle.absolute()),
                           "--users", "20", "--out", "eval"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.app import cli
+from engine.cli import main as cli
 from engine.core import registry
 from engine.core.config import load_config, parse_config
 from engine.core.errors import ConfigError
@@ -97,7 +97,7 @@ def test_check_config_refuses_what_the_server_refuses_with_the_same_line(tmp_pat
     assert cli.main(["check-config", str(path)]) == 2
     checked = capsys.readouterr().err.strip()
     assert checked == f"recserve: {path}: pipeline.recall: at most 8 routes (uint8 route bitmask), got 9"
-    served = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", "--config", str(path), "--bundle",
+    served = subprocess.run([sys.executable, "-m", "engine.cli.main", "serve", "--config", str(path), "--bundle",
                              str(tmp_path / "no-bundle")], capture_output=True, text=True, timeout=120,
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert served.returncode != 0

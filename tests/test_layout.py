@@ -3,9 +3,10 @@
 A short AST walk over every project module (imports inside functions included), so the
 layering in docs/architecture.md stays true without a third-party tool:
 
-    engine.app (shell: service, server, ray_app, client, cli, demo)
-        -> model_export (offline), loadtest (load tools), stages, engine.store, engine.core
-    stages, engine.store -> engine.core -> indexes
+    engine.cli (the command line: main, demo)
+        -> loadtest (load tools) -> engine.app (serving shell: service, server, ray_app,
+           client, ready line) -> engine.store, stages -> engine.core -> indexes
+        -> model_export (offline: data, training, export, eval) -> engine.store, stages, engine.core
     protos stand alone
 
 Stage kinds are plugins: the registry finds the `stages` package by name at run time
@@ -27,10 +28,11 @@ ALLOWED = {
     "indexes": set(),
     "protos": set(),
     "model_export": {"engine.core", "engine.store", "stages", "indexes", "engine"},
+    "engine.app": {"engine.core", "engine.store", "stages", "indexes", "protos", "engine"},
     "loadtest": {"engine.app", "engine.core", "engine.store", "stages", "indexes", "model_export", "protos",
                  "engine"},
-    "engine.app": {"engine.core", "engine.store", "stages", "indexes", "model_export", "loadtest", "protos",
-                   "engine"},
+    "engine.cli": {"engine.app", "engine.core", "engine.store", "stages", "indexes", "model_export", "loadtest",
+                   "protos", "engine"},
     "engine": set(),
 }
 

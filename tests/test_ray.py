@@ -23,7 +23,7 @@ import pytest
 from helpers import OWN_CONNECTION, Server, copy_bundle, publish_copy, wait_for
 from redis_fixtures import redis_cluster  # noqa: F401 - session fixture
 
-from engine.core.ready import free_port
+from engine.app.ready import free_port
 
 pytest.importorskip("ray.serve", reason="pip install '.[ray]'")
 pytestmark = [pytest.mark.ray, pytest.mark.redis, pytest.mark.slow]
@@ -272,7 +272,7 @@ def test_a_hung_fine_ranker_costs_the_fine_stage_not_the_deadline(cluster, redis
     (("--host", "0.0.0.0", "--autoscale", "3,1"), "MIN <= MAX"),
 ])
 def test_what_cannot_work_on_ray_is_refused_before_anything_starts(extra, says, tiny_config, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", "--backend", "ray", "--config",
+    out = subprocess.run([sys.executable, "-m", "engine.cli.main", "serve", "--backend", "ray", "--config",
                           str(tiny_config), "--bundle", str(tmp_path), *extra],
                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
     assert out.returncode == 1 and says in out.stderr, out.stderr

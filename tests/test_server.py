@@ -1,4 +1,4 @@
-"""The real server as a subprocess (`python -m engine.app.cli serve`) on the tiny bundle.
+"""The real server as a subprocess (`python -m engine.cli.main serve`) on the tiny bundle.
 
 Needs the session fixtures `tiny_bundle` (bundle root: CURRENT + version folders) and
 `tiny_config` (configs/tiny.toml) from conftest.py. Servers are module-scoped where the
@@ -25,7 +25,7 @@ from helpers import OWN_CONNECTION, REPO, READY_TIMEOUT_S, TOKEN, Server, copy_b
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine.core.ready import NotReady, Ready, free_port, parse_ready, print_ready, wait_ready
+from engine.app.ready import NotReady, Ready, free_port, parse_ready, print_ready, wait_ready
 from engine.app.client import add_events_args, add_recommend_args, main_events, main_recommend
 from engine.core.config import load_config
 from protos import pb2, pb2_grpc
@@ -191,7 +191,7 @@ def test_sigterm_drains_in_flight_calls(tmp_path, tiny_config, tiny_bundle):
         engine.core.runner.Engine.recommend = _slow
 
         if __name__ == "__main__":
-            from engine.app.cli import main
+            from engine.cli.main import main
             sys.exit(main())
         """))
     server = Server(tmp_path, tiny_config, tiny_bundle, entry=(str(script),))
@@ -247,7 +247,7 @@ def test_bad_start_exits_with_one_line(tmp_path, tiny_config, tiny_bundle, case)
         m = json.loads(manifest.read_text())
         del m["config"]["file"]
         manifest.write_text(json.dumps(m))
-    p = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", *(("--config", str(config)) if config else ()),
+    p = subprocess.run([sys.executable, "-m", "engine.cli.main", "serve", *(("--config", str(config)) if config else ()),
                         "--bundle", str(bundle), "--port", "0", "--workers", "2"],
                        cwd=REPO, capture_output=True, text=True, timeout=READY_TIMEOUT_S)
     assert p.returncode != 0 and not any(parse_ready(line) for line in p.stdout.splitlines())
@@ -330,6 +330,6 @@ def test_overload_answers_resource_exhausted_at_once(tmp_path, tiny_config, tiny
 
 def test_the_native_server_never_imports_ray_or_torch():
     """Ray is the optional `ray` extra and torch the `train` extra: serving must not need them."""
-    code = ("import sys, engine.app.cli, engine.app.server, engine.app.service, engine.core.runner, engine.store.redis, stages; "
+    code = ("import sys, engine.cli.main, engine.app.server, engine.app.service, engine.core.runner, engine.store.redis, stages; "
             "bad = [m for m in ('ray', 'torch') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -181,7 +181,7 @@ class _Serve:
 
     def __init__(self, tmp: Path, config: Path, bundle: Path, *args: str, env: dict | None = None):
         self.err = tmp / f"server-{time.monotonic_ns()}.stderr"
-        cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", str(config), "--bundle", str(bundle),
+        cmd = [sys.executable, "-m", "engine.cli.main", "serve", "--config", str(config), "--bundle", str(bundle),
                "--port", "0", *args]
         with open(self.err, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -320,7 +320,7 @@ def test_the_default_state_dir_belongs_to_one_server(tiny_bundle, tiny_config, t
         with server.client() as c:
             assert c.report_events([{"kind": "impression", "user_id": "u3", "item_id": "i5"}]).accepted == 1
         assert list(state.glob("embedded-*.log")) and (state / statedir.SERVER_LOCK).exists()
-        second = subprocess.run([sys.executable, "-m", "engine.app.cli", "serve", "--config", str(tiny_config),
+        second = subprocess.run([sys.executable, "-m", "engine.cli.main", "serve", "--config", str(tiny_config),
                                  "--bundle", str(tiny_bundle), "--port", "0"], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 1

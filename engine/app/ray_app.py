@@ -48,7 +48,7 @@ from engine.core.bundle import config_file, load_bundle
 from engine.core.config import Config, load_config
 from engine.core.errors import BundleError
 from engine.core.models import session_options
-from engine.core.ready import free_port, print_ready
+from engine.app.ready import free_port, print_ready
 from engine.app.service import POLL_S, Service
 from protos import pb2
 

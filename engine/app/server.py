@@ -3,7 +3,7 @@
 One Python process tops out near 3.5k calls/s (the GIL), so `--workers N` spawns N processes
 that each build their own Engine and bind the same port with SO_REUSEPORT; the kernel
 spreads connections across them. The parent finds the port, waits for every worker to be
-ready, prints `recserve serving on HOST:PORT workers=N bundle=VERSION` (engine.core.ready),
+ready, prints `recserve serving on HOST:PORT workers=N bundle=VERSION` (engine.app.ready),
 serves /metrics (prometheus multiprocess mode, so one scrape sees every worker), restarts a
 worker that dies, and on SIGTERM forwards it and exits 0 once every worker drained and exited 0.
 
@@ -40,7 +40,7 @@ import grpc
 from engine.core.bundle import config_file
 from engine.core.config import load_config
 from engine.core.errors import BundleError, ConfigError
-from engine.core.ready import print_ready
+from engine.app.ready import print_ready
 from engine.app.service import POLL_S, Service, one_line
 from protos import pb2, pb2_grpc
 

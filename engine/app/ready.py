@@ -7,8 +7,8 @@
     baseline serving on HOST:PORT
 
 Whoever starts a server as a subprocess (`make demo`, the load test, the tests) waits for it
-with `wait_ready`, so the format lives here only: in the core, below both the shell
-(engine.app) and the load tools (loadtest), which already import each other one way.
+with `wait_ready`, so the format lives here only: in the serving shell, which the load
+tools and the command line sit above.
 """
 from __future__ import annotations
 

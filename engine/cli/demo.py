@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.core.ready import NotReady, wait_ready
+from engine.app.ready import NotReady, wait_ready
 from engine.core.bundle import resolve
 
 READY_TIMEOUT_S = 180
 
 
 def _start_server(config: str, bundles: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "engine.app.cli", "serve", "--config", config, "--bundle", bundles, "--port", "0",
+    cmd = [sys.executable, "-m", "engine.cli.main", "serve", "--config", config, "--bundle", bundles, "--port", "0",
            "--state-dir", "none"]   # a throwaway run: no feature state left behind in the home dir
     print("$", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
