@@ -17,7 +17,6 @@ BASELINE_NAMES = {"popularity": "popularity", "itemknn": "ItemKNN", "ease": "EAS
 def write_report(report: dict[str, Any], out: Path) -> str:
     """Write eval.json, eval.md and eval.png under `out`; returns the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    report["verdict"] = verdict(report)
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     report["chart"] = chart(report, out / "eval.png")
     text = markdown(report)

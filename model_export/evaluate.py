@@ -38,7 +38,7 @@ from model_export.baselines import Baselines
 from model_export.cascade import StoppedClock, contexts
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
-from model_export.eval_report import write_report
+from model_export.eval_report import verdict, write_report
 from model_export.progress import bar
 from stages.filter import Filter
 from stages.rerank_beam import Params as RerankParams
@@ -206,9 +206,11 @@ def evaluate(bundle_path: str | Path, config_path: str | Path | None = None, n_u
     store.clock = StoppedClock(float(bundle.state.time))
     engine = Engine(_arms_config(cfg, rerank), bundle, store=store)
     try:
-        return _run(engine, bundle, cfg, ds, rerank, n_users, seed)
+        report = _run(engine, bundle, cfg, ds, rerank, n_users, seed)
     finally:
         engine.close()
+    report["verdict"] = verdict(report)
+    return report
 
 
 def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, n_users: int,
