@@ -111,3 +111,44 @@ def test_build_table_picks_the_method_by_catalog_size(log):
     _, meta = i2i.build_table(I2IConfig(neighbours=4, ease_max_items=N_ITEMS - 1), users, items, N_USERS, N_ITEMS)
     assert meta["method"] == "cosine"
     assert np.diff(table.indptr).max() == 4 and np.diff(table.indptr)[-2:].sum() == 0   # never-seen items: no row
+
+
+@pytest.mark.slow
+def test_recall_i2i_route_follows_the_users_clicks(tiny_bundle, tiny_config):
+    """A new user has no i2i candidates; one reported click makes the route return that item's
+    neighbours (the table's row, best first), and the rankers' i2i feature reads the same scores."""
+    from engine.core.bundle import load_bundle
+    from engine.core.config import apply_overrides, load_config, parse_config
+    from engine.core.request import Event, Request
+    from engine.core.runner import Engine
+    from engine.store.embedded import EmbeddedStore
+
+    base = load_config(tiny_config)
+    raw = apply_overrides(base.raw, {"stage.i2i": {"kind": "recall_i2i", "k": 50},
+                                     "pipeline.recall": ["i2i", *base.pipeline.recall]}, "test")
+    cfg = parse_config(raw, base.path)
+    bundle = load_bundle(tiny_bundle)
+    engine = Engine(cfg, bundle, store=EmbeddedStore(bundle))
+    try:
+        table = bundle.tables.i2i
+        item = int(np.argmax(np.diff(table.indptr)))           # an item with a full neighbour row
+        req = Request("guest-i2i", 10, deadline_ms=10_000)
+        first = engine.recommend(req)
+        assert next(s for s in first.trace if s.name == "i2i").count_out == 0
+        assert engine.report_events([Event("click", "guest-i2i", str(bundle.item_ids[item]), 0.0)])[0] == 1
+        ctx = engine.hydrate(req)
+        items, scores = ctx.i2i.top(50)
+        row = slice(table.indptr[item], table.indptr[item + 1])
+        weight = dict(zip(table.indices[row].tolist(), table.weights[row].tolist()))
+        assert items.size == min(50, sum(w > 0 for w in weight.values()))
+        np.testing.assert_allclose(scores, [weight[i] for i in items.tolist()], rtol=1e-6)   # the clicked row
+        np.testing.assert_allclose(scores, sorted(weight.values(), reverse=True)[:items.size], rtol=1e-6)
+        seen = {}
+        engine.recommend(req, observer=lambda name, c: seen.__setitem__(name, c))
+        assert next(s for s in engine.recommend(req).trace if s.name == "i2i").count_out == items.size
+        merged = seen["coarse_trees"]
+        x = merged.feats["coarse_x"][:, list(bundle.manifest["schema"]["coarse_features"]).index("i2i_score")]
+        np.testing.assert_allclose(x, ctx.i2i.lookup(merged.item), rtol=1e-6)
+        assert (x > 0).sum() > 0
+    finally:
+        engine.close()
