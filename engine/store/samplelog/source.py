@@ -127,12 +127,3 @@ class SegmentLog:
     def close(self) -> None:
         for name in list(self._open):
             self._forget(name)
-
-
-def open_reader(spec: str, stream: str, group: str = "joiner", consumer: str = "joiner-1") -> LogReader:
-    """A folder path, or redis://HOST:PORT/DB[?prefix=P] (the streams of engine.store.samplelog.streams)."""
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        from engine.store.samplelog.streams import StreamLog
-
-        return StreamLog(spec, stream, group, consumer)
-    return SegmentLog(spec, stream)
