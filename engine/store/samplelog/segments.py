@@ -103,12 +103,13 @@ class SegmentWriter:
         self.appended = self.bytes = self.rotations = 0
         self._stop = threading.Event()
         self._syncer = None
-        if fsync_s > 0:
+        if fsync_s > 0:                     # < 0: only rotation and sync() fsync (a caller that commits)
             self._syncer = threading.Thread(target=self._sync_loop, name="samplelog-fsync", daemon=True)
             self._syncer.start()
 
-    def append(self, payload: bytes, kind: int = BATCH) -> tuple[str, int]:
-        """Write one record to the kernel; returns (segment name, position) where it starts."""
+    def append(self, payload: bytes, kind: int = BATCH) -> tuple[str, int, int]:
+        """Write one record to the kernel; returns its segment's name and where the record
+        starts and ends in it."""
         data = frame(kind, payload)
         with self._lock:
             if self._fd < 0 or self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_s:
@@ -128,7 +129,7 @@ class SegmentWriter:
             if self.fsync_s == 0:
                 os.fsync(self._fd)
                 self._dirty = False
-            return self.path.name, pos
+            return self.path.name, pos, self._size
 
     def _rotate(self) -> None:
         """Close the open segment (fsync'd, unlocked) and start the next one. Holds self._lock."""
@@ -223,9 +224,9 @@ class SegmentFile:
         return None if rec is None else Record(rec.kind, pos, pos + rec.end, rec.payload)
 
     def records(self, pos: int, max_bytes: int = 64 << 20) -> tuple[list[Record], int, int]:
-        """Whole records from `pos`, about max_bytes of them (at least one); returns them,
-        where reading stopped, and how many bytes follow there that do not (yet) form a whole
-        record (a write in progress, or a torn tail once the writer is gone)."""
+        """Whole records from `pos`, about max_bytes of them (at least one); returns them, where
+        reading stopped, and the bytes after that which do not form a whole record (a write in
+        progress, or a torn tail once the writer is gone); -1 when reading stopped at max_bytes."""
         pos = max(pos, self.first)
         size = os.fstat(self._fd).st_size
         data = memoryview(os.pread(self._fd, min(size - pos, max_bytes), pos)) if size > pos else memoryview(b"")
@@ -233,14 +234,16 @@ class SegmentFile:
         while True:
             rec = parse(data, at)
             if rec is None:
-                if not out and size - pos > len(data):      # a first record larger than max_bytes
-                    big = self._at(pos)
-                    if big is not None:
-                        out.append(big)
-                        at = big.end - pos
                 break
             out.append(Record(rec.kind, pos + rec.start, pos + rec.end, rec.payload))
             at = rec.end
+        if pos + len(data) < size:              # not all of it was read
+            if not out:                         # a first record larger than max_bytes
+                big = self._at(pos)
+                if big is not None:
+                    return [big], big.end, -1
+            else:
+                return out, pos + at, -1
         return out, pos + at, size - (pos + at)
 
     def record_at(self, pos: int) -> Record:

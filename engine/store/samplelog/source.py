@@ -108,7 +108,7 @@ class SegmentLog:
                     chunks.append(Chunk(name, r.start, records.decode(r.payload, f.schema)))
                 budget -= r.end - r.start
             out[name] = stop
-            if rest and recs:
+            if rest < 0:
                 at_end = False                   # stopped at the byte budget, more is there
             elif not live:
                 if rest:
