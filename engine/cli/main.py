@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     from model_export.evaluate import add_eval_args, run_eval
     from engine.app.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
+    from model_export.join_cli import add_join_args, run_join
 
     for name, help_text, add_args, run in (
         ("serve", "serve a bundle over gRPC (health, reflection, metrics, hot reload)", add_serve_args, serve),
@@ -62,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
          main_reload),
         ("eval", "offline quality report of a bundle against the synthetic oracle", add_eval_args, run_eval),
         ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),
+        ("join", "join the sample log's impressions to their events: labelled samples with offsets", add_join_args,
+         run_join),
     ):
         sp = sub.add_parser(name, help=help_text)
         add_args(sp)
