@@ -24,6 +24,24 @@ def _data_fetch(args) -> int:
     return 0
 
 
+def _data_export(args) -> int:
+    from engine.core.config import DataConfig, load_config
+    from model_export.data import load_dataset
+    from model_export.files_export import export_dataset
+
+    if bool(args.dataset) == bool(args.config):
+        print("recserve data export: name a data set (movielens-100k) or --config C (its [data] section)",
+              file=sys.stderr)
+        return 2
+    data = load_config(args.config).data if args.config else DataConfig(source="movielens")
+    ds = load_dataset(data)
+    paths = export_dataset(ds, args.out, args.format)
+    print(f"{ds.name}: {len(ds.log_user)} interactions, {ds.n_items} items, {ds.n_users} users -> "
+          + ", ".join(str(p) for p in paths))
+    print(f'build from it with [data] source = "files", files_dir = "{args.out}" (docs/data.md)')
+    return 0
+
+
 def _check_config(args) -> int:
     from engine.core.config import load_config
 
@@ -70,12 +88,18 @@ def parser() -> argparse.ArgumentParser:
         add_args(sp)
         sp.set_defaults(func=run)
 
-    d = sub.add_parser("data", help="obtain real data sets")
+    d = sub.add_parser("data", help="obtain real data sets, convert them to the files format")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a data set into the local cache (never into the repo)")
     f.add_argument("dataset", choices=["movielens-100k"])
     f.add_argument("--cache-dir", default=None, help="default: ~/.cache/recserve (or $RECSERVE_CACHE)")
     f.set_defaults(func=_data_fetch)
+    x = dsub.add_parser("export", help="write a data set in the files format (data.source = \"files\", docs/data.md)")
+    x.add_argument("dataset", nargs="?", choices=["movielens-100k"], help="MovieLens from the fetch cache")
+    x.add_argument("--config", default=None, help="or: the data set a config's [data] section names")
+    x.add_argument("--out", required=True, help="folder for interactions, items and users")
+    x.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    x.set_defaults(func=_data_export)
     return p
 
 

@@ -25,7 +25,7 @@ from engine.core.request import EVENT_KINDS
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"          # synthetic | movielens
+    source: str = "synthetic"          # synthetic | movielens | files
     seed: int = 7
     n_users: int = 2000
     n_items: int = 5000
@@ -39,9 +39,12 @@ class DataConfig:
     history_frac: float = 0.7          # two-tower training and feature state: first 70% of time
     valid_frac: float = 0.15           # validation: the last 15%; rankers train in between
     movielens_dir: str = ""            # source = movielens; empty: the `recserve data fetch` cache
+    files_dir: str = ""                # source = files: interactions, items[, users] (.parquet|.csv); docs/data.md
 
     def check(self) -> None:
-        _one_of("source", self.source, ("synthetic", "movielens"))
+        _one_of("source", self.source, ("synthetic", "movielens", "files"))
+        if self.source == "files" and not self.files_dir:
+            raise _err("files_dir", "source = files needs the folder of interactions, items[, users]")
         for k in ("n_users", "n_items", "n_categories", "n_authors", "latent_dim", "content_dim",
                   "impressions_per_user"):
             _positive(k, getattr(self, k))
@@ -249,6 +252,8 @@ class Config:
             section, _, field_name = key.partition(".")
             obj = getattr(self, section)
             values.append((key, getattr(obj, field_name) if field_name else dataclasses.asdict(obj)))
+        if self.data.source == "files":    # the data is the files' content, not their folder's name
+            values.append(("data.files", _files_digest(Path(self.data.files_dir))))
         return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
 
     def experiment_for(self, user_id: str) -> str:
@@ -267,6 +272,20 @@ class Config:
         return self._variants[experiment] if experiment else self
 
     _variants: dict[str, "Config"] = dataclasses.field(default_factory=dict)
+
+
+def _files_digest(folder: Path) -> str:
+    """sha256 over the data files of a files source (model_export.files reads these names)."""
+    h = hashlib.sha256()
+    for name in ("interactions", "items", "users"):
+        for ext in (".parquet", ".csv"):
+            p = folder / f"{name}{ext}"
+            if p.is_file():
+                h.update(p.name.encode())
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+    return h.hexdigest()
 
 
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig,
