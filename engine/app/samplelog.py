@@ -71,7 +71,8 @@ class SampleLog:
             self.ev = StreamWriter(cfg.redis_url, "events", cfg.stream_maxlen, cfg.buffer)
             self.where = cfg.redis_url.split("?", 1)[0]
         self.counts = {f"{s}_{r}": 0 for s in ("impressions", "events") for r in ("ok", "failed")}
-        self._metric = _counter()
+        metric = _counter()     # labels() takes a lock and a dict lookup: the children are kept
+        self._metric = {k: metric.labels(*k.split("_")) for k in self.counts}
         log.info("sample log: %s backend at %s", cfg.backend, self.where)
 
     def recommend(self, user_id: str, context: dict[str, int], resp: Response) -> None:
@@ -108,8 +109,9 @@ class SampleLog:
             self._count("events", "failed", len(ok))
 
     def _count(self, stream: str, result: str, n: int) -> None:
-        self.counts[f"{stream}_{result}"] += n      # under the GIL; a lost increment is a counter off by one
-        self._metric.labels(stream, result).inc(n)
+        key = f"{stream}_{result}"
+        self.counts[key] += n      # under the GIL; a lost increment is a counter off by one
+        self._metric[key].inc(n)
 
     def stats(self) -> dict[str, int]:
         out = dict(self.counts)
