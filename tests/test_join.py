@@ -36,12 +36,12 @@ class Log:
 
     def served(self, rid: str, user: str, items: list[str], t: float) -> None:
         n = len(items)
-        self.imp.append(records.encode(records.impression_batch(
+        self.imp.append(records.impression_record(
             request_id=rid, time=t, user_id=user, user_index=0, item_ids=items, items=np.arange(n),
             experiment="", bundle_version="v1", routes=[["ann"]] * n, scores=np.linspace(1, 0, n),
             predictions={"click": np.full(n, 0.1, np.float32)}, context={"hour": 1}, degraded=False,
             now_days=1.0, user_x=np.ones(3, np.float32), item_x=np.arange(n * 2, dtype=np.float32).reshape(n, 2),
-            recent=np.array([5, -1], np.int32))))
+            recent=np.array([5, -1], np.int32)))
 
     def event(self, kind: str, user: str, item: str, t: float, rid: str = "", event_time: float = 0.0) -> None:
         self.ev.append(records.encode(records.event_batch(t, [kind], [user], [item], [rid], [event_time])))

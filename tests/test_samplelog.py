@@ -222,11 +222,11 @@ def test_the_joiner_reads_redis_streams_exactly_once(redis_server, tmp_path):  #
     imp, ev = StreamWriter(url, "impressions", 1000), StreamWriter(url, "events", 1000)
     t0 = time.time() - 100
     for k in range(4):
-        imp.append(records.encode(records.impression_batch(
+        imp.append(records.impression_record(
             request_id=f"r{k}", time=t0 + k, user_id="u1", user_index=0, item_ids=["a", "b"], items=np.arange(2),
             experiment="", bundle_version="v", routes=[["ann"]] * 2, scores=np.ones(2), predictions={},
             context={}, degraded=False, now_days=0.0, user_x=np.ones(2, np.float32), item_x=None,
-            recent=np.full(3, -1, np.int32))))
+            recent=np.full(3, -1, np.int32)))
     ev.append(records.encode(records.event_batch(t0 + 5, ["click"], ["u1"], ["b"], ["r2"], [0.0])))
     cfg = JoinConfig(window_s=10.0, commit_s=1e9)
     out = tmp_path / "out"

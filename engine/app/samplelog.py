@@ -71,6 +71,7 @@ class SampleLog:
             self.ev = StreamWriter(cfg.redis_url, "events", cfg.stream_maxlen, cfg.buffer)
             self.where = cfg.redis_url.split("?", 1)[0]
         self.counts = {f"{s}_{r}": 0 for s in ("impressions", "events") for r in ("ok", "failed")}
+        self.calls = self.time_us = 0     # Recommends logged, and the time it took them (the cost, measured)
         metric = _counter()     # labels() takes a lock and a dict lookup: the children are kept
         self._metric = {k: metric.labels(*k.split("_")) for k in self.counts}
         log.info("sample log: %s backend at %s", cfg.backend, self.where)
@@ -80,18 +81,21 @@ class SampleLog:
         inp = resp.inputs
         if inp is None or not resp.item_ids:
             return
+        t0 = time.perf_counter()
         try:
-            batch = records.impression_batch(
+            payload = records.impression_record(
                 request_id=resp.request_id, time=time.time(), user_id=user_id, user_index=inp.user_index,
                 item_ids=resp.item_ids, items=inp.items, experiment=resp.experiment,
                 bundle_version=resp.bundle_version, routes=resp.routes, scores=resp.scores,
                 predictions=resp.task_scores, context=context, degraded=resp.degraded, now_days=inp.now,
                 user_x=inp.user, item_x=inp.item, recent=inp.recent)
-            self.imp.append(records.encode(batch))
+            self.imp.append(payload)
             self._count("impressions", "ok", len(resp.item_ids))
         except Exception:    # noqa: BLE001 - logging never fails a Recommend
             log.exception("sample log: impressions of request %s not written", resp.request_id)
             self._count("impressions", "failed", len(resp.item_ids))
+        self.time_us += int((time.perf_counter() - t0) * 1e6)
+        self.calls += 1
 
     def events(self, events: list[Event], rejected: set[int]) -> None:
         """Log the accepted events of one ReportEvents call (fail-open)."""
@@ -114,7 +118,7 @@ class SampleLog:
         self._metric[key].inc(n)
 
     def stats(self) -> dict[str, int]:
-        out = dict(self.counts)
+        out = {**self.counts, "recommend_calls": self.calls, "recommend_us": self.time_us}
         for name, w in (("impressions", self.imp), ("events", self.ev)):
             for k in ("buffered", "dropped"):
                 if hasattr(w, k):
