@@ -118,6 +118,7 @@ class Joiner:
         self.closed: list[tuple[float, int, _Served]] = []    # heap by end of the late window
         self.waiting: list[_Event] = []                       # events whose request is not read yet
         self._n = 0
+        self._dirty = False          # read or emitted anything since the last commit
         self._last_commit = now()
         self._restore()
 
@@ -135,12 +136,13 @@ class Joiner:
         for c in echunks:
             self._events(c.batch)
         self.cursors["events"] = ev_cursor
+        self._dirty |= bool(chunks or echunks)
         behind = [_progress(cs) for cs, end in ((chunks, imp_end), (echunks, ev_end)) if not end and cs]
         at_end = imp_end and ev_end
         self.clock = max(self.clock, started - END_SLACK_S if at_end else min(behind, default=self.clock))
         self._retry_waiting()
         self._close_due()
-        if self.now() - self._last_commit >= self.cfg.commit_s:
+        if self._dirty and self.now() - self._last_commit >= self.cfg.commit_s:
             self.commit()
         return at_end
 
@@ -154,6 +156,7 @@ class Joiner:
             if hasattr(r, "ack"):
                 r.ack(self.cursors[stream])
         self._last_commit = self.now()
+        self._dirty = False
 
     def counters(self) -> dict[str, int]:
         d = {f.name: getattr(self.stats, f.name) for f in fields(JoinStats)}
@@ -267,6 +270,7 @@ class Joiner:
         extra += [pa.array(np.full(n, correction)), pa.array(np.full(n, self.clock)),
                   pa.array([f"{s.partition}@{s.start}"] * n, pa.string())]
         self.out.write(pa.RecordBatch.from_arrays([*batch.columns, *extra], schema=records.JOINED))
+        self._dirty = True
 
     # -- state ----------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:

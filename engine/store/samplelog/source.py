@@ -10,6 +10,7 @@ that stores the cursor with what it derived from the batches resumes exactly aft
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from engine.store.samplelog.segments import BATCH, SUFFIX, SegmentFile, locked
 log = logging.getLogger("recserve.samplelog")
 
 DONE = -1
+FETCH_OPEN = 8           # segments `fetch` keeps open (the joiner re-reads in about log order)
 Cursor = dict[str, Any]
 
 
@@ -61,7 +63,8 @@ class SegmentLog:
         self.dir, self.stream = Path(directory) / stream, stream
         self.schema = records.SCHEMAS[stream]
         self.stats = ReadStats()
-        self._open: dict[str, SegmentFile] = {}
+        self._open: dict[str, SegmentFile] = {}             # segments being read
+        self._fetched: OrderedDict[str, SegmentFile] = OrderedDict()   # segments read again (fetch)
 
     def _file(self, name: str) -> SegmentFile:
         f = self._open.get(name)
@@ -121,9 +124,17 @@ class SegmentLog:
         return chunks, out, at_end
 
     def fetch(self, partition: str, start: Any) -> pa.RecordBatch:
-        f = self._file(partition)
+        f = self._open.get(partition)
+        if f is None:                      # a segment poll is done with: a few kept open, oldest closed
+            f = self._fetched.pop(partition, None) or SegmentFile(self.dir / partition)
+            self._fetched[partition] = f
+            if len(self._fetched) > FETCH_OPEN:
+                self._fetched.popitem(last=False)[1].close()
         return records.decode(f.record_at(int(start)).payload, f.schema)
 
     def close(self) -> None:
         for name in list(self._open):
             self._forget(name)
+        for f in self._fetched.values():
+            f.close()
+        self._fetched.clear()
