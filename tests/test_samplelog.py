@@ -87,6 +87,33 @@ def test_a_logged_sample_holds_the_features_the_rankers_saw(tiny_bundle, tiny_co
         engine.close()
 
 
+def test_a_failing_log_never_fails_the_call(tmp_path):
+    """The folder goes away under the writer: the next segment cannot be opened, the call goes
+    on, the failure is counted."""
+    import shutil
+
+    from engine.core.config import LogConfig
+    from engine.core.request import Event, Response, ServedInputs
+
+    n = 3
+    resp = Response(["a", "b", "c"], np.ones(n, np.float32), {"click": np.full(n, 0.5, np.float32)}, [["ann"]] * n,
+                    request_id="r1", bundle_version="v", inputs=ServedInputs(
+                        np.arange(n, dtype=np.int32), 0, np.ones(4, np.float32), np.ones((n, 2), np.float32),
+                        np.full(5, -1, np.int32), 1.0))
+    log = SampleLog(LogConfig(segment_s=1e-9), tmp_path / "log")     # a new segment per record
+    try:
+        log.recommend("u1", {}, resp)
+        log.events([Event("click", "u1", "a", 0.0, "r1")], set())
+        assert log.stats()["impressions_ok"] == n and log.stats()["events_ok"] == 1
+        shutil.rmtree(tmp_path / "log")
+        log.recommend("u1", {}, resp)                      # no exception
+        log.events([Event("click", "u1", "a", 0.0, "r1"), Event("like", "u1", "b", 0.0, "")], {1})
+        st = log.stats()
+        assert (st["impressions_failed"], st["events_failed"]) == (n, 1)
+    finally:
+        log.close()
+
+
 def _rows(log_dir: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for c in read_all(SegmentLog(log_dir, "impressions")):
