@@ -82,7 +82,8 @@ class JoinStats:
 class _Served:
     """One Recommend's list while it waits for events (and until its late window ends)."""
     partition: str
-    start: Any                   # its place in the impressions log (fetched again to emit)
+    start: Any                   # its place in the impressions log (fetched again to emit) ...
+    lo: int                      # ... and its rows in the batch there: [lo, lo + len(items))
     t: float
     request_id: str
     user_id: str
@@ -129,8 +130,8 @@ class Joiner:
         started = self.now()
         chunks, imp_cursor, imp_end = self.imp.poll(self.cursors["impressions"])
         for c in chunks:
-            if c.batch.num_rows:
-                self._register(self._served(c.partition, c.start, c.batch))
+            for lo, hi in _lists(c.batch):
+                self._register(self._served(c.partition, c.start, c.batch, lo, hi))
         self.cursors["impressions"] = imp_cursor
         echunks, ev_cursor, ev_end = self.ev.poll(self.cursors["events"])
         for c in echunks:
@@ -167,10 +168,10 @@ class Joiner:
 
     # -- impressions ----------------------------------------------------------------------
     @staticmethod
-    def _served(partition: str, start: Any, batch: pa.RecordBatch) -> _Served:
-        items = batch.column("item_id").to_pylist()
-        return _Served(partition, start, float(batch.column("time")[0].as_py()),
-                       batch.column("request_id")[0].as_py(), batch.column("user_id")[0].as_py(),
+    def _served(partition: str, start: Any, batch: pa.RecordBatch, lo: int, hi: int) -> _Served:
+        items = batch.column("item_id").slice(lo, hi - lo).to_pylist()
+        return _Served(partition, start, lo, float(batch.column("time")[lo].as_py()),
+                       batch.column("request_id")[lo].as_py(), batch.column("user_id")[lo].as_py(),
                        {it: k for k, it in enumerate(items)}, np.zeros((len(items), len(EVENT_KINDS)), np.int8))
 
     def _register(self, s: _Served) -> None:
@@ -264,7 +265,7 @@ class Joiner:
                     del self.by_user_item[(s.user_id, it)]
 
     def _emit(self, s: _Served, rows: np.ndarray, correction: bool) -> None:
-        batch = self.imp.fetch(s.partition, s.start).take(pa.array(rows))
+        batch = self.imp.fetch(s.partition, s.start).take(pa.array(rows + s.lo))
         n = len(rows)
         extra = [pa.array(s.labels[rows, k]) for k in range(len(EVENT_KINDS))]
         extra += [pa.array(np.full(n, correction)), pa.array(np.full(n, self.clock)),
@@ -276,7 +277,7 @@ class Joiner:
     def _state(self) -> dict[str, Any]:
         def served(s: _Served) -> list:
             nz = np.argwhere(s.labels)
-            return [s.partition, s.start, s.closed, nz.tolist()]
+            return [s.partition, s.start, s.lo, len(s.items), s.closed, nz.tolist()]
 
         return {"clock": self.clock, "served": [served(s) for _, _, s in self.open + self.closed],
                 "waiting": [list(vars(e).values()) for e in self.waiting]}
@@ -292,8 +293,8 @@ class Joiner:
         self.cursors = {k: dict(v) for k, v in last.cursors.items()}
         state = self.out.state() or {}
         self.clock = float(state.get("clock", last.clock))
-        for partition, start, closed, nz in state.get("served", []):
-            s = self._served(partition, start, self.imp.fetch(partition, start))
+        for partition, start, lo, n, closed, nz in state.get("served", []):
+            s = self._served(partition, start, self.imp.fetch(partition, start), lo, lo + n)
             for row, kind in nz:
                 s.labels[row, kind] = 1
             s.closed = closed
@@ -307,5 +308,12 @@ def _progress(chunks: list) -> float:
     """How far a stream was read, in time: the oldest of its partitions' newest records."""
     newest: dict[str, float] = {}
     for c in chunks:
-        newest[c.partition] = float(c.batch.column("time")[0].as_py())
-    return min(newest.values())
+        if c.batch.num_rows:
+            newest[c.partition] = float(c.batch.column("time")[c.batch.num_rows - 1].as_py())
+    return min(newest.values(), default=0.0)
+
+
+def _lists(batch: pa.RecordBatch) -> list[tuple[int, int]]:
+    """The row ranges of the served lists in a batch (each starts at position 0)."""
+    starts = np.flatnonzero(batch.column("position").to_numpy() == 0)
+    return list(zip(starts.tolist(), [*starts[1:].tolist(), batch.num_rows]))

@@ -25,6 +25,7 @@ from engine.core.request import Request
 from engine.core.runner import Engine
 from engine.store.factory import store_factory
 from engine.store.samplelog import records
+from engine.store.samplelog.raw import raw_record
 from engine.store.samplelog.source import SegmentLog
 from engine.store.samplelog.streams import StreamLog
 from model_export.join import Joiner
@@ -67,6 +68,7 @@ def test_a_logged_sample_holds_the_features_the_rankers_saw(tiny_bundle, tiny_co
             resp = engine.recommend(Request(user, count=8, context=ctx, request_id=f"r-{user}"),
                                     observer=lambda name, c: entering.update({name: c.item.copy()}))
             log.recommend(user, ctx, resp)
+            log.flush()                           # the raw record's Arrow batch, now instead of within batch_ms
             batch = read_all(SegmentLog(tmp_path / "log", "impressions"))[-1].batch
             assert batch.column("item_id").to_pylist() == resp.item_ids
             fine = feeds["fine"]
@@ -88,8 +90,8 @@ def test_a_logged_sample_holds_the_features_the_rankers_saw(tiny_bundle, tiny_co
 
 
 def test_a_failing_log_never_fails_the_call(tmp_path):
-    """The folder goes away under the writer: the next segment cannot be opened, the call goes
-    on, the failure is counted."""
+    """The folder goes away under the writers: their next segment cannot be opened, the calls go
+    on, the failures are counted."""
     import shutil
 
     from engine.core.config import LogConfig
@@ -106,6 +108,7 @@ def test_a_failing_log_never_fails_the_call(tmp_path):
         log.events([Event("click", "u1", "a", 0.0, "r1")], set())
         assert log.stats()["impressions_ok"] == n and log.stats()["events_ok"] == 1
         shutil.rmtree(tmp_path / "log")
+        log.imp.seg.rotate()                               # the segment was due: the next one has no folder
         log.recommend("u1", {}, resp)                      # no exception
         log.events([Event("click", "u1", "a", 0.0, "r1"), Event("like", "u1", "b", 0.0, "")], {1})
         st = log.stats()
@@ -115,10 +118,14 @@ def test_a_failing_log_never_fails_the_call(tmp_path):
 
 
 def _rows(log_dir: Path) -> dict[str, list[dict]]:
+    """request_id -> its logged rows, in served order; a request logged twice fails here."""
     out: dict[str, list[dict]] = {}
     for c in read_all(SegmentLog(log_dir, "impressions")):
-        rows = c.batch.to_pylist()
-        out[rows[0]["request_id"]] = rows
+        for r in c.batch.to_pylist():
+            if r["position"] == 0:
+                assert r["request_id"] not in out, r["request_id"]
+                out[r["request_id"]] = []
+            out[r["request_id"]].append(r)
     return out
 
 
@@ -246,10 +253,10 @@ def test_the_joiner_reads_redis_streams_exactly_once(redis_server, tmp_path):  #
     from engine.store.samplelog.streams import StreamWriter
 
     url = redis_server.url(0) + "?prefix=t-join"
-    imp, ev = StreamWriter(url, "impressions", 1000), StreamWriter(url, "events", 1000)
+    imp, ev = StreamWriter(url, "impressions", 1000, raw=True), StreamWriter(url, "events", 1000)
     t0 = time.time() - 100
     for k in range(4):
-        imp.append(records.impression_record(
+        imp.append(raw_record(
             request_id=f"r{k}", time=t0 + k, user_id="u1", user_index=0, item_ids=["a", "b"], items=np.arange(2),
             experiment="", bundle_version="v", routes=[["ann"]] * 2, scores=np.ones(2), predictions={},
             context={}, degraded=False, now_days=0.0, user_x=np.ones(2, np.float32), item_x=None,

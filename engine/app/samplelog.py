@@ -17,6 +17,8 @@ from typing import Any
 from engine.core.config import LogConfig
 from engine.core.request import Event, Response
 from engine.store.samplelog import records
+from engine.store.samplelog.covering import CoveringWriter
+from engine.store.samplelog.raw import raw_batch, raw_record
 from engine.store.samplelog.segments import SegmentWriter
 
 log = logging.getLogger("recserve.samplelog")
@@ -61,13 +63,14 @@ class SampleLog:
         if cfg.backend == "files":
             kw = dict(segment_bytes=int(cfg.segment_mb * 2**20), segment_s=cfg.segment_s, fsync_s=cfg.fsync_s,
                       retain_s=cfg.retain_hours * 3600, retain_bytes=int(cfg.retain_gb * 2**30), name_tag=f"w{worker}")
-            self.imp = SegmentWriter(d / "impressions", records.IMPRESSIONS, **kw)
+            self.imp = CoveringWriter(SegmentWriter(d / "impressions", records.IMPRESSIONS, **kw), raw_batch,
+                                      cfg.batch_ms / 1000)
             self.ev = SegmentWriter(d / "events", records.EVENTS, **kw)
             self.where = str(d)
         else:
             from engine.store.samplelog.streams import StreamWriter
 
-            self.imp = StreamWriter(cfg.redis_url, "impressions", cfg.stream_maxlen, cfg.buffer)
+            self.imp = StreamWriter(cfg.redis_url, "impressions", cfg.stream_maxlen, cfg.buffer, raw=True)
             self.ev = StreamWriter(cfg.redis_url, "events", cfg.stream_maxlen, cfg.buffer)
             self.where = cfg.redis_url.split("?", 1)[0]
         self.counts = {f"{s}_{r}": 0 for s in ("impressions", "events") for r in ("ok", "failed")}
@@ -83,7 +86,7 @@ class SampleLog:
             return
         t0 = time.perf_counter()
         try:
-            payload = records.impression_record(
+            payload = raw_record(
                 request_id=resp.request_id, time=time.time(), user_id=user_id, user_index=inp.user_index,
                 item_ids=resp.item_ids, items=inp.items, experiment=resp.experiment,
                 bundle_version=resp.bundle_version, routes=resp.routes, scores=resp.scores,
@@ -117,8 +120,15 @@ class SampleLog:
         self.counts[key] += n      # under the GIL; a lost increment is a counter off by one
         self._metric[key].inc(n)
 
+    def flush(self) -> None:
+        """Cover the raw records written so far with their Arrow batch now (files backend)."""
+        if isinstance(self.imp, CoveringWriter):
+            self.imp.cover()
+
     def stats(self) -> dict[str, int]:
         out = {**self.counts, "recommend_calls": self.calls, "recommend_us": self.time_us}
+        if isinstance(self.imp, CoveringWriter):
+            out["impressions_unconverted"] = self.imp.failed
         for name, w in (("impressions", self.imp), ("events", self.ev)):
             for k in ("buffered", "dropped"):
                 if hasattr(w, k):

@@ -176,6 +176,7 @@ class LogConfig:
     segment_mb: float = 64.0           # files: a segment is closed past this size ...
     segment_s: float = 300.0           # ... or this age, and the next one started
     fsync_s: float = 1.0               # files: fsync period (power loss costs at most this); 0: every append
+    batch_ms: float = 200.0            # files: raw records get their Arrow batch this often, off the request path
     retain_hours: float = 72.0         # files: closed segments older than this are deleted; 0: kept
     retain_gb: float = 20.0            # files: and the oldest past this total per stream; 0: unbounded
     stream_maxlen: int = 1_000_000     # redis: XADD MAXLEN ~ this per stream (trim policy: docs/data.md)
@@ -185,7 +186,7 @@ class LogConfig:
         _one_of("backend", self.backend, ("files", "redis", "off"))
         if self.backend == "redis" and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise _err("redis_url", "backend redis needs redis://HOST:PORT/DB (e.g. the feature store's Redis)")
-        for k in ("segment_mb", "segment_s", "stream_maxlen", "buffer"):
+        for k in ("segment_mb", "segment_s", "batch_ms", "stream_maxlen", "buffer"):
             _positive(k, getattr(self, k))
         for k in ("fsync_s", "retain_hours", "retain_gb"):
             if getattr(self, k) < 0:

@@ -2,8 +2,9 @@
 
 A segment is one writer's append-only file: 8 bytes of magic, then framed records
 `<length u32, crc32 u32, type u8> payload` (crc32 over type and payload). The first record is
-the Arrow schema (type SCHEMA), then Arrow IPC record batches (BATCH) and, in the joiner's
-output, commit markers (COMMIT, JSON). A record's position is its byte offset in the file.
+the Arrow schema (type SCHEMA), then Arrow IPC record batches (BATCH); the impressions stream
+writes raw records (RAW) and Arrow batches covering them (COVER, engine.store.samplelog.covering);
+the joiner's output adds commit markers (COMMIT, JSON). A record's position is its byte offset.
 
 Durability: `append` returns once the record is written to the kernel (os.write), so the
 caller may acknowledge: the record survives a SIGKILL of the process. A background thread
@@ -35,7 +36,7 @@ log = logging.getLogger("recserve.samplelog")
 
 MAGIC = b"RSSEG\x00\x01\n"
 _HEAD = struct.Struct("<IIB")        # payload length, crc32(type + payload), type
-SCHEMA, BATCH, COMMIT = 1, 2, 3
+SCHEMA, BATCH, COMMIT, RAW, COVER = 1, 2, 3, 4, 5   # RAW, COVER: engine.store.samplelog.covering
 MAX_RECORD = 1 << 30
 SUFFIX = ".seg"
 
@@ -97,8 +98,9 @@ class SegmentWriter:
         self.segment_bytes, self.segment_s, self.fsync_s = segment_bytes, segment_s, fsync_s
         self.retain_s, self.retain_bytes = retain_s, retain_bytes
         self.tag = f"{name_tag}-" if name_tag else ""
+        self.auto_rotate = True             # False: only rotate() starts the next segment (a covering writer)
         self._lock = threading.Lock()
-        self._fd, self._n, self._size, self._opened, self._dirty = -1, 0, 0, 0.0, False
+        self._fd, self._n, self._size, self._opened, self._dirty, self._header = -1, 0, 0, 0.0, False, 0
         self.path: Path | None = None
         self.appended = self.bytes = self.rotations = 0
         self._stop = threading.Event()
@@ -112,7 +114,7 @@ class SegmentWriter:
         starts and ends in it."""
         data = frame(kind, payload)
         with self._lock:
-            if self._fd < 0 or self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_s:
+            if self._fd < 0 or (self.auto_rotate and self._due()):
                 self._rotate()
             pos = self._size
             view = memoryview(data)
@@ -131,6 +133,19 @@ class SegmentWriter:
                 self._dirty = False
             return self.path.name, pos, self._size
 
+    def _due(self) -> bool:
+        return self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_s
+
+    def due(self) -> bool:
+        """Whether the open segment holds records and is past its size or age."""
+        with self._lock:
+            return self._fd >= 0 and self._size > self._header and self._due()
+
+    def rotate(self) -> None:
+        """Close the open segment; the next append starts a new one."""
+        with self._lock:
+            self._close_segment()
+
     def _rotate(self) -> None:
         """Close the open segment (fsync'd, unlocked) and start the next one. Holds self._lock."""
         self._close_segment()
@@ -143,6 +158,7 @@ class SegmentWriter:
         os.fsync(fd)
         fsync_dir(self.dir)
         self._fd, self._size, self._opened, self._dirty = fd, len(header), time.monotonic(), False
+        self._header = len(header)
         self.rotations += 1
         if self.retain_s > 0 or self.retain_bytes > 0:
             self._sweep()

@@ -4,21 +4,25 @@ A `LogReader` reads one stream (impressions, events) from where a cursor stands 
 the record batches after it, each with its position, and the cursor after them. A cursor is a
 JSON-able dict: partition -> position. Files: one partition per segment, its position a byte
 offset, DONE once the segment is closed and read to its end (names of deleted segments drop
-out). Redis: one partition, the stream key, its position the last entry id read. A consumer
+out); [offset, [positions of raw records not covered yet]] while the writer's covering round
+is pending (engine.store.samplelog.covering). Redis: one partition, the stream key, its
+position the last entry id read. A consumer
 that stores the cursor with what it derived from the batches resumes exactly after them.
 """
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 
 from engine.store.samplelog import records
-from engine.store.samplelog.segments import BATCH, SUFFIX, SegmentFile, locked
+from engine.store.samplelog.covering import split_cover
+from engine.store.samplelog.raw import raw_batch
+from engine.store.samplelog.segments import BATCH, COVER, RAW, SUFFIX, SegmentFile, locked
 
 log = logging.getLogger("recserve.samplelog")
 
@@ -39,7 +43,7 @@ class ReadStats:
     torn_bytes: int = 0          # bytes after the last whole record of a closed segment, skipped
     torn_segments: int = 0
     lost_partitions: int = 0     # a partition the cursor was inside of, gone (retention, trim)
-    extra: dict[str, int] = field(default_factory=dict)
+    uncovered: int = 0           # raw records a dead writer left without their Arrow batch, converted here
 
 
 class LogReader(Protocol):
@@ -90,12 +94,13 @@ class SegmentLog:
         chunks: list[Chunk] = []
         budget, at_end = max_bytes, True
         for name in names:
-            pos = out.get(name, 0)
-            if pos == DONE:
+            at = out.get(name, 0)
+            if at == DONE:
                 continue
             if budget <= 0:
                 at_end = False
                 break
+            pos, uncovered = (at[0], list(at[1])) if isinstance(at, list) else (at, [])
             live = locked(self.dir / name)       # before reading: a record written after this is read next time
             try:
                 f = self._file(name)
@@ -109,8 +114,14 @@ class SegmentLog:
             for r in recs:
                 if r.kind == BATCH:
                     chunks.append(Chunk(name, r.start, records.decode(r.payload, f.schema)))
+                elif r.kind == RAW:              # covered by a later COVER, in order
+                    uncovered.append(r.start)
+                elif r.kind == COVER:
+                    count, ipc = split_cover(r.payload)
+                    del uncovered[:count]
+                    chunks.append(Chunk(name, r.start, records.decode(ipc, f.schema)))
                 budget -= r.end - r.start
-            out[name] = stop
+            out[name] = [stop, uncovered] if uncovered else stop
             if rest < 0:
                 at_end = False                   # stopped at the byte budget, more is there
             elif not live:
@@ -119,6 +130,9 @@ class SegmentLog:
                     self.stats.torn_segments += 1
                     log.warning("%s/%s: skipped a torn tail of %d bytes at byte %d (its writer died "
                                 "mid-append, before acknowledging it)", self.stream, name, rest, stop)
+                for start in uncovered:          # its writer died before covering them: converted here
+                    chunks.append(Chunk(name, start, raw_batch([f.record_at(start).payload])))
+                self.stats.uncovered += len(uncovered)
                 out[name] = DONE
                 self._forget(name)
         return chunks, out, at_end
@@ -130,7 +144,12 @@ class SegmentLog:
             self._fetched[partition] = f
             if len(self._fetched) > FETCH_OPEN:
                 self._fetched.popitem(last=False)[1].close()
-        return records.decode(f.record_at(int(start)).payload, f.schema)
+        rec = f.record_at(int(start))
+        if rec.kind == COVER:
+            return records.decode(split_cover(rec.payload)[1], f.schema)
+        if rec.kind == RAW:                # a raw record a dead writer left uncovered
+            return raw_batch([rec.payload])
+        return records.decode(rec.payload, f.schema)
 
     def close(self) -> None:
         for name in list(self._open):

@@ -1,8 +1,9 @@
 """Redis Streams: the distributed backend of the sample log (same records as the segments).
 
-Every server process XADDs one entry per Recommend (the served list's record batch, Arrow IPC
-in field `b`) to `<prefix>:impressions` and one per ReportEvents to `<prefix>:events`, before
-it answers. Streams are bounded by length: `XADD ... MAXLEN ~ N` lets Redis drop whole
+Every server process XADDs one entry per Recommend (the served list's raw record,
+engine.store.samplelog.raw, in field `r`: readers turn it into the same Arrow rows) to
+`<prefix>:impressions` and one per ReportEvents (an Arrow IPC batch in field `b`) to
+`<prefix>:events`, before it answers. Streams are bounded by length: `XADD ... MAXLEN ~ N` lets Redis drop whole
 macro-nodes of the oldest entries once a stream holds about N, so N must cover the joiner's
 worst lag (at 100 Recommend/s, N = 1M is ~2.8 hours); entries trimmed before the joiner read
 them are lost, detected and counted (ReadStats.lost_partitions) by the reader.
@@ -30,11 +31,12 @@ from urllib.parse import parse_qs, urlsplit
 import pyarrow as pa
 
 from engine.store.samplelog import records
+from engine.store.samplelog.raw import raw_batch
 from engine.store.samplelog.source import Chunk, Cursor, ReadStats
 
 log = logging.getLogger("recserve.samplelog")
 
-FIELD = b"b"
+FIELD, RAW_FIELD = b"b", b"r"          # an Arrow IPC record batch, or a raw record
 DEFAULT_PREFIX = "recserve:log"
 RETRY_S = 0.5
 
@@ -54,8 +56,8 @@ def stream_key(url: str, stream: str) -> str:
 class StreamWriter:
     """One stream's appender; thread-safe (redis-py's pool)."""
 
-    def __init__(self, url: str, stream: str, maxlen: int, buffer: int = 10_000):
-        self.key, self.maxlen = stream_key(url, stream), maxlen
+    def __init__(self, url: str, stream: str, maxlen: int, buffer: int = 10_000, raw: bool = False):
+        self.key, self.maxlen, self.field = stream_key(url, stream), maxlen, RAW_FIELD if raw else FIELD
         self.r = _client(url)
         self.pending: collections.deque[bytes] = collections.deque()
         self.buffer = buffer
@@ -74,7 +76,7 @@ class StreamWriter:
         with self._lock:
             if not self.pending:
                 try:
-                    entry = self.r.xadd(self.key, {FIELD: payload}, maxlen=self.maxlen, approximate=True)
+                    entry = self.r.xadd(self.key, {self.field: payload}, maxlen=self.maxlen, approximate=True)
                     self.appended += 1
                     return entry.decode()
                 except redis.RedisError as e:
@@ -95,7 +97,7 @@ class StreamWriter:
             with self._lock:
                 while self.pending:
                     try:
-                        self.r.xadd(self.key, {FIELD: self.pending[0]}, maxlen=self.maxlen, approximate=True)
+                        self.r.xadd(self.key, {self.field: self.pending[0]}, maxlen=self.maxlen, approximate=True)
                     except redis.RedisError:
                         break
                     self.pending.popleft()
@@ -165,10 +167,9 @@ class StreamLog:
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
                 eid = entry_id.decode()
-                payload = fields[FIELD]
-                chunks.append(Chunk(self.key, eid, records.decode(payload, self.schema)))
+                chunks.append(Chunk(self.key, eid, self._batch(fields)))
                 self._delivered.append(eid)
-                size += len(payload)
+                size += sum(len(v) for v in fields.values())
             got = len(entries)
             if got < self.count:
                 break
@@ -192,7 +193,11 @@ class StreamLog:
         got = self.r.xrange(partition, min=start, max=start, count=1)
         if not got:
             raise KeyError(f"{partition}: entry {start} is gone (trimmed)")
-        return records.decode(got[0][1][FIELD], self.schema)
+        return self._batch(got[0][1])
+
+    def _batch(self, fields: dict) -> pa.RecordBatch:
+        raw = fields.get(RAW_FIELD)
+        return raw_batch([raw]) if raw is not None else records.decode(fields[FIELD], self.schema)
 
     def close(self) -> None:
         self.r.close()
