@@ -208,3 +208,34 @@ def test_a_second_joiner_on_the_same_output_is_refused(log, tmp_path):
     with pytest.raises(RuntimeError, match="another joiner"):
         JoinedWriter(tmp_path / "out")
     j.out.close()
+
+
+def test_recserve_join_follows_the_log_and_commits_on_sigterm(log, tmp_path):
+    """`recserve join --follow`: joins what arrives while it runs; SIGTERM commits and exits 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, wait_for
+
+    now = time.time()
+    log.served("early", "u1", ["a", "b"], now - 30)
+    log.imp.cover()
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.main", "join", "--config", "configs/tiny.toml",
+                             "--log", str(log.dir), "--out", str(out), "--follow", "--set", "join.window_s=1.0",
+                             "--set", "join.commit_s=0.2"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(rows(out)) == 2, timeout=60, what="the first list joined")
+        log.served("late", "u1", ["c"], time.time())
+        log.event("click", "u1", "c", time.time(), rid="late")
+        log.imp.cover()
+        wait_for(lambda: len(rows(out)) == 3, timeout=60, what="the list served while it ran")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert {(r["request_id"], r["item_id"]): r["label_click"] for r in rows(out)} == {
+        ("early", "a"): 0, ("early", "b"): 0, ("late", "c"): 1}
+    assert "join_rate" in stdout and "corrections 0" in stdout
