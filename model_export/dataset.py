@@ -77,9 +77,9 @@ class Dataset:
     t_valid: float
     t_end: float
     truth: GroundTruth | None = None    # synthetic only
-    # The log holds interactions only, no impressions (MovieLens, a user's own files): every row
-    # is a positive of the first task, so the rankers train on recalled candidates and sampled
-    # negatives (model_export.implicit) instead of on logged impressions.
+    # No impression log: every row is something a user did (MovieLens, a files source without
+    # `position`); no row is a shown-and-skipped negative, so the rankers train on recalled
+    # candidates and sampled negatives (model_export.implicit) instead of on logged impressions.
     implicit: bool = False
     split: str = "global"               # one of SPLITS
     held_out: float = 0.2               # per_user: each user's share of rows held out

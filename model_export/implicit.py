@@ -36,13 +36,12 @@ class ImplicitRows:
 
 def _labels(ds: Dataset, phase: Phase) -> tuple[np.ndarray, np.ndarray]:
     """Sorted keys user * n_items + item of the phase's interactions, and their labels [K, T]
-    (max over repeats; the first task is 1 for every interaction)."""
+    (max over repeats; on MovieLens the first task, "click", is 1 for every interaction)."""
     rows = phase.rows
     keys = ds.log_user[rows].astype(np.int64) * ds.n_items + ds.log_item[rows]
     uniq, inv = np.unique(keys, return_inverse=True)
     labels = np.zeros((uniq.size, len(ds.tasks)), np.float32)
     np.maximum.at(labels, inv, ds.log_labels[rows].astype(np.float32))
-    labels[:, 0] = 1.0
     return uniq, labels
 
 
