@@ -49,8 +49,14 @@ def implicit_rows(ds: Dataset, cfg: Config, tables: Tables, schema: dict, user_e
                   rng: np.random.Generator, index: AnnIndex | None = None) -> ImplicitRows:
     """Rows of `phase`'s users: their recalled candidates at the cut (all positives, a
     `candidates` share of the rest), the interactions recall missed when `positives = "all"`,
-    and `uniform` / `popular` sampled items per positive; features as the stages compute them."""
+    and `uniform` / `popular` sampled items per positive; features as the stages compute them.
+    With `train.max_rank_rows` set, a sample of users whose candidates (at most the routes' k
+    summed, each) fit in it."""
     ic = cfg.implicit
+    users = phase.users
+    per_user = sum(cfg.stage[name][1].k for name in cfg.pipeline.recall)
+    if cfg.train.max_rank_rows > 0 and users.size * per_user > cfg.train.max_rank_rows:
+        users = np.sort(rng.choice(users, max(cfg.train.max_rank_rows // per_user, 1), replace=False))
     keys, labels = _labels(ds, phase)
     n_items = ds.n_items
     extra: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []    # (state row, item, item stats)
@@ -75,7 +81,7 @@ def implicit_rows(ds: Dataset, cfg: Config, tables: Tables, schema: dict, user_e
                 it = np.unique(np.concatenate(items)).astype(np.int32)
                 extra.append((np.full(it.size, k, np.int64), it, np.stack(store.item_stats(it), axis=1)))
 
-    rec, states = cascade.recall(ds, cfg, tables, schema, user_emb, phase, index=index, on_group=sample)
+    rec, states = cascade.recall(ds, cfg, tables, schema, user_emb, phase, users, index=index, on_group=sample)
     cand_keys = states.users[rec.row] * n_items + rec.item
     hit = np.isin(cand_keys, keys)
     keep = hit | (rng.random(hit.size) < ic.candidates)
