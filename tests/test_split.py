@@ -145,10 +145,20 @@ def test_global_split_is_the_time_windows(ml_dir):
     assert (ds.valid.cut[ds.valid.users] == ds.valid.rows[0]).all() and (ds.valid.now == ds.t_valid).all()
 
 
-def test_per_user_needs_a_source_without_truth():
+def test_split_i2i_and_implicit_keys_are_checked():
+    from engine.core.config import I2IConfig, ImplicitConfig
     from engine.core.errors import ConfigError
-    with pytest.raises(ConfigError, match="per_user needs a source without ground truth"):
-        DataConfig(split="per_user").check()
+    for cfg, match in ((DataConfig(split="per_user"), "per_user needs a source without ground truth"),
+                       (DataConfig(source="movielens", split="by_item"), "split"),
+                       (DataConfig(source="movielens", split="per_user", held_out=1.0), "held_out"),
+                       (I2IConfig(method="swing"), "method"), (I2IConfig(decay=0.0), "decay"),
+                       (I2IConfig(neighbours=-1), "neighbours"),
+                       (ImplicitConfig(candidates=0.0), "no negatives"), (ImplicitConfig(uniform=-1), "uniform"),
+                       (ImplicitConfig(positives="some"), "positives")):
+        with pytest.raises(ConfigError, match=match):
+            cfg.check()
+    DataConfig(source="movielens", split="per_user", held_out=0.3).check()
+    ImplicitConfig(candidates=0.0, uniform=20.0, positives="all").check()
 
 
 @pytest.fixture(scope="module")
