@@ -74,6 +74,9 @@ class _Context:
     def time_remaining(self) -> None:
         return None               # Ray's proxy does not forward the client's deadline
 
+    def waited_s(self) -> float:
+        return 0.0                # Ray queues calls in its proxy and router, out of our sight
+
     def invocation_metadata(self) -> list[tuple[str, str]]:
         return self.ctx.invocation_metadata()
 

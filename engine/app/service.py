@@ -1,10 +1,11 @@
 """What a recserve RPC does, whatever carries it: one Engine with validation, error mapping,
 metrics, counters, hot reload and the proto conversions.
 
-Two transports use it: a gRPC worker process (engine.app.server) and a Ray Serve replica behind
+Two transports use it: a worker process behind the gRPC front (engine.app.worker) and a Ray Serve replica behind
 Ray's gRPC proxy (engine.app.ray_app). A transport hands each call a context with
 `time_remaining()`, `invocation_metadata()` and `abort(code, message)`, the subset of
-grpc.ServicerContext used here, and calls `tick()` about once a second.
+grpc.ServicerContext used here, plus `waited_s()`: how long the call queued before it was
+picked up (it counts against serving.deadline_ms); and calls `tick()` about once a second.
 
 Hot reload: `tick()` polls the bundle root's CURRENT pointer and swaps a new version in
 through `Engine.swap_bundle`. A version that fails to load is logged, counted and
@@ -110,6 +111,20 @@ class Service:
         if code is not grpc.StatusCode.OK:
             context.abort(code, msg)
         return result
+
+    def deadline_ms(self, context: Any) -> float:
+        """What is left of the call's budget: serving.deadline_ms from its arrival (the time it
+        queued for a worker counts), or the client's deadline if that is sooner. DeadlineExceeded
+        if the queue ate it all: a cheap refusal instead of a degraded answer nobody waits for."""
+        waited_ms = context.waited_s() * 1000
+        budget = self.cfg.serving.deadline_ms - waited_ms
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < 1e6:   # no client deadline reads as ~forever
+            budget = min(budget, remaining * 1000 - DEADLINE_MARGIN_MS)
+        if budget <= 0 and waited_ms >= self.cfg.serving.deadline_ms:
+            raise DeadlineExceeded(f"waited {waited_ms:.0f} ms for a worker, past serving.deadline_ms "
+                                   f"{self.cfg.serving.deadline_ms:g}")
+        return budget
 
     def check_token(self, context: Any) -> None:
         if self.token is None:
@@ -322,14 +337,11 @@ class RecServeRPCs(pb2_grpc.RecServeServicer):
         return self.w.call("ReportEvents", context, lambda: self._report(request, context))
 
     def _recommend(self, m: pb2.RecommendRequest, context: grpc.ServicerContext) -> pb2.RecommendResponse:
-        """Converts the proto and the client's deadline into a Request; the engine validates it."""
-        deadline_ms = None
-        remaining = context.time_remaining()
-        if remaining is not None and remaining < 1e6:   # no client deadline reads as ~forever
-            deadline_ms = remaining * 1000 - DEADLINE_MARGIN_MS
+        """Converts the proto and the deadline into a Request; the engine validates it."""
         resp = self.w.engine.recommend(Request(
             user_id=m.user_id, count=m.count, context=dict(m.context), exclude_item_ids=list(m.exclude_item_ids),
-            experiment=m.experiment, debug=m.debug, deadline_ms=deadline_ms, request_id=m.request_id))
+            experiment=m.experiment, debug=m.debug, deadline_ms=self.w.deadline_ms(context),
+            request_id=m.request_id))
         self.w.metrics.observe(resp)
         return self._to_proto(resp, m.debug, self.w.served_by)
 

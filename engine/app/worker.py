@@ -1,0 +1,136 @@
+"""A worker process: one Engine (in one Service) answering the front's calls one at a time.
+
+Single flight is the point: a request never shares this interpreter's lock with another, so
+its latency is its own CPU time, and the front's one queue decides who waits. Between calls
+(and at least every POLL_S) the worker follows CURRENT for hot reloads and updates its
+gauges. It stops when the front closes its pipe (the supervisor's drain), on SIGTERM after
+the call in hand, or when its parent dies. Ctrl-C reaches the whole process group: workers
+ignore SIGINT and let the supervisor drain them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import grpc
+
+from engine.app.calls import METHODS, Answer, Call
+from engine.app.service import POLL_S, Service, one_line
+from engine.core.config import load_config
+
+log = logging.getLogger("recserve.server")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What a worker needs; picklable for the spawn start method."""
+    config: Path
+    bundle: Path
+    token: str | None
+    store_dir: str          # the embedded feature store's shared arrays: every worker sees every event
+    feature_store: str = "embedded"
+    state_dir: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+class CallContext:
+    """The part of grpc.ServicerContext engine.app.service uses, for a call relayed by the front."""
+
+    def __init__(self, call: Call):
+        self.call = call
+
+    def time_remaining(self) -> float | None:
+        """The client's remaining time now (None: no client deadline)."""
+        c = self.call
+        return None if c.remaining is None else c.remaining - (time.monotonic() - c.arrived)
+
+    def waited_s(self) -> float:
+        """Time since the call arrived at the front: its queueing counts against the server's budget."""
+        return time.monotonic() - self.call.arrived
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", self.call.auth)] if self.call.auth else []
+
+    def abort(self, code: grpc.StatusCode, msg: str) -> None:
+        raise _Aborted(code, msg)
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, msg: str):
+        super().__init__(msg)
+        self.code, self.msg = code, msg
+
+
+def worker_main(idx: int, opts: WorkerOptions, fallback: str, conn: Connection) -> None:
+    """Entry of one worker process: build the engine, say ready, answer calls until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    setup_logging(f" w{idx}")
+    try:
+        svc = _service(idx, opts, fallback)
+    except Exception as e:    # noqa: BLE001 - reported as the server's one-line startup error
+        conn.send(("error", one_line(e)))
+        sys.exit(1)
+    conn.send(("ready", svc.reloader.current, svc.engine.bundle_version))
+    try:
+        _serve(conn, svc, stop)
+    finally:
+        svc.close()
+    log.info("worker %d stopped", idx)
+
+
+def setup_logging(tag: str) -> None:
+    """Our INFO lines, only warnings from libraries (faiss logs its loader at INFO); `tag` names the process."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s recserve[%(process)d{tag}] %(name)s: %(message)s")
+    logging.getLogger("recserve").setLevel(logging.INFO)
+
+
+def _service(idx: int, opts: WorkerOptions, fallback: str) -> Service:
+    from engine.store.factory import store_factory
+
+    cfg = load_config(opts.config, opts.overrides)
+    s = cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays
+    return Service(cfg, opts.bundle, store_factory(
+        opts.feature_store, opts.store_dir, opts.state_dir, s.snapshot_s, idx == 0, s.event_buffer),
+        opts.token, idx, fallback)
+
+
+def _serve(conn: Connection, svc: Service, stop: threading.Event) -> None:
+    servicers = {"RecServe": svc.rpcs, "Admin": svc.admin}
+    handlers = [getattr(servicers[m.service.rsplit(".", 1)[1]], m.name) for m in METHODS]
+    parent, next_tick = os.getppid(), time.monotonic() + POLL_S
+    while not stop.is_set():
+        if conn.poll(max(0.0, next_tick - time.monotonic())):
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):      # the front closed the pipe: drained, stop
+                return
+            conn.send_bytes(_answer(handlers, data).encode())
+        if time.monotonic() >= next_tick:
+            svc.tick()
+            next_tick = time.monotonic() + POLL_S
+            if os.getppid() != parent:
+                log.error("parent process died; stopping")
+                return
+
+
+def _answer(handlers: list, data: bytes) -> Answer:
+    call = Call.decode(data)
+    m = METHODS[call.method]
+    try:
+        request = m.request.FromString(call.payload)
+    except Exception as e:   # noqa: BLE001 - what gRPC's own deserializer failure would answer
+        return Answer(grpc.StatusCode.INTERNAL, f"cannot parse {m.request.__name__}: {e}")
+    try:
+        return Answer(grpc.StatusCode.OK, "", handlers[call.method](request, CallContext(call)).SerializeToString())
+    except _Aborted as a:
+        return Answer(a.code, a.msg)
