@@ -1,9 +1,11 @@
 """The server side of a load test: start one on loopback, watch its processes, scrape its metrics."""
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -26,6 +28,12 @@ class Server:
                  timeout_s: float = 300.0, extra: tuple[str, ...] = ()):
         """`workers=None`: a server without worker processes or /metrics (`--backend ray` in `extra`)."""
         port = free_port()
+        self.state_dir = None
+        if "--state-dir" not in extra and "--feature-store" not in extra:
+            # the embedded store persists (event log fsync'd per ReportEvents): measured as served,
+            # but in a throwaway folder, never the user's default state dir
+            self.state_dir = tempfile.mkdtemp(prefix="recserve-loadtest-state-")
+            extra = (*extra, "--state-dir", self.state_dir)
         self.metrics_url = f"http://127.0.0.1:{port}/metrics" if workers is not None else None
         native = ("--workers", str(workers), "--metrics-port", str(port)) if workers is not None else ()
         cmd = [sys.executable, "-m", "engine.cli.main", "serve", "--config", str(config), "--bundle", str(bundle),
@@ -60,6 +68,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if getattr(self, "state_dir", None):
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> Server:
         return self

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.candidates import Candidates
+from engine.core.candidates import Candidates, top_k
 from engine.core.errors import ConfigError
 from engine.core.refresh import RefreshedRoute
 from engine.core.registry import Policy, RouteParams, StageEnv, register
@@ -55,7 +55,7 @@ class RecallColdStart(RefreshedRoute):
         n_explore = int(round(self.p.k * self.p.explore_share))
         n_match = min(self.p.k - n_explore, pool.size)
         sim = emb @ ctx.user_e[0]
-        best = np.argpartition(-sim, n_match - 1)[:n_match] if n_match < pool.size else np.arange(pool.size)
+        best = top_k(sim, n_match)
         # exploration: uniform over the pool (a repeat of a matched item is merged away)
         rng = np.random.default_rng(zlib.crc32((ctx.request.request_id or ctx.request.user_id).encode()))
         idx = np.concatenate([best, rng.integers(0, pool.size, n_explore)])

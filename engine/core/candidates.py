@@ -106,3 +106,27 @@ def merge(parts: list[Candidates]) -> Candidates:
     out_rec = np.full(uniq.shape, -np.inf, np.float32)
     np.maximum.at(out_rec, inv, rec)
     return Candidates(uniq.astype(np.int32), out_routes, out_guar, {"recall": out_rec})
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` largest scores, in no order; exact, ties broken arbitrarily.
+
+    On a long array (a route scoring a whole pool) a full argpartition moves every element;
+    instead, a threshold taken from a strided sample keeps ~2k survivors, and only those are
+    partitioned: 14x cheaper for k = 240 of 73k (BENCHMARKS.md). Every true top-k score is >=
+    the threshold whenever at least k survive, so the answer is the same; else it falls back.
+    """
+    n = score.shape[0]
+    if k <= 0:
+        return np.empty(0, np.intp)
+    if k >= n:
+        return np.arange(n)
+    if n >= 64 * k:
+        stride = n // (16 * k)
+        sample = score[::stride]
+        r = min(sample.size, 2 * k // stride + 16)     # expect ~2k survivors, never too few by chance
+        cand = np.flatnonzero(score >= np.partition(sample, sample.size - r)[sample.size - r])
+        if cand.size >= k:
+            return cand[np.argpartition(score[cand], cand.size - k)[cand.size - k:]]
+    return np.argpartition(score, n - k)[n - k:]
+
