@@ -110,16 +110,28 @@ class ProcProbe:
 
     def start(self) -> None:
         self.t, self.cpu0, self.rss = time.monotonic(), self._cpu(), 0
+        self.mark = (self.t, self.cpu0)
         self.sample()
 
-    def sample(self) -> None:
+    def interval(self) -> dict[str, float]:
+        """RSS now and cores since the previous call (or start): one row of a soak."""
+        now, cpu = time.monotonic(), self._cpu()
+        t0, cpu0 = self.mark
+        self.mark = (now, cpu)
+        used = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu.items())
+        return {"rss_mb": self._rss() / 2**20, "cpu_cores": used / (now - t0) if now > t0 else 0.0}
+
+    def _rss(self) -> int:
         rss = 0
         for p in self._procs():
             try:
                 rss += p.memory_info().rss
             except psutil.NoSuchProcess:
                 pass
-        self.rss = max(self.rss, rss)
+        return rss
+
+    def sample(self) -> None:
+        self.rss = max(self.rss, self._rss())
 
     def stop(self) -> dict[str, Any]:
         self.sample()
