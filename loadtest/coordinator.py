@@ -8,7 +8,7 @@ import time
 from multiprocessing.connection import Connection, wait as mp_wait
 from typing import Any
 
-from loadtest.generator import (CONNECT_TIMEOUT_S, METHODS, LoadError, LoadSpec, generator_main, new_hist,
+from loadtest.generator import (CONNECT_TIMEOUT_S, METHODS, OUTCOMES, LoadError, LoadSpec, generator_main, new_hist,
                                 percentiles_ms)
 from loadtest.target import ProcProbe, scrape_stages
 
@@ -94,12 +94,17 @@ def _merge(spec: LoadSpec, results: list[dict[str, Any]], workers: list[int], us
     for r in results:
         lag.decode_and_add(r["lag"])
     server_ms = [sum(r["server_ms"][i] for r in results) for i in (0, 1)]
+    outcome = {k: new_hist() for k in OUTCOMES}
+    for r in results:
+        for k, h in outcome.items():
+            h.decode_and_add(r["by_outcome"][k])
     return {
         "mode": spec.mode, "concurrency": spec.concurrency or None, "offered_qps": spec.qps or None,
         "window_s": window, "sent": sum(r["sent"] for r in results), "ok": ok, "errors": dict(errors),
         "achieved_qps": ok / window if window > 0 else 0.0,
         "latency_ms": methods.get("Recommend", {}).get("latency_ms", percentiles_ms(new_hist())),
         "methods": methods, "degraded": sum(r["degraded"] for r in results),
+        "latency_by_outcome_ms": {k: percentiles_ms(h) for k, h in outcome.items() if h.get_total_count()},
         "server_ms_mean": server_ms[0] / server_ms[1] if server_ms[1] else None,
         "send_lag_ms": percentiles_ms(lag) if spec.mode == "open" else None,
         "stages": _stages(results, before, after),

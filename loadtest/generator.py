@@ -27,6 +27,8 @@ from hdrh.histogram import HdrHistogram
 from protos import pb2, pb2_grpc
 
 METHODS = ("Recommend", "ReportEvents")
+OUTCOMES = ("ok", "refused")     # overload: the accepted calls' latency apart from how fast the excess is refused
+OUTCOME_OF = {"OK": "ok", "RESOURCE_EXHAUSTED": "refused"}
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 _HIST_MAX_US = 3_600_000_000
 CONNECT_TIMEOUT_S = 30.0
@@ -125,6 +127,7 @@ class _Driver:
         self.metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else None
         self.served: collections.deque[tuple[str, str, list[str]]] = collections.deque(maxlen=256)
         self.hist = {m: new_hist() for m in METHODS}
+        self.by_outcome = {k: new_hist() for k in OUTCOMES}   # Recommend only: answered OK / refused
         self.codes: dict[str, collections.Counter[str]] = {m: collections.Counter() for m in METHODS}
         self.lag = new_hist()
         self.stages: dict[str, list[float]] = {}   # name -> [sum ms, sum count_out, n]
@@ -146,6 +149,7 @@ class _Driver:
         await asyncio.gather(*(c.close() for c in channels))
         return {"sent": self.sent, "window_s": self.window_end - self.start, "degraded": self.degraded,
                 "methods": {m: {"codes": dict(self.codes[m]), "hist": self.hist[m].encode()} for m in METHODS},
+                "by_outcome": {k: h.encode() for k, h in self.by_outcome.items()},
                 "lag": self.lag.encode(), "stages": self.stages, "server_ms": self.server_ms,
                 "connections": len(channels), "workers": workers,
                 "intervals": {i: (h.encode(), dict(c)) for i, (h, c) in self.intervals.items()}}
@@ -238,6 +242,8 @@ class _Driver:
             us = max(1, int((done - intended) * 1e6))
             self.codes[method][code] += 1
             self.hist[method].record_value(us)
+            if method == "Recommend" and (outcome := OUTCOME_OF.get(code)):
+                self.by_outcome[outcome].record_value(us)
             if s.interval_s > 0 and method == "Recommend":
                 h, codes = self.intervals.setdefault(int((intended - self.start) // s.interval_s),
                                                      (new_hist(), collections.Counter()))

@@ -99,6 +99,9 @@ def markdown(report: dict[str, Any]) -> str:
             best = sweep["max_sustainable_qps"]
             lines += [f"Highest sustainable offered QPS (p99 <= {sweep['slo_ms']:g} ms, no errors): "
                       f"**{best:g}**" if best else "No step met the SLO.", f"Stopped: {sweep['stopped']}.", ""]
+        if shed := [r for r in t["runs"] if "refused" in r.get("latency_by_outcome_ms", {})]:
+            lines += ["Refused calls (RESOURCE_EXHAUSTED) apart from accepted ones: "
+                      + "; ".join(overload_text(r) for r in shed), ""]
         if errs := [f"{load_label(r)}: {codes_text(r['errors'])}" for r in t["runs"] if r["errors"]]:
             lines += ["Errors by status code: " + "; ".join(errs), ""]
         r = headline(t)
@@ -121,6 +124,14 @@ def sweep_ratio(report: dict[str, Any]) -> str | None:
     ratio = f"{a / b:.1f}x" if b else f"n/a ({swept[1]['name']} met the SLO at no step)"
     return (f"highest sustainable QPS at p99 <= {swept[0]['sweep']['slo_ms']:g} ms: {swept[0]['name']} {a:g}, "
             f"{swept[1]['name']} {b:g}; ratio {ratio}")
+
+
+def overload_text(r: dict[str, Any]) -> str:
+    """Accepted calls' latency, how fast the excess was refused, and the goodput, of one level."""
+    ok, ref = r["latency_by_outcome_ms"].get("ok"), r["latency_by_outcome_ms"]["refused"]
+    acc = f"accepted p50 {ok['p50']:.1f} p99 {ok['p99']:.1f} ms" if ok else "none accepted"
+    return (f"{load_label(r)}: {acc}, refused p50 {ref['p50']:.2f} p99 {ref['p99']:.2f} max {ref['max']:.1f} ms "
+            f"({r['errors'].get('RESOURCE_EXHAUSTED', 0)} calls), goodput {r['achieved_qps']:.1f} QPS")
 
 
 def codes_text(errors: dict[str, int]) -> str:
