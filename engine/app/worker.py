@@ -1,9 +1,10 @@
 """A worker process: one Engine (in one Service) answering the front's calls one at a time.
 
 Single flight is the point: a request never shares this interpreter's lock with another, so
-its latency is its own CPU time, and the front's one queue decides who waits. Between calls
-(and at least every POLL_S) the worker follows CURRENT for hot reloads and updates its
-gauges. It stops when the front closes its pipe (the supervisor's drain), on SIGTERM after
+its latency is its own CPU time, and the front's one queue decides who waits. For the same
+reason the routes' periodic rebuilds (hot list, cold-start pool) run between calls here,
+not on threads of their own (engine.core.refresh.between_calls). Between calls (and at
+least every POLL_S) the worker also follows CURRENT for hot reloads and updates its gauges. It stops when the front closes its pipe (the supervisor's drain), on SIGTERM after
 the call in hand, or when its parent dies. Ctrl-C reaches the whole process group: workers
 ignore SIGINT and let the supervisor drain them.
 """
@@ -23,6 +24,7 @@ import grpc
 
 from engine.app.calls import METHODS, Answer, Call
 from engine.app.service import POLL_S, Service, one_line
+from engine.core import refresh
 from engine.core.config import load_config
 
 log = logging.getLogger("recserve.server")
@@ -74,6 +76,7 @@ def worker_main(idx: int, opts: WorkerOptions, fallback: str, conn: Connection) 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     setup_logging(f" w{idx}")
+    schedule = refresh.between_calls()    # before the engine exists: its routes register here
     try:
         svc = _service(idx, opts, fallback)
     except Exception as e:    # noqa: BLE001 - reported as the server's one-line startup error
@@ -81,7 +84,7 @@ def worker_main(idx: int, opts: WorkerOptions, fallback: str, conn: Connection) 
         sys.exit(1)
     conn.send(("ready", svc.reloader.current, svc.engine.bundle_version))
     try:
-        _serve(conn, svc, stop)
+        _serve(conn, svc, stop, schedule)
     finally:
         svc.close()
     log.info("worker %d stopped", idx)
@@ -104,17 +107,21 @@ def _service(idx: int, opts: WorkerOptions, fallback: str) -> Service:
         opts.token, idx, fallback)
 
 
-def _serve(conn: Connection, svc: Service, stop: threading.Event) -> None:
+def _serve(conn: Connection, svc: Service, stop: threading.Event, schedule: refresh.Schedule) -> None:
+    """Answer calls; in the gaps, the stages' due refreshes (engine.core.refresh) and the tick."""
     servicers = {"RecServe": svc.rpcs, "Admin": svc.admin}
     handlers = [getattr(servicers[m.service.rsplit(".", 1)[1]], m.name) for m in METHODS]
     parent, next_tick = os.getppid(), time.monotonic() + POLL_S
     while not stop.is_set():
-        if conn.poll(max(0.0, next_tick - time.monotonic())):
+        if conn.poll(max(0.0, min(next_tick, schedule.next_due()) - time.monotonic())):
             try:
                 data = conn.recv_bytes()
             except (EOFError, OSError):      # the front closed the pipe: drained, stop
                 return
             conn.send_bytes(_answer(handlers, data).encode())
+            schedule.run_due(overdue_only=True)   # busy without a gap: still never twice as stale
+        else:
+            schedule.run_due()
         if time.monotonic() >= next_tick:
             svc.tick()
             next_tick = time.monotonic() + POLL_S
