@@ -41,11 +41,12 @@ class Server:
         ready = self._start(cmd, "recserve", log, timeout_s)
         self.target, self.version, self.workers = ready.target, ready.version, ready.workers
 
-    def _start(self, cmd: list[str], server: str, log: Path | None, timeout_s: float) -> Ready:
-        """Run `cmd` from the repo root and wait for its ready line."""
+    def _start(self, cmd: list[str], server: str, log: Path | None, timeout_s: float, cwd: Path = REPO,
+               env: dict[str, str] | None = None) -> Ready:
+        """Run `cmd` from `cwd` (the repo root) and wait for its ready line."""
         err = open(log, "w") if log else None
         try:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+            self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         finally:
             if err:
                 err.close()

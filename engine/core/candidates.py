@@ -90,22 +90,24 @@ class Candidates:
 
 
 def merge(parts: list[Candidates]) -> Candidates:
-    """Union of route outputs: one row per item, OR of route bits, max guarantee, best recall score."""
+    """Union of route outputs: one row per item, OR of route bits, max guarantee, best recall score.
+
+    One stable (radix) sort of the item ids and a segmented reduction per column: ~25% cheaper
+    than np.unique's inverse plus a scatter (ufunc.at) per column (BENCHMARKS.md)."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return Candidates.empty()
     item = np.concatenate([p.item for p in parts])
-    routes = np.concatenate([p.routes for p in parts])
-    guar = np.concatenate([p.guaranteed for p in parts])
-    rec = np.concatenate([p.scores["recall"] for p in parts])
-    uniq, inv = np.unique(item, return_inverse=True)
-    out_routes = np.zeros(uniq.shape, np.uint8)
-    np.bitwise_or.at(out_routes, inv, routes)
-    out_guar = np.zeros(uniq.shape, np.int8)
-    np.maximum.at(out_guar, inv, guar)
-    out_rec = np.full(uniq.shape, -np.inf, np.float32)
-    np.maximum.at(out_rec, inv, rec)
-    return Candidates(uniq.astype(np.int32), out_routes, out_guar, {"recall": out_rec})
+    order = np.argsort(item, kind="stable")
+    ids = item[order]
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+
+    def reduce(ufunc: np.ufunc, column: list[np.ndarray]) -> np.ndarray:
+        return ufunc.reduceat(np.concatenate(column)[order], starts)
+
+    return Candidates(ids[starts], reduce(np.bitwise_or, [p.routes for p in parts]),
+                      reduce(np.maximum, [p.guaranteed for p in parts]),
+                      {"recall": reduce(np.maximum, [p.scores["recall"] for p in parts])})
 
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:
