@@ -155,12 +155,15 @@ class _Driver:
                 "intervals": {i: (h.encode(), dict(c)) for i, (h, c) in self.intervals.items()}}
 
     async def _connect(self) -> tuple[list[grpc.aio.Channel], int]:
-        """`channels` connections spread evenly over the server's worker processes.
+        """`channels` connections spread evenly over the server's processes.
 
-        SO_REUSEPORT hands whole connections to workers by a hash, so a few connections can all
-        land on one worker and leave the other idle. Open three times as many, ask each which
-        worker answers (Admin.GetStatus), keep an equal number per worker. A server without
-        Admin (or with a token we lack) keeps the first ones. Returns (channels, workers seen).
+        A server whose processes share a port with SO_REUSEPORT (recserve before its gRPC front,
+        and similar servers) gets whole connections handed to processes by a hash, so a few
+        connections can all land on one and leave the other idle. Open three times as many, ask
+        each which process answers (Admin.GetStatus), keep an equal number per process. Against
+        the front, which spreads calls itself, this keeps `channels` of them either way. A
+        server without Admin (or with a token we lack) keeps the first ones. Returns
+        (channels, processes seen).
         """
         want = self.spec.channels
         chans = [grpc.aio.insecure_channel(self.spec.target, options=_OWN_CONNECTION) for _ in range(3 * want)]
