@@ -30,11 +30,14 @@ class Admission:
             return 0.0
         return (queued + 1) * self.service_ms / max(self.workers, 1)
 
-    def refusal(self, queued: int, idle: int, inflight: int) -> str | None:
-        """None to admit the call, else the reason it is refused (the RESOURCE_EXHAUSTED message)."""
+    def refusal(self, queued: int, idle: int, inflight: int, io: bool = False) -> str | None:
+        """None to admit the call, else the reason it is refused (the RESOURCE_EXHAUSTED message).
+        `io`: a call for the workers' side threads (ReportEvents), held only to the in-flight cap."""
         if inflight >= self.inflight_per_worker * max(self.workers, 1):
             return (f"overloaded: {inflight} calls in flight (serving.max_inflight {self.inflight_per_worker} "
                     f"per worker, {self.workers} workers)")
+        if io:
+            return None
         wait = self.expected_wait_ms(queued, idle)
         if wait > self.max_queue_ms:
             return (f"overloaded: ~{wait:.0f} ms expected wait for a worker ({queued} queued, {self.workers} "

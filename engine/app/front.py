@@ -7,7 +7,8 @@ a busy worker queued behind it (or shared its interpreter lock) while another co
 Here one asyncio process accepts every call, keeps one FIFO queue, and gives the next call
 to whichever worker process is free: one queue in front of N single-flight servers, so a
 call waits only when every worker is busy, and a worker runs one request at a time with no
-interpreter lock to share. The front never parses a request (it forwards the bytes), so it
+interpreter lock to share. Calls that mostly wait on I/O (ReportEvents, engine.app.calls.IO_SLOTS)
+have their own queue and go to a worker's side threads, up to IO_SLOTS per worker. The front never parses a request (it forwards the bytes), so it
 costs a fraction of a millisecond of CPU per call; it also answers grpc.health.v1 and
 reflection, and refuses at once what admission control turns away (engine.app.admission).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import random
 import threading
@@ -31,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.app.admission import Admission
-from engine.app.calls import METHODS, SERVICES, Answer, Call
+from engine.app.calls import IO_SLOTS, METHODS, SERVICES, Answer, Call
 
 log = logging.getLogger("recserve.front")
 
@@ -48,8 +50,9 @@ class _Pending:
 class _Worker:
     idx: int
     conn: Connection
-    busy: _Pending | None = None
-    since: float = 0.0          # when the current call was handed over
+    busy: _Pending | None = None    # its one CPU-bound call
+    since: float = 0.0              # when that call was handed over
+    io: dict[int, _Pending] = field(default_factory=dict)   # `io` calls on its side threads, by id
 
 
 @dataclass
@@ -67,8 +70,10 @@ class Front:
         self.opts = opts
         self.workers: dict[int, _Worker] = {}
         self.idle: collections.deque[_Worker] = collections.deque()
-        self.queue: collections.deque[_Pending] = collections.deque()
+        self.queue: collections.deque[_Pending] = collections.deque()      # CPU-bound calls
+        self.io_queue: collections.deque[_Pending] = collections.deque()   # `io` calls (ReportEvents)
         self.inflight = 0
+        self.ids = itertools.count()
         self.admission = Admission(0, opts.max_queue_ms, opts.inflight_per_worker)
         self.metrics = _FrontMetrics()
 
@@ -101,6 +106,8 @@ class Front:
 
     # -- workers ---------------------------------------------------------------------
     def attach(self, idx: int, conn: Connection) -> None:
+        if (old := self.workers.get(idx)) is not None:     # its exit not seen yet: it is gone all the same
+            self._detach(old, "replaced")
         w = _Worker(idx, conn)
         self.workers[idx] = w
         self.admission.workers = len(self.workers)
@@ -117,25 +124,35 @@ class Front:
         w.conn.close()
         if w in self.idle:
             self.idle.remove(w)
-        failed = [w.busy] if w.busy else []
-        if not self.workers:             # nobody left to serve the queue until a restart
-            failed += self.queue
+        failed = ([w.busy] if w.busy else []) + list(w.io.values())
+        if not self.workers:             # nobody left to serve the queues until a restart
+            failed += [*self.queue, *self.io_queue]
             self.queue.clear()
+            self.io_queue.clear()
         for p in failed:
-            _settle(p, Answer(grpc.StatusCode.UNAVAILABLE, f"worker {w.idx} {why}; retry"))
+            _settle(p, Answer(p.call.id, grpc.StatusCode.UNAVAILABLE, f"worker {w.idx} {why}; retry"))
         log.warning("worker %d detached (%s); %d attached", w.idx, why, len(self.workers))
 
     def _on_answer(self, w: _Worker) -> None:
         try:
             data = w.conn.recv_bytes()
         except (EOFError, OSError):
-            self._detach(w, "exited mid-call" if w.busy else "exited")
+            self._detach(w, "exited mid-call" if w.busy or w.io else "exited")
             return
-        p, w.busy = w.busy, None
-        self.admission.observe((time.monotonic() - w.since) * 1e3)
+        try:
+            answer = Answer.decode(data)
+        except Exception as e:   # noqa: BLE001 - a worker that garbles answers is not trusted with more
+            log.error("worker %d sent an unreadable answer: %s", w.idx, e)
+            self._detach(w, "sent an unreadable answer")
+            return
+        if w.busy is not None and w.busy.call.id == answer.id:
+            p, w.busy = w.busy, None
+            self.admission.observe((time.monotonic() - w.since) * 1e3)
+            self.idle.append(w)
+        else:
+            p = w.io.pop(answer.id, None)
         if p is not None:
-            _settle(p, Answer.decode(data))
-        self.idle.append(w)
+            _settle(p, answer)
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -146,13 +163,28 @@ class Front:
             w = self.idle[random.randrange(len(self.idle))] if len(self.idle) > 1 else self.idle[0]
             self.idle.remove(w)          # any idle one: every worker gets calls (and GetStatus reaches each)
             w.busy, w.since = p, time.monotonic()
-            self.metrics.queued.observe(w.since - p.call.arrived)
-            try:
-                w.conn.send_bytes(p.call.encode())
-            except OSError:                  # died between answers: its reader sees EOF next
+            self._send(w, p)
+        while self.io_queue and self.workers:
+            w = min(self.workers.values(), key=lambda x: len(x.io))
+            if len(w.io) >= IO_SLOTS:
+                break
+            p = self.io_queue.popleft()
+            if not p.future.done():
+                w.io[p.call.id] = p
+                self._send(w, p)
+
+    def _send(self, w: _Worker, p: _Pending) -> None:
+        self.metrics.queued.observe(time.monotonic() - p.call.arrived)
+        try:
+            w.conn.send_bytes(p.call.encode())
+        except OSError:                  # died between answers: the call goes back, the worker away
+            if w.busy is p:
                 w.busy = None
                 self.queue.appendleft(p)
-                self._detach(w, "exited")
+            else:
+                del w.io[p.call.id]
+                self.io_queue.appendleft(p)
+            self._detach(w, "exited")
 
     # -- calls -----------------------------------------------------------------------
     def _handler(self, method: int):
@@ -162,15 +194,16 @@ class Front:
             arrived = time.monotonic()
             if not self.workers:
                 return await self._refuse(context, m.name, grpc.StatusCode.UNAVAILABLE, "no worker ready; retry")
-            if m.admitted and (why := self.admission.refusal(len(self.queue), len(self.idle), self.inflight)):
+            if m.admitted and (why := self.admission.refusal(len(self.queue), len(self.idle), self.inflight, m.io)):
                 return await self._refuse(context, m.name, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
             remaining = context.time_remaining()
             auth = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-            p = _Pending(Call(method, arrived, remaining if remaining is not None and remaining < 1e6 else None,
-                              auth, payload), asyncio.get_running_loop().create_future())
+            p = _Pending(Call(next(self.ids), method, arrived,
+                              remaining if remaining is not None and remaining < 1e6 else None, auth, payload),
+                         asyncio.get_running_loop().create_future())
             self.inflight += 1
             try:
-                self.queue.append(p)
+                (self.io_queue if m.io else self.queue).append(p)
                 self._dispatch()
                 answer = await p.future
             finally:

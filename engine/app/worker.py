@@ -1,7 +1,9 @@
 """A worker process: one Engine (in one Service) answering the front's calls one at a time.
 
 Single flight is the point: a request never shares this interpreter's lock with another, so
-its latency is its own CPU time, and the front's one queue decides who waits. For the same
+its latency is its own CPU time, and the front's one queue decides who waits. Calls that
+mostly wait on I/O (ReportEvents: the event log's fsync before the answer) run on a few
+side threads instead, so a slow disk never holds the worker's CPU slot. For the same
 reason the routes' periodic rebuilds (hot list, cold-start pool) run between calls here,
 not on threads of their own (engine.core.refresh.between_calls). Between calls (and at
 least every POLL_S) the worker also follows CURRENT for hot reloads and updates its gauges. It stops when the front closes its pipe (the supervisor's drain), on SIGTERM after
@@ -16,13 +18,14 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
 
-from engine.app.calls import METHODS, Answer, Call
+from engine.app.calls import IO_SLOTS, METHODS, Answer, Call
 from engine.app.service import POLL_S, Service, one_line
 from engine.core import refresh
 from engine.core.config import load_config
@@ -108,36 +111,54 @@ def _service(idx: int, opts: WorkerOptions, fallback: str) -> Service:
 
 
 def _serve(conn: Connection, svc: Service, stop: threading.Event, schedule: refresh.Schedule) -> None:
-    """Answer calls; in the gaps, the stages' due refreshes (engine.core.refresh) and the tick."""
+    """Answer calls: CPU-bound ones here one at a time, `io` ones (ReportEvents, which waits for
+    the event log's fsync) on IO_SLOTS side threads; in the gaps, the stages' due refreshes
+    (engine.core.refresh) and the tick."""
     servicers = {"RecServe": svc.rpcs, "Admin": svc.admin}
     handlers = [getattr(servicers[m.service.rsplit(".", 1)[1]], m.name) for m in METHODS]
+    lock = threading.Lock()          # one answer at a time on the pipe
+
+    def reply(a: Answer) -> None:
+        with lock:
+            conn.send_bytes(a.encode())
+
     parent, next_tick = os.getppid(), time.monotonic() + POLL_S
-    while not stop.is_set():
-        if conn.poll(max(0.0, min(next_tick, schedule.next_due()) - time.monotonic())):
-            try:
-                data = conn.recv_bytes()
-            except (EOFError, OSError):      # the front closed the pipe: drained, stop
-                return
-            conn.send_bytes(_answer(handlers, data).encode())
-            schedule.run_due(overdue_only=True)   # busy without a gap: still never twice as stale
-        else:
-            schedule.run_due()
-        if time.monotonic() >= next_tick:
-            svc.tick()
-            next_tick = time.monotonic() + POLL_S
-            if os.getppid() != parent:
-                log.error("parent process died; stopping")
-                return
+    with ThreadPoolExecutor(IO_SLOTS, thread_name_prefix="io") as side:
+        while not stop.is_set():
+            if conn.poll(max(0.0, min(next_tick, schedule.next_due()) - time.monotonic())):
+                try:
+                    data = conn.recv_bytes()
+                except (EOFError, OSError):      # the front closed the pipe: drained, stop
+                    return
+                try:
+                    call = Call.decode(data)
+                    io = METHODS[call.method].io
+                except Exception as e:   # noqa: BLE001 - a garbled call is dropped, the worker goes on
+                    log.error("unreadable call from the front: %s", e)
+                    continue
+                if io:
+                    side.submit(lambda c=call: reply(_answer(handlers, c)))
+                    continue
+                reply(_answer(handlers, call))
+                schedule.run_due(overdue_only=True)   # busy without a gap: still never twice as stale
+            else:
+                schedule.run_due()
+            if time.monotonic() >= next_tick:
+                svc.tick()
+                next_tick = time.monotonic() + POLL_S
+                if os.getppid() != parent:
+                    log.error("parent process died; stopping")
+                    return
 
 
-def _answer(handlers: list, data: bytes) -> Answer:
-    call = Call.decode(data)
+def _answer(handlers: list, call: Call) -> Answer:
     m = METHODS[call.method]
     try:
         request = m.request.FromString(call.payload)
     except Exception as e:   # noqa: BLE001 - what gRPC's own deserializer failure would answer
-        return Answer(grpc.StatusCode.INTERNAL, f"cannot parse {m.request.__name__}: {e}")
+        return Answer(call.id, grpc.StatusCode.INTERNAL, f"cannot parse {m.request.__name__}: {e}")
     try:
-        return Answer(grpc.StatusCode.OK, "", handlers[call.method](request, CallContext(call)).SerializeToString())
+        return Answer(call.id, grpc.StatusCode.OK, "",
+                      handlers[call.method](request, CallContext(call)).SerializeToString())
     except _Aborted as a:
-        return Answer(a.code, a.msg)
+        return Answer(call.id, a.code, a.msg)
