@@ -41,6 +41,7 @@ log = logging.getLogger("recserve.server")
 
 POLL_S = 1.0                # CURRENT poll and RSS gauge period
 DEADLINE_MARGIN_MS = 2.0    # left of the client's deadline for serialising the answer
+MIN_BUDGET_MS = 0.001       # a call whose budget the queue ate: no time for anything skippable
 
 _LATENCY_BUCKETS = (.001, .002, .004, .006, .008, .01, .015, .02, .03, .05, .075, .1, .15, .25, .5, 1.0)
 _STAGE_BUCKETS = (.0001, .00025, .0005, .001, .002, .004, .008, .015, .03, .06, .1, .25)
@@ -114,17 +115,19 @@ class Service:
 
     def deadline_ms(self, context: Any) -> float:
         """What is left of the call's budget: serving.deadline_ms from its arrival (the time it
-        queued for a worker counts), or the client's deadline if that is sooner. DeadlineExceeded
-        if the queue ate it all: a cheap refusal instead of a degraded answer nobody waits for."""
+        queued for a worker counts), or the client's deadline if that is sooner. If the queue ate
+        the server's budget while the client still waits: DeadlineExceeded under on_deadline =
+        "error", else a minimal budget, so only guards and inline routes run (a degraded answer)."""
+        s = self.cfg.serving
         waited_ms = context.waited_s() * 1000
-        budget = self.cfg.serving.deadline_ms - waited_ms
         remaining = context.time_remaining()
-        if remaining is not None and remaining < 1e6:   # no client deadline reads as ~forever
-            budget = min(budget, remaining * 1000 - DEADLINE_MARGIN_MS)
-        if budget <= 0 and waited_ms >= self.cfg.serving.deadline_ms:
-            raise DeadlineExceeded(f"waited {waited_ms:.0f} ms for a worker, past serving.deadline_ms "
-                                   f"{self.cfg.serving.deadline_ms:g}")
-        return budget
+        client = remaining * 1000 - DEADLINE_MARGIN_MS if remaining is not None and remaining < 1e6 else float("inf")
+        if client > 0 and waited_ms >= s.deadline_ms:
+            if s.on_deadline == "error":
+                raise DeadlineExceeded(f"waited {waited_ms:.0f} ms for a worker, past serving.deadline_ms "
+                                       f"{s.deadline_ms:g}")
+            return MIN_BUDGET_MS
+        return min(s.deadline_ms - waited_ms, client)   # <= 0 only when the client's deadline passed
 
     def check_token(self, context: Any) -> None:
         if self.token is None:
