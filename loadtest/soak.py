@@ -34,11 +34,12 @@ def markdown(run: dict[str, Any]) -> list[str]:
              f"**{'passed' if v['passed'] else 'FAILED'}**: errors {v['errors']} (must be 0); server RSS after "
              f"the first interval {growth} (at most +{RSS_GROWTH_MAX:.0%}); worst interval p99 "
              f"{v['worst_p99_ms']:.2f} ms", "",
-             "| from s | Recommend ok | errors | p50 ms | p99 ms | max ms | server RSS MB | server cores |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| from s | Recommend ok | errors | p50 ms | p99 ms | max ms | server RSS MB | per process MB | "
+             "server cores |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in run["intervals"]:
         srv = r.get("server")
-        res = f"{srv['rss_mb']:.0f} | {srv['cpu_cores']:.2f}" if srv else "- | -"
+        each = " / ".join(f"{x:.0f}" for x in (srv or {}).get("rss_mb_each", ()))
+        res = f"{srv['rss_mb']:.0f} | {each} | {srv['cpu_cores']:.2f}" if srv else "- | - | -"
         lat = r["latency_ms"]
         lines.append(f"| {r['t_s']:.0f} | {r['ok']} | {sum(r['errors'].values())} | {lat['p50']:.2f} | "
                      f"{lat['p99']:.2f} | {lat['max']:.2f} | {res} |")

@@ -114,13 +114,20 @@ class ProcProbe:
         self.mark = (self.t, self.cpu0)
         self.sample()
 
-    def interval(self) -> dict[str, float]:
-        """RSS now and cores since the previous call (or start): one row of a soak."""
+    def interval(self) -> dict[str, Any]:
+        """RSS now (in all and per process, the root first) and cores since the previous call
+        (or start): one row of a soak."""
         now, cpu = time.monotonic(), self._cpu()
         t0, cpu0 = self.mark
         self.mark = (now, cpu)
         used = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu.items())
-        return {"rss_mb": self._rss() / 2**20, "cpu_cores": used / (now - t0) if now > t0 else 0.0}
+        each = []
+        for p in self._procs():
+            try:
+                each.append(p.memory_info().rss / 2**20)
+            except psutil.NoSuchProcess:
+                pass
+        return {"rss_mb": sum(each), "rss_mb_each": each, "cpu_cores": used / (now - t0) if now > t0 else 0.0}
 
     def _rss(self) -> int:
         rss = 0
