@@ -31,8 +31,8 @@ def summary_lines(r: dict[str, Any], target: str) -> list[str]:
             else f"{r['offered_qps']:g} QPS offered (open loop)")
     lat = "  ".join(f"{k} {r['latency_ms'][k]:.2f}" for k in PCTS)
     srv = r.get("server")
-    res = (f"server {srv['cpu_cores']:.2f} cores, {srv['rss_mb_peak']:.0f} MB RSS ({srv['processes']} processes)"
-           if srv else "server CPU/RSS not measured (no pid)")
+    res = (f"server {srv['cpu_cores']:.2f} cores ({srv.get('root_cpu_cores', 0):.2f} in its root process), "
+           f"{srv['rss_mb_peak']:.0f} MB RSS ({srv['processes']} processes)" if srv else "server CPU/RSS not measured (no pid)")
     slow = sorted(r["stages"], key=lambda s: -s["mean_ms"])[:4]
     return [
         f"load test of {target}: {load}, {r['window_s']:.1f} s measured",

@@ -145,7 +145,10 @@ class ProcProbe:
         self.sample()
         cpu1, dt = self._cpu(), time.monotonic() - self.t
         used = sum(v - self.cpu0.get(pid, 0.0) for pid, v in cpu1.items())
-        return {"cpu_cores": used / dt if dt > 0 else 0.0, "rss_mb_peak": self.rss / 2**20, "processes": len(cpu1)}
+        root = sum(cpu1.get(p.pid, 0.0) - self.cpu0.get(p.pid, 0.0) for p in self.roots)
+        return {"cpu_cores": used / dt if dt > 0 else 0.0, "rss_mb_peak": self.rss / 2**20, "processes": len(cpu1),
+                # the root alone: the native server's supervisor with its gRPC front (workers are children)
+                "root_cpu_cores": root / dt if dt > 0 else 0.0}
 
 
 def metrics_url(spec: str) -> str:
