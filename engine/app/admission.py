@@ -7,7 +7,8 @@ can expect exceeds `serving.max_queue_ms`, so the calls it accepts keep their la
 workers stay busy with them. The expectation needs no tuning to the machine or the bundle:
 with every worker busy and `queued` calls ahead, a new call starts after `queued + 1` of the
 `workers` busy workers finish, ~(queued + 1) x service / workers, where service is a moving
-average of what the workers' answers took. `serving.max_inflight` per worker stays a hard cap.
+average of the workers' own time on recent RecServe calls (not Admin calls, not time a call
+sat behind a hot reload). `serving.max_inflight` per worker stays a hard cap.
 """
 from __future__ import annotations
 
@@ -45,5 +46,5 @@ class Admission:
         return None
 
     def observe(self, ms: float) -> None:
-        """A worker answered a call after `ms` of work (dispatch to answer)."""
+        """A worker answered a RecServe call after `ms` of its own work on it."""
         self.service_ms += EWMA_WEIGHT * (ms - self.service_ms)

@@ -74,11 +74,14 @@ class Answer:
     code: grpc.StatusCode
     message: str = ""
     payload: bytes = b""
+    work_ms: float = 0.0        # the worker's time on the call: what admission control learns from
+                                # (not the time it sat behind a hot reload between calls)
 
     def encode(self) -> bytes:
-        return msgpack.packb((self.id, self.code.value[0], self.message, self.payload), use_bin_type=True)
+        return msgpack.packb((self.id, self.code.value[0], self.message, self.payload, self.work_ms),
+                             use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> "Answer":
-        id_, code, message, payload = msgpack.unpackb(data, raw=False)
-        return cls(id_, _CODES.get(code, grpc.StatusCode.UNKNOWN), message, payload)
+        id_, code, message, payload, work_ms = msgpack.unpackb(data, raw=False)
+        return cls(id_, _CODES.get(code, grpc.StatusCode.UNKNOWN), message, payload, work_ms)

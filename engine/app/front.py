@@ -51,7 +51,6 @@ class _Worker:
     idx: int
     conn: Connection
     busy: _Pending | None = None    # its one CPU-bound call
-    since: float = 0.0              # when that call was handed over
     io: dict[int, _Pending] = field(default_factory=dict)   # `io` calls on its side threads, by id
 
 
@@ -147,7 +146,8 @@ class Front:
             return
         if w.busy is not None and w.busy.call.id == answer.id:
             p, w.busy = w.busy, None
-            self.admission.observe((time.monotonic() - w.since) * 1e3)
+            if METHODS[p.call.method].admitted:   # Admin calls (a reload takes seconds) teach it nothing
+                self.admission.observe(answer.work_ms)
             self.idle.append(w)
         else:
             p = w.io.pop(answer.id, None)
@@ -162,7 +162,7 @@ class Front:
                 continue
             w = self.idle[random.randrange(len(self.idle))] if len(self.idle) > 1 else self.idle[0]
             self.idle.remove(w)          # any idle one: every worker gets calls (and GetStatus reaches each)
-            w.busy, w.since = p, time.monotonic()
+            w.busy = p
             self._send(w, p)
         while self.io_queue and self.workers:
             w = min(self.workers.values(), key=lambda x: len(x.io))

@@ -152,13 +152,13 @@ def _serve(conn: Connection, svc: Service, stop: threading.Event, schedule: refr
 
 
 def _answer(handlers: list, call: Call) -> Answer:
-    m = METHODS[call.method]
+    m, t0 = METHODS[call.method], time.perf_counter()
     try:
         request = m.request.FromString(call.payload)
     except Exception as e:   # noqa: BLE001 - what gRPC's own deserializer failure would answer
         return Answer(call.id, grpc.StatusCode.INTERNAL, f"cannot parse {m.request.__name__}: {e}")
     try:
-        return Answer(call.id, grpc.StatusCode.OK, "",
-                      handlers[call.method](request, CallContext(call)).SerializeToString())
+        body, code, msg = handlers[call.method](request, CallContext(call)).SerializeToString(), grpc.StatusCode.OK, ""
     except _Aborted as a:
-        return Answer(call.id, a.code, a.msg)
+        body, code, msg = b"", a.code, a.msg
+    return Answer(call.id, code, msg, body, (time.perf_counter() - t0) * 1e3)
