@@ -6,7 +6,10 @@ mostly wait on I/O (ReportEvents: the event log's fsync before the answer) run o
 side threads instead, so a slow disk never holds the worker's CPU slot. For the same
 reason the routes' periodic rebuilds (hot list, cold-start pool) run between calls here,
 not on threads of their own (engine.core.refresh.between_calls). Between calls (and at
-least every POLL_S) the worker also follows CURRENT for hot reloads and updates its gauges. It stops when the front closes its pipe (the supervisor's drain), on SIGTERM after
+least every POLL_S) the worker also follows CURRENT for hot reloads and updates its gauges;
+while a new version loads (seconds on the 1M bundle), the one call the front hands this
+worker waits for it (its budget counts, so it gets a degraded answer) and the other workers
+serve the rest. It stops when the front closes its pipe (the supervisor's drain), on SIGTERM after
 the call in hand, or when its parent dies. Ctrl-C reaches the whole process group: workers
 ignore SIGINT and let the supervisor drain them.
 """
