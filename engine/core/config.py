@@ -166,9 +166,10 @@ class ServingConfig:
     default_count: int = 20
     max_count: int = 200
     max_excludes: int = 1000
-    deadline_ms: float = 100.0         # when the client sends none
+    deadline_ms: float = 100.0         # each call's budget from its arrival (queueing counts); a shorter client deadline wins
     on_deadline: str = "degrade"       # degrade: answer on coarse scores | error: DEADLINE_EXCEEDED
     max_inflight: int = 64             # per worker; beyond it RESOURCE_EXHAUSTED at once
+    max_queue_ms: float = 50.0         # admission: a call expected to wait longer for a worker is refused at once
     seen_window: int = 200             # recent impressions per user remembered as seen
     hot_half_life_hours: float = 24.0
     workers: int = 2
@@ -183,6 +184,8 @@ class ServingConfig:
             raise _err("default_count", f"{self.default_count} exceeds max_count={self.max_count}")
         if self.deadline_ms <= 0:
             raise _err("deadline_ms", "must be > 0")
+        if self.max_queue_ms <= 0:
+            raise _err("max_queue_ms", "must be > 0")
         if self.hot_half_life_hours <= 0:
             raise _err("hot_half_life_hours", "must be > 0")
         _one_of("on_deadline", self.on_deadline, ("degrade", "error"))
