@@ -96,5 +96,10 @@ class RefreshedRoute:
     def _refresh(self) -> None:
         raise NotImplementedError
 
+    def refresh(self) -> None:
+        """Rebuild now, on the caller's thread: for offline tools that move the store's state or
+        clock between requests (model_export.cascade, recserve eval)."""
+        self._refresh()
+
     def close(self) -> None:
         self._refresher.close()
