@@ -226,7 +226,7 @@ class StreamConfig:
     buffer_rows: int = 4096            # shuffle buffer: rows are shuffled within chunks this large, once
     batch_size: int = 256
     lr: float = 1e-3                   # Adam, dense rankers
-    emb_lr: float = 0.05               # Adagrad, the id-embedding rows (id_embeddings)
+    emb_lr: float = 0.01               # Adagrad, the id-embedding rows (id_embeddings)
     holdout_rows: int = 4000           # freshest samples held out to validate a candidate (trained on next)
     min_holdout_positives: int = 30    # and at least this many primary-task positives among them
     auc_margin: float = 0.01           # refused when a model's AUC falls more than this below the serving one

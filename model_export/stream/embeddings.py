@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.core.bundle import Bundle
 from engine.core.config import StreamConfig
-from engine.core.featurize import item_tower_input
+from engine.core.featurize import Tables, item_tower_input, pooled
 from indexes.faiss_index import FaissIndex
 from model_export.bundle_writer import BundleWriter
 from model_export.export import ort_session
@@ -32,6 +32,7 @@ from model_export.models import TwoTower, load_checkpoints
 from model_export.stream.samples import Samples
 
 STATE = "id_embeddings.pt"      # Adagrad state and positive counts, beside the checkpoints
+HOLDOUT_PAIRS = 2000           # held-out clicks the gate scores against each other
 WRITTEN = ("tables/user_id_emb.npy", "tables/item_id_emb.npy", "tables/item_emb.npy", "index/items.faiss")
 
 
@@ -69,7 +70,7 @@ class EmbeddingLearner:
         self.touched_items = np.zeros(t.item_id_emb.shape[0], bool)
 
     def train(self, s: Samples, rng: np.random.Generator) -> dict[str, float]:
-        """One pass over the primary-task positives of known users in `s`; mean loss."""
+        """One pass of the two-tower objective over the primary-task positives of known users."""
         pos = np.flatnonzero((s.rows.labels[:, 0] > 0) & (s.user_index >= 0))
         np.add.at(self.item_pos, s.item_index[pos], 1.0)
         if pos.size < 2:
@@ -82,19 +83,41 @@ class EmbeddingLearner:
             if b.size < 2:
                 continue
             total += self._step(s, b, torch.from_numpy(log_q)) * b.size
-        self.touched_users[s.user_index[pos]] = True
-        self.touched_items[s.item_index[pos]] = True
-        for rec in s.rows.recent[pos]:
-            self.touched_items[rec[rec >= 0]] = True     # pooled into the user tower: their rows get gradients
+        self.mark(s, pos)
         return {"id_embeddings": total / pos.size}
 
-    def _step(self, s: Samples, b: np.ndarray, log_q: torch.Tensor) -> float:
+    def embed(self, s: Samples, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """User and item embeddings of rows `b` from the current id rows (gradients reach them)."""
         u = torch.from_numpy(s.user_index[b]).long()
         i = torch.from_numpy(s.item_index[b]).long()
-        ones = torch.ones(b.size)
         onehots = torch.from_numpy(s.rows.user[b, self.embed_dim:])      # user_x = [user_e, profile, context]
-        ue = self.tt.user_tower(self.tt.user_input(u, ones, onehots, torch.from_numpy(s.rows.recent[b]).long()))
-        ve = self.tt.item_tower(self.tt.item_input(i, ones, self.category[i], self.author[i], self.content[i]))
+        ue = self.tt.user_tower(self.tt.user_input(u.clamp_min(0), (u >= 0).float(), onehots,
+                                                   torch.from_numpy(s.rows.recent[b]).long()))
+        ve = self.tt.item_tower(self.tt.item_input(i, torch.ones(b.size), self.category[i], self.author[i],
+                                                   self.content[i]))
+        return ue, ve
+
+    def splice(self, s: Samples, b: np.ndarray, user: torch.Tensor, item: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rankers' logged inputs with the embeddings (and the two-tower score, the first
+        cheap feature) recomputed from the current id rows."""
+        d = self.embed_dim
+        ue, ve = self.embed(s, b)
+        tt = (ue * ve).sum(1, keepdim=True)
+        return torch.cat([ue, user[:, d:]], 1), torch.cat([ve, tt, item[:, d + 1:]], 1)
+
+    def mark(self, s: Samples, rows: np.ndarray) -> None:
+        """Rows whose id embeddings got gradients: the users and items of `rows`, and the items of
+        their histories (pooled into the user tower)."""
+        known = rows[s.user_index[rows] >= 0]
+        self.touched_users[s.user_index[known]] = True
+        self.touched_items[s.item_index[rows]] = True
+        rec = s.rows.recent[known]
+        self.touched_items[rec[rec >= 0]] = True
+
+    def _step(self, s: Samples, b: np.ndarray, log_q: torch.Tensor) -> float:
+        ue, ve = self.embed(s, b)
+        i = torch.from_numpy(s.item_index[b]).long()
         logits = ue @ ve.T / self.temperature - log_q[i][None, :]
         same = (i[None, :] == i[:, None]) & ~torch.eye(b.size, dtype=torch.bool)   # a repeat is not a negative
         loss = F.cross_entropy(logits.masked_fill(same, -1e9), torch.arange(b.size))
@@ -104,11 +127,14 @@ class EmbeddingLearner:
         return float(loss.item())
 
     def snapshot(self) -> dict:
-        return copy.deepcopy({"user": self.tt.user_id.weight.detach(), "item": self.tt.item_id.weight.detach(),
-                              "opt": self.opt.state_dict(), "item_pos": self.item_pos,
-                              "touched": (self.touched_users, self.touched_items)})
+        return {"two_tower": copy.deepcopy({"user": self.tt.user_id.weight.detach(), "item": self.tt.item_id.weight.detach(),
+                                            "opt": self.opt.state_dict(), "item_pos": self.item_pos,
+                                            "touched": (self.touched_users, self.touched_items)})}
 
-    def restore(self, snap: dict) -> None:
+    def restore(self, snap: dict, names: set[str] | None = None) -> None:
+        if names is not None and "two_tower" not in names:
+            return
+        snap = snap["two_tower"]
         with torch.no_grad():
             self.tt.user_id.weight.copy_(snap["user"])
             self.tt.item_id.weight.copy_(snap["item"])
@@ -140,17 +166,34 @@ class EmbeddingLearner:
         counts = {"users": int(self.touched_users.sum()), "items": int(changed.size)}
         return item_emb, counts
 
-    def score(self, s: Samples, item_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(candidate, serving) two-tower scores of the rows [N, 1]: the user tower over the
-        refreshed id rows dot the refreshed item embedding, and the score the server computed
-        (the logged tt_score, the first cheap feature after the item embedding)."""
-        u = torch.from_numpy(s.user_index).long()
+    def evaluate(self, s: Samples, item_emb: np.ndarray, serving: Tables, task: str
+                 ) -> dict[str, dict[str, dict[str, float]]]:
+        """The two-tower's held-out AUC, candidate rows against the serving tables: for each
+        held-out click of a known user, the share of the other clicked items of the holdout that
+        user's embedding scores below the clicked one (ties half), averaged."""
+        pos = np.flatnonzero((s.rows.labels[:, 0] > 0) & (s.user_index >= 0))[:HOLDOUT_PAIRS]
+        items = s.item_index[pos]
+        cand = (self.tt.user_id.weight.detach().numpy(), self.tt.item_id.weight.detach().numpy(), item_emb)
+        serv = (np.asarray(serving.user_id_emb), np.asarray(serving.item_id_emb), np.asarray(serving.item_emb))
+        out = {}
+        for side, (user_id_emb, item_id_emb, emb) in (("candidate", cand), ("serving", serv)):
+            ue = self._user_emb(s, pos, user_id_emb, item_id_emb)
+            score = ue @ np.asarray(emb[items]).T                                   # [P, P], the click on the diagonal
+            other = items[None, :] != items[:, None]
+            mine = np.diag(score)[:, None]
+            below = ((score < mine) + 0.5 * (score == mine)) * other
+            out[side] = {task: float(np.mean(below.sum(1) / np.maximum(other.sum(1), 1))) if pos.size > 1
+                         else float("nan")}
+        return {"two_tower": out}
+
+    def _user_emb(self, s: Samples, rows: np.ndarray, user_id_emb: np.ndarray, item_id_emb: np.ndarray) -> np.ndarray:
+        """The frozen user tower over the given id tables for the logged rows (their profile and
+        context one-hots are the logged user row's tail: featurize.ranker_user_input)."""
+        recent = s.rows.recent[rows]
+        x = np.concatenate([user_id_emb[s.user_index[rows]], s.rows.user[rows, self.embed_dim:],
+                            pooled(item_id_emb, recent), (recent[:, :1] >= 0).astype(np.float32)], 1)
         with torch.no_grad():
-            x = self.tt.user_input(u.clamp_min(0), (u >= 0).float(), torch.from_numpy(s.rows.user[:, self.embed_dim:]),
-                                   torch.from_numpy(s.rows.recent).long())
-            ue = self.tt.user_tower(x).numpy()
-        cand = np.einsum("nd,nd->n", ue, item_emb[s.item_index])
-        return cand[:, None], s.rows.item[:, self.embed_dim, None]
+            return self.tt.user_tower(torch.from_numpy(x.astype(np.float32))).numpy()
 
     def published(self) -> None:
         """The rows written are now the serving ones: the next version lists what changes after."""

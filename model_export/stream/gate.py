@@ -1,11 +1,13 @@
-"""The validation gate: a candidate version is published only if, on the held-out freshest
-samples, no retrained model's AUC falls more than `auc_margin` below the serving version's.
+"""The validation gate: on the held-out freshest samples, a retrained model whose AUC falls
+more than `auc_margin` below the serving version's is refused (rolled back to the serving
+weights, not published); a version is published with the models that pass, and not at all
+when none does.
 
-Both sides score the same rows with the inputs as served: the rankers through their exported
-ONNX graphs (the candidate's and the serving version's files), the refreshed id embeddings
-through the two-tower score (user tower over the new id rows, dot the new item embedding)
-against the score the server computed (the logged `tt_score`). Every task's AUC is reported;
-the primary task's decides (the one the coarse DNN predicts and the fine ranker's first output).
+Both sides score the same held-out rows with the inputs as served: the rankers through their
+exported ONNX graphs (the candidate's file and the serving version's), every task's AUC
+reported and the primary task's deciding; the refreshed id embeddings by the two-tower's own
+objective, how well each held-out click's item outranks the other clicked items for that user
+(model_export.stream.embeddings).
 """
 from __future__ import annotations
 
@@ -13,30 +15,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model_export.train import auc
+AUCS = dict[str, dict[str, dict[str, float]]]      # model -> "candidate" | "serving" -> task -> AUC
 
 
 @dataclass
 class Verdict:
-    ok: bool
-    reason: str
-    auc: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)   # model -> side -> task -> AUC
+    passed: list[str]
+    failed: dict[str, str]                          # model -> why
+    auc: AUCS = field(default_factory=dict)
     rows: int = 0
     positives: int = 0
 
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.failed.values())
 
-def validate(scores: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray, tasks: tuple[str, ...],
-             margin: float) -> Verdict:
-    """`scores`: model -> (candidate [N, T'], serving [N, T']) scores of the holdout rows, the
-    columns being the first T' tasks."""
-    v = Verdict(True, "", rows=len(labels), positives=int(labels[:, 0].sum()))
-    worse = []
-    for name, (cand, serv) in scores.items():
-        v.auc[name] = {side: {t: auc(labels[:, k], p[:, k]) for k, t in enumerate(tasks[:p.shape[1]])}
-                       for side, p in (("candidate", cand), ("serving", serv))}
-        new, old = v.auc[name]["candidate"][tasks[0]], v.auc[name]["serving"][tasks[0]]
+
+def validate(aucs: AUCS, primary: str, margin: float, rows: int = 0, positives: int = 0) -> Verdict:
+    v = Verdict([], {}, aucs, rows, positives)
+    for name, sides in aucs.items():
+        new, old = sides["candidate"][primary], sides["serving"][primary]
         if not np.isfinite(new) or (np.isfinite(old) and new < old - margin):
-            worse.append(f"{name} auc_{tasks[0]} {new:.4f} < serving {old:.4f} - margin {margin:g}")
-    if worse:
-        v.ok, v.reason = False, "; ".join(worse)
+            v.failed[name] = f"{name} auc_{primary} {new:.4f} < serving {old:.4f} - margin {margin:g}"
+        else:
+            v.passed.append(name)
     return v

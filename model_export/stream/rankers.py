@@ -22,7 +22,7 @@ from model_export.export import ort_session
 from model_export.models import load_checkpoints
 from model_export.stream.samples import Samples
 from model_export.stream.tables import SeqSource
-from model_export.train import _tensors
+from model_export.train import _tensors, auc
 
 RANKERS = ("coarse_dnn", "fine")
 OPTIMIZER = "optimizer.pt"
@@ -46,8 +46,14 @@ class RankerLearner:
                     for g in o.param_groups:
                         g["lr"] = cfg.lr
 
-    def train(self, s: Samples, seq: SeqSource, rng: np.random.Generator) -> dict[str, float]:
-        """One pass over `s` in shuffled mini-batches; mean loss per model."""
+    def train(self, s: Samples, seq: SeqSource, rng: np.random.Generator, rows=None) -> dict[str, float]:
+        """One pass over `s` in shuffled mini-batches; mean loss per model.
+
+        `rows` (an EmbeddingLearner): the user and item embeddings of each row are recomputed
+        from its current id rows through the frozen towers and spliced into the logged inputs
+        (with the two-tower score they make), so the rankers' loss also trains the id rows of
+        every user and item shown, clicked or not: a per-user and per-item correction learnt
+        online, which the rankers' shared weights cannot hold."""
         n, bs = len(s), self.cfg.batch_size
         perm = rng.permutation(n)
         y = torch.from_numpy(s.rows.labels)
@@ -57,30 +63,40 @@ class RankerLearner:
         for k in range(0, n, bs):
             b = np.sort(perm[k:k + bs])
             user, item = _tensors(s.rows, b)
+            if rows is not None:
+                user, item = rows.splice(s, b, user, item)
+            losses = {}
             for name, model in self.models.items():
                 if name == "fine":
                     sq, mask = seq(s.rows.recent[b], s.versions[b])
                     logits = model.logits(user, item, torch.from_numpy(sq), torch.from_numpy(mask))
-                    loss = F.binary_cross_entropy_with_logits(logits, y[b], reduction="none").mean(0).sum()
+                    losses[name] = F.binary_cross_entropy_with_logits(logits, y[b], reduction="none").mean(0).sum()
                 else:
-                    loss = F.binary_cross_entropy_with_logits(model.logits(user, item), y[b][:, 0])
-                self.opt[name].zero_grad()
-                loss.backward()
-                self.opt[name].step()
+                    losses[name] = F.binary_cross_entropy_with_logits(model.logits(user, item), y[b][:, 0])
+            opts = [*self.opt.values(), *([rows.opt] if rows is not None else [])]
+            for o in opts:
+                o.zero_grad()
+            sum(losses.values()).backward()      # each model's weights get their own loss's gradient
+            for o in opts:
+                o.step()
+            for name, loss in losses.items():
                 totals[name] += loss.item() * b.size
         for m in self.models.values():
             m.eval()
+        if rows is not None:
+            rows.mark(s, np.arange(n))
         return {name: t / max(n, 1) for name, t in totals.items()}
 
     def snapshot(self) -> dict[str, Any]:
-        """Weights and optimiser state, to roll back to when a candidate is refused."""
-        return copy.deepcopy({"models": {n: m.state_dict() for n, m in self.models.items()},
-                              "opt": {n: o.state_dict() for n, o in self.opt.items()}})
+        """Weights and optimiser state per model, to roll back to when a candidate is refused."""
+        return copy.deepcopy({n: {"model": m.state_dict(), "opt": self.opt[n].state_dict()}
+                              for n, m in self.models.items()})
 
-    def restore(self, snap: dict[str, Any]) -> None:
+    def restore(self, snap: dict[str, Any], names: set[str] | None = None) -> None:
         for n, m in self.models.items():
-            m.load_state_dict(snap["models"][n])
-            self.opt[n].load_state_dict(snap["opt"][n])
+            if names is None or n in names:
+                m.load_state_dict(snap[n]["model"])
+                self.opt[n].load_state_dict(snap[n]["opt"])
 
     def save(self, out: Path) -> None:
         """The trained rankers' state_dicts and the optimiser state, into a version's checkpoints."""
@@ -88,9 +104,17 @@ class RankerLearner:
             torch.save(model.state_dict(), out / f"{name}.pt")
         torch.save({n: o.state_dict() for n, o in self.opt.items()}, out / OPTIMIZER)
 
-    def score(self, paths: dict[str, Path], s: Samples, seq: SeqSource) -> dict[str, np.ndarray]:
-        """Each trained ranker's probabilities over `s`, by the ONNX graph in `paths[name]`."""
-        return {name: onnx_predict(paths[name], name, s, seq) for name in self.names}
+    def evaluate(self, candidate: dict[str, Path], serving: dict[str, Path], s: Samples,
+                 seq: SeqSource) -> dict[str, dict[str, dict[str, float]]]:
+        """Every task's AUC on `s` of each ranker's candidate and serving ONNX graph."""
+        y = s.rows.labels
+        out = {}
+        for name in self.names:
+            sides = {side: onnx_predict(paths[name], name, s, seq)
+                     for side, paths in (("candidate", candidate), ("serving", serving))}
+            out[name] = {side: {t: auc(y[:, k], p[:, k]) for k, t in enumerate(self.tasks[:p.shape[1]])}
+                         for side, p in sides.items()}
+        return out
 
 
 def onnx_predict(path: Path, name: str, s: Samples, seq: SeqSource, chunk: int = 4096) -> np.ndarray:

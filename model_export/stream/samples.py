@@ -97,10 +97,11 @@ class SampleFeed:
         self.pending = Span(after)
         self.holdout_rows = holdout_rows
 
-    def poll(self) -> int:
-        """Read the commits written since the last poll; the number of rows read."""
+    def poll(self, max_rows: int = 1 << 62) -> int:
+        """Read the commits written since the last poll, up to the one reaching `max_rows` (a
+        backlog is worked through in steps); the number of rows read."""
         n = 0
-        for table, commit in self.reader.read(after=self.read_to):
+        for table, commit in self.reader.read(after=self.read_to, max_rows=max_rows):
             self.pending.commits.append((table, commit))
             self.read_to = commit.offset
             n += table.num_rows

@@ -119,9 +119,9 @@ class StreamTrainer:
     def _snapshot(self) -> list:
         return [x.snapshot() for x in self._learners()]
 
-    def _restore(self, snaps: list) -> None:
+    def _restore(self, snaps: list, names: set[str] | None = None) -> None:
         for x, snap in zip(self._learners(), snaps):
-            x.restore(snap)
+            x.restore(snap, names)
 
     def _samples(self, table) -> Samples:
         return to_samples(table, self.bundle.tasks, *self.widths)
@@ -136,7 +136,7 @@ class StreamTrainer:
                          "from it")
                 self._start()
                 chunk = []
-            read = self.feed.poll()
+            read = self.feed.poll(self.sc.buffer_rows)
             chunk += self.feed.trainable()
             if sum(t.num_rows for t, _ in chunk) >= self.sc.buffer_rows:
                 self._train(chunk)
@@ -173,7 +173,7 @@ class StreamTrainer:
         loss = {}
         for k, x in enumerate(self._learners()):
             rng = np.random.default_rng([self.cfg.train.seed, chunk[0][1].seq, k])
-            loss.update(x.train(s, self.seqsrc, rng) if x is self.rankers else x.train(s, rng))
+            loss.update(x.train(s, self.seqsrc, rng, self.embeddings) if x is self.rankers else x.train(s, rng))
         iv = self.interval
         for t, c in chunk:
             iv.digest = (iv.digest + digest(t)) % (1 << 64)
@@ -185,14 +185,15 @@ class StreamTrainer:
         iv.loss = {k: iv.loss.get(k, 0.0) * (1 - w) + v * w for k, v in loss.items()}
 
     # -- publish ------------------------------------------------------------------------
-    def _candidate(self, writer: BundleWriter, holdout: Samples) -> tuple[dict, dict, set[str], dict]:
-        """Write the candidate's new files; (scores for the gate, manifest model entries, files
-        written, refreshed-row counts)."""
-        scores, models, written, rows = {}, {}, set(), {}
+    def _candidate(self, writer: BundleWriter, holdout: Samples) -> tuple[dict, dict, dict[str, set[str]], dict]:
+        """Write the candidate's new files; (held-out AUCs, manifest model entries, files written
+        per model, refreshed-row counts)."""
+        aucs, models, written, rows = {}, {}, {}, {}
+        task = self.bundle.tasks[0]
         if self.embeddings is not None:
             item_emb, rows = self.embeddings.write(writer, self.vdir, self.bundle)
-            written |= set(EMB_WRITTEN)
-            scores["two_tower"] = self.embeddings.score(holdout, item_emb)
+            written["two_tower"] = set(EMB_WRITTEN)
+            aucs.update(self.embeddings.evaluate(holdout, item_emb, self.bundle.tables, task))
         if self.rankers is not None:
             paths = {}
             for name, model in self.rankers.models.items():
@@ -202,11 +203,10 @@ class StreamTrainer:
                                         self.cfg.train.parity_tol)
                 paths[name] = writer.path(rel)
                 models[name] = {**self.bundle.manifest["models"][name], "parity_max_abs_diff": parity}
-                written.add(rel)
-            cand = self.rankers.score(paths, holdout, self.seqsrc)
-            serv = self.rankers.score({n: self.vdir / f"models/{n}.onnx" for n in paths}, holdout, self.seqsrc)
-            scores.update({n: (cand[n], serv[n]) for n in paths})
-        return scores, models, written, rows
+                written[name] = {rel}
+            aucs.update(self.rankers.evaluate(paths, {n: self.vdir / f"models/{n}.onnx" for n in paths}, holdout,
+                                              self.seqsrc))
+        return aucs, models, written, rows
 
     def _publish(self) -> None:
         iv, t0 = self.interval, time.monotonic()
@@ -214,8 +214,9 @@ class StreamTrainer:
         holdout = self._samples(self.feed.holdout())
         writer = BundleWriter(self.root, prefix=publish.TMP_PREFIX)
         try:
-            scores, models, written, refreshed = self._candidate(writer, holdout)
-            verdict = validate(scores, holdout.rows.labels, self.bundle.tasks, self.sc.auc_margin)
+            aucs, models, written, refreshed = self._candidate(writer, holdout)
+            verdict = validate(aucs, self.bundle.tasks[0], self.sc.auc_margin, len(holdout),
+                               int(holdout.rows.labels[:, 0].sum()))
         except ParityError as e:
             writer.abort()
             self._refuse(str(e), {})
@@ -223,22 +224,29 @@ class StreamTrainer:
         except BaseException:
             writer.abort()
             raise
-        if not verdict.ok:
+        if not verdict.passed:
             writer.abort()
             self._refuse(verdict.reason, verdict.auc)
             return
+        for name in verdict.failed:                  # refused models: the serving version's files stay
+            for rel in written.pop(name):
+                writer.path(rel).unlink()
+            models.pop(name, None)
+        self._restore(self.serving_snapshot, set(verdict.failed))
+        skipped = iv.skipped + ([{**self._range(iv), "kind": "models_refused", "models": sorted(verdict.failed),
+                                  "reason": verdict.reason}] if verdict.failed else [])
         seq = self.seq + 1
         version = publish.version_name(seq)
         info = {"seq": seq, "parent": self.vdir.name, "base": self.base, "joined": str(self.joined),
                 "after": iv.after.to_json(), "through": iv.through.to_json(), "rows": iv.rows,
                 "rows_total": self.rows_total + iv.rows, "digest": f"{iv.digest:016x}", "dropped": iv.dropped,
-                "commits": [iv.commits[0], iv.commits[-1]], "skipped": iv.skipped, "trained": list(self.sc.models),
-                "refreshed_rows": refreshed, "loss": iv.loss,
+                "commits": [iv.commits[0], iv.commits[-1]], "skipped": skipped, "trained": sorted(verdict.passed),
+                "refreshed_rows": refreshed if "two_tower" in verdict.passed else {}, "loss": iv.loss,
                 "holdout": {"rows": verdict.rows, "positives": verdict.positives, "auc": verdict.auc},
                 "published_unix": 0.0, "publish_seconds": 0.0}
         try:
-            vdir = publish.commit_version(writer, self.vdir, version, written, {"stream": info, "models": models},
-                                          self._save_checkpoints)
+            vdir = publish.commit_version(writer, self.vdir, version, set().union(*written.values()),
+                                          {"stream": info, "models": models}, self._save_checkpoints)
         except BaseException:
             writer.abort()
             raise
@@ -248,7 +256,7 @@ class StreamTrainer:
         self.vdir = vdir
         self.bundle = load_bundle(vdir, verify=False)
         self.seqsrc.set_current(self.bundle.tables)
-        if self.embeddings is not None:
+        if self.embeddings is not None and "two_tower" in verdict.passed:
             self.embeddings.published()
         self.serving_snapshot = self._snapshot()
         self.interval = Interval(iv.through)
@@ -256,12 +264,18 @@ class StreamTrainer:
         self.seqsrc.forget({p.name for p in self.root.iterdir()})
         task = self.bundle.tasks[0]
         aucs = " ".join(f"{n} {a['candidate'][task]:.4f} (serving {a['serving'][task]:.4f})"
-                        for n, a in verdict.auc.items())
+                        + (" refused" if n in verdict.failed else "") for n, a in verdict.auc.items())
         self.out(f"train: published {version}: {iv.rows} samples (commits {iv.commits[0]}-{iv.commits[-1]}, "
                  f"{self.rows_total} in all), holdout auc_{task} {aucs}"
-                 + (f", refreshed {refreshed['users']} user and {refreshed['items']} item rows" if refreshed else "")
+                 + (f", refreshed {refreshed['users']} user and {refreshed['items']} item rows"
+                    if info["refreshed_rows"] else "")
                  + f", {info['publish_seconds']:.1f} s" + (f"; pruned {len(gone)}" if gone else ""))
         self._journal({"event": "published", "version": version, **info})
+
+    @staticmethod
+    def _range(iv: Interval) -> dict[str, Any]:
+        return {"after": (iv.skip_from or iv.after).to_json(), "through": iv.through.to_json(), "rows": iv.rows,
+                "digest": f"{iv.digest:016x}"}
 
     def _save_checkpoints(self, out: Path) -> None:
         """The learners' files, then the parent's others linked (the models nobody trains)."""
@@ -274,11 +288,12 @@ class StreamTrainer:
                 os.link(f, out / f.name)
 
     def _refuse(self, reason: str, aucs: dict) -> None:
-        """Not published: logged, weights back to the serving version's, the interval skipped
-        (recorded in the next version's `stream.skipped`; it still starts after the parent)."""
+        """No model passed: logged, every learner back to the serving version's weights, the
+        interval skipped (listed in the next version's `stream.skipped`; it still starts after
+        the parent)."""
         iv = self.interval
-        skipped = {"after": (iv.skip_from or iv.after).to_json(), "through": iv.through.to_json(), "rows": iv.rows,
-                   "digest": f"{iv.digest:016x}", "reason": reason, "time": time.time()}
+        skipped = {**self._range(iv), "kind": "refused", "models": sorted(self.sc.models), "reason": reason,
+                   "time": time.time()}
         self._restore(self.serving_snapshot)
         self.interval = Interval(iv.after, through=iv.through, skip_from=iv.through, skipped=[*iv.skipped, skipped])
         self.out(f"train: refused a candidate after {iv.rows} samples (serving {self.vdir.name} stays): {reason}")
