@@ -78,6 +78,7 @@ class StreamTrainer:
             self.out(f"train: removed what a killed trainer left: {', '.join(removed)}")
         self.published = 0
         self._start()
+        self._reconcile()
 
     # -- state --------------------------------------------------------------------------
     def _start(self) -> None:
@@ -243,15 +244,13 @@ class StreamTrainer:
                 "commits": [iv.commits[0], iv.commits[-1]], "skipped": skipped, "trained": sorted(verdict.passed),
                 "refreshed_rows": refreshed if "two_tower" in verdict.passed else {}, "loss": iv.loss,
                 "holdout": {"rows": verdict.rows, "positives": verdict.positives, "auc": verdict.auc},
-                "published_unix": 0.0, "publish_seconds": 0.0}
+                "published_unix": time.time(), "publish_seconds": round(time.monotonic() - t0, 2)}
         try:
             vdir = publish.commit_version(writer, self.vdir, version, set().union(*written.values()),
                                           {"stream": info, "models": models}, self._save_checkpoints)
         except BaseException:
             writer.abort()
             raise
-        info["published_unix"] = time.time()
-        info["publish_seconds"] = round(time.monotonic() - t0, 2)
         self.seq, self.rows_total, self.published = seq, self.rows_total + iv.rows, self.published + 1
         self.vdir = vdir
         self.bundle = load_bundle(vdir, verify=False)
@@ -300,8 +299,23 @@ class StreamTrainer:
         self._journal({"event": "refused", "parent": self.vdir.name, **skipped, "auc": aucs})
 
     def _journal(self, entry: dict[str, Any]) -> None:
-        with open(self.root / JOURNAL, "a") as f:
-            f.write(json.dumps(entry, default=float) + "\n")
+        """One line per published or refused candidate, appended with one write."""
+        line = (json.dumps(entry, default=float) + "\n").encode()
+        fd = os.open(self.root / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def _reconcile(self) -> None:
+        """A trainer killed after flipping CURRENT but before its journal line: add the line."""
+        info = publish.stream_info(self.vdir)
+        if not info:
+            return
+        p = self.root / JOURNAL
+        known = {json.loads(x).get("version") for x in p.read_text().splitlines() if x.strip()} if p.exists() else set()
+        if self.vdir.name not in known:
+            self._journal({"event": "published", "version": self.vdir.name, **info, "recovered": True})
 
     def close(self) -> None:
         fcntl.flock(self._lock, fcntl.LOCK_UN)
