@@ -219,17 +219,17 @@ class JoinConfig:
 class StreamConfig:
     """The streaming trainer (`recserve train --follow`, model_export.stream): joined samples
     in, one pass through a small shuffle buffer, a validated bundle version out every so often."""
-    models: list[str] = field(default_factory=lambda: ["coarse_dnn", "fine"])   # and/or id_embeddings
+    models: list[str] = field(default_factory=lambda: ["coarse_dnn", "fine", "id_embeddings"])
     publish_rows: int = 20_000         # publish after this many newly trained samples ...
-    publish_s: float = 30.0            # ... or this many seconds, whichever comes first
+    publish_s: float = 20.0            # ... or this many seconds, whichever comes first
     min_rows: int = 1000               # never publish a version trained on fewer new samples
     buffer_rows: int = 4096            # shuffle buffer: rows are shuffled within chunks this large, once
     batch_size: int = 256
     lr: float = 1e-3                   # Adam, dense rankers
     emb_lr: float = 0.01               # Adagrad, the id-embedding rows (id_embeddings)
-    holdout_rows: int = 4000           # freshest samples held out to validate a candidate (trained on next)
+    holdout_rows: int = 2000           # freshest samples held out to validate a candidate (trained on next)
     min_holdout_positives: int = 30    # and at least this many primary-task positives among them
-    auc_margin: float = 0.01           # refused when a model's AUC falls more than this below the serving one
+    auc_margin: float = 0.02           # refused when a model's AUC falls more than this below the serving one
     keep_versions: int = 8             # streamed versions kept (with their checkpoints); the base is kept
     poll_s: float = 0.5                # follow mode: wait this long when no new samples were committed
 
@@ -258,7 +258,7 @@ class SimulateConfig:
     active_users: int = 200            # users online during the run
     user_rpm: float = 2.0              # lists each asks for per simulated minute (one per 30 s of scrolling)
     qps: float = 8.0                   # Recommend calls per wall second, the same users to both arms
-    drift_at: float = 0.4              # share of the run after which the world drifts
+    drift_at: float = 0.4              # share of the run after which the world drifts (10 of 25 minutes)
     threads: int = 4                   # simulated users in flight at once
     count: int = 20                    # list length asked for
     shift_share: float = 0.5           # users whose interests shift at the drift

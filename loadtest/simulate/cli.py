@@ -24,8 +24,11 @@ BUILD_SECTIONS = ("data", "train", "index")
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path,
                    help="the world and serving config; its [simulate], [stream] and [join] apply")
-    p.add_argument("--minutes", required=True, type=float, help="simulated minutes to run")
+    p.add_argument("--minutes", type=float, help="simulated minutes to run")
     p.add_argument("--out", required=True, type=Path, help="new folder: simulate.json, simulate.png, the arms' files")
+    p.add_argument("--bounds", action="store_true",
+                   help="no servers: serve the base bundle in process to the drifted world's users with perfect "
+                        "history, id rows or item counters, to see what bounds recovery (bounds.json)")
     p.add_argument("--bundle", type=Path, default=None,
                    help="bundle root to start both arms from (default bundles/<config name>, built if missing)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -51,8 +54,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         print(f"recserve simulate: {args.out}: exists and is not empty", file=sys.stderr)
         return 2
-    if args.minutes <= 0:
-        print("recserve simulate: --minutes must be > 0", file=sys.stderr)
+    if not args.bounds and (args.minutes is None or args.minutes <= 0):
+        print("recserve simulate: --minutes M (> 0) simulated minutes to run, or --bounds", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.set)
     sc = cfg.simulate
@@ -62,6 +65,13 @@ def run_simulate(args: argparse.Namespace) -> int:
     rerank = next(n for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
     world = SimWorld(ds, cfg.stage[rerank][1], sc.active_users, sc.seed)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.bounds:
+        from loadtest.simulate.bounds import bounds
+
+        report = bounds(cfg, bundle, world)
+        (args.out / "bounds.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
+        return 0
     config = args.config.absolute()
     minutes = int(np.ceil(args.minutes))
     wall = args.minutes * sc.minute_s

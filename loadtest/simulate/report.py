@@ -21,6 +21,7 @@ from model_export.joined import JoinedReader
 from model_export.stream.trainer import JOURNAL
 
 RECOVERY_SHARE, RECOVERY_MINUTES = 0.8, 10
+BASELINE_MINUTES = 5        # pre-drift utility: these last minutes before the drift (the first ones warm up)
 
 
 def _offset(d: dict[str, Any]) -> tuple[str, int]:
@@ -130,6 +131,8 @@ def summarise(records: list[Served], arms: list[str], t0: float, minute_s: float
         if len(arms) == 2:
             row["diff"] = _paired(by_minute[(0, m)], by_minute[(1, m)])
         rows.append(row)
+    last_before = int(np.floor(drift_minute))
+    base = range(max(1, last_before - BASELINE_MINUTES), last_before)
     versions = [{"version": e["version"], "seq": e["seq"], "rows": e["rows"], "published_s": e["published_unix"] - t0,
                  "first_served_s": first_served[e["version"]] - t0 if e["version"] in first_served else None,
                  "publish_seconds": e.get("publish_seconds"), "holdout_auc": e["holdout"]["auc"]}
@@ -140,8 +143,8 @@ def summarise(records: list[Served], arms: list[str], t0: float, minute_s: float
             "freshness": {"events": int(f_w.sum()), "p50_s": _weighted_pct(f_s, f_w, 50),
                           "p90_s": _weighted_pct(f_s, f_w, 90), "not_fresh": missing},
             "versions": versions, "refused": refused,
-            "pre_drift_difference": _paired(*([r for r in records if r.arm == a and not r.drifted and r.t - t0 >= minute_s]
-                                              for a in (0, 1))) if len(arms) == 2 else None}
+            "pre_drift_difference": _paired(*(sum((by_minute[(a, m)] for m in base), []) for a in (0, 1)))
+            if len(arms) == 2 else None}
 
 
 def _join_rates(commits: list[dict[str, Any]], lo: float, hi: float) -> dict[str, Any]:
@@ -174,17 +177,20 @@ def _paired(frozen: list[Served], streaming: list[Served]) -> dict[str, float] |
 
 
 def _arm_summary(rows: list[dict[str, Any]], arms: list[str], drift_minute: float) -> dict[str, Any]:
-    """Pre-drift utility (minute 0, the warm-up, left out), the dip after the drift, and when the
-    arm is back to RECOVERY_SHARE of its pre-drift utility to stay, within RECOVERY_MINUTES."""
+    """Pre-drift utility (the BASELINE_MINUTES whole minutes before the drift: the first minutes
+    fill the users' seen lists, and utility settles as they do), the dip after the drift, and
+    when the arm is back to RECOVERY_SHARE of it to stay, within RECOVERY_MINUTES."""
     out = {}
-    d = int(np.ceil(drift_minute))
+    first_after = int(np.ceil(drift_minute))
+    last_before = int(np.floor(drift_minute))
+    base_rows = rows[max(1, last_before - BASELINE_MINUTES):last_before]
     for name in arms:
-        pre = [r[name]["utility_norm"] for r in rows[1:d] if np.isfinite(r[name]["utility_norm"])]
-        post = [r[name]["utility_norm"] for r in rows[d:d + RECOVERY_MINUTES]]
+        pre = [r[name]["utility_norm"] for r in base_rows if np.isfinite(r[name]["utility_norm"])]
+        post = [r[name]["utility_norm"] for r in rows[first_after:first_after + RECOVERY_MINUTES]]
         base = float(np.mean(pre)) if pre else float("nan")
         ratio = [p / base for p in post]
         back = next((k + 1 for k in range(len(ratio)) if all(x >= RECOVERY_SHARE for x in ratio[k:])), None)
-        out[name] = {"pre_drift_utility_norm": base, "post_drift_ratio": ratio,
-                     "dip_ratio": min(ratio) if ratio else None, "recovered_after_minutes": back,
-                     "horizon_minutes": len(ratio)}
+        out[name] = {"pre_drift_utility_norm": base, "baseline_minutes": [r["minute"] for r in base_rows],
+                     "post_drift_ratio": ratio, "dip_ratio": min(ratio) if ratio else None,
+                     "recovered_after_minutes": back, "horizon_minutes": len(ratio)}
     return out

@@ -51,10 +51,13 @@ class SimWorld:
     def user(self, rng: np.random.Generator) -> tuple[int, dict[str, int]]:
         """An online user and the context of one of their logged sessions."""
         u = int(self.active[rng.integers(self.active.size)])
+        return u, self.context(u, rng)
+
+    def context(self, u: int, rng: np.random.Generator) -> dict[str, int]:
         lo, hi = self._ctx_start[u], self._ctx_start[u + 1]
         row = self._ctx_rows[rng.integers(lo, hi)] if hi > lo else None
         ctx = self.ds.log_context[row].tolist() if row is not None else [0] * len(self.ds.context_fields)
-        return u, dict(zip(self.ds.context_fields, ctx))
+        return dict(zip(self.ds.context_fields, ctx))
 
     def drift(self, shift_share: float, launch_quality: float) -> dict[str, int]:
         """Shift a share of the users' tastes and launch the cold items; the truth changes for good."""

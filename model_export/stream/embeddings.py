@@ -14,6 +14,7 @@ the build embeds the catalog) and the index updated for them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import faiss
@@ -185,6 +186,18 @@ class EmbeddingLearner:
             out[side] = {task: float(np.mean(below.sum(1) / np.maximum(other.sum(1), 1))) if pos.size > 1
                          else float("nan")}
         return {"two_tower": out}
+
+    def as_served(self, s: Samples, item_emb: np.ndarray) -> Samples:
+        """The rows with the inputs a version carrying these id rows would serve: user and item
+        embeddings (and their two-tower score) recomputed, the rest as logged."""
+        d = self.embed_dim
+        ue = self._user_emb(s, np.arange(len(s)), self.tt.user_id.weight.detach().numpy(),
+                            self.tt.item_id.weight.detach().numpy())
+        ie = np.asarray(item_emb[s.item_index], np.float32)
+        user, item = s.rows.user.copy(), s.rows.item.copy()
+        user[:, :d], item[:, :d] = ue, ie
+        item[:, d] = np.einsum("nd,nd->n", ue, ie)
+        return dataclasses.replace(s, rows=dataclasses.replace(s.rows, user=user, item=item))
 
     def _user_emb(self, s: Samples, rows: np.ndarray, user_id_emb: np.ndarray, item_id_emb: np.ndarray) -> np.ndarray:
         """The frozen user tower over the given id tables for the logged rows (their profile and

@@ -104,14 +104,15 @@ class RankerLearner:
             torch.save(model.state_dict(), out / f"{name}.pt")
         torch.save({n: o.state_dict() for n, o in self.opt.items()}, out / OPTIMIZER)
 
-    def evaluate(self, candidate: dict[str, Path], serving: dict[str, Path], s: Samples,
-                 seq: SeqSource) -> dict[str, dict[str, dict[str, float]]]:
-        """Every task's AUC on `s` of each ranker's candidate and serving ONNX graph."""
-        y = s.rows.labels
+    def evaluate(self, candidate: tuple[dict[str, Path], Samples, SeqSource],
+                 serving: tuple[dict[str, Path], Samples, SeqSource]) -> dict[str, dict[str, dict[str, float]]]:
+        """Every task's AUC of each ranker's candidate and serving ONNX graph, each side (graph
+        files, rows, sequence source) on the inputs it would serve with; the labels are the same."""
+        y = serving[1].rows.labels
         out = {}
         for name in self.names:
-            sides = {side: onnx_predict(paths[name], name, s, seq)
-                     for side, paths in (("candidate", candidate), ("serving", serving))}
+            sides = {side: onnx_predict(paths[name], name, rows, seq)
+                     for side, (paths, rows, seq) in (("candidate", candidate), ("serving", serving))}
             out[name] = {side: {t: auc(y[:, k], p[:, k]) for k, t in enumerate(self.tasks[:p.shape[1]])}
                          for side, p in sides.items()}
         return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,17 +76,6 @@ def digest(table: pa.Table) -> int:
     return total % (1 << 64)
 
 
-@dataclass
-class Span:
-    """Commits read and not yet trained: (table, commit) in order."""
-    after: JoinedOffset                       # the offset just before the first of them
-    commits: deque = field(default_factory=deque)
-
-    @property
-    def rows(self) -> int:
-        return sum(t.num_rows for t, _ in self.commits)
-
-
 class SampleFeed:
     """Follows the joiner's output from an offset; hands out trainable commits, oldest first,
     while the freshest `holdout_rows` stay held out."""
@@ -94,7 +83,7 @@ class SampleFeed:
     def __init__(self, joined: str | Path, after: JoinedOffset, holdout_rows: int):
         self.reader = JoinedReader(joined)
         self.read_to = after                    # everything up to here has been read
-        self.pending = Span(after)
+        self.pending: deque[tuple[pa.Table, Commit]] = deque()     # read, not trained: the freshest
         self.holdout_rows = holdout_rows
 
     def poll(self, max_rows: int = 1 << 62) -> int:
@@ -102,7 +91,7 @@ class SampleFeed:
         backlog is worked through in steps); the number of rows read."""
         n = 0
         for table, commit in self.reader.read(after=self.read_to, max_rows=max_rows):
-            self.pending.commits.append((table, commit))
+            self.pending.append((table, commit))
             self.read_to = commit.offset
             n += table.num_rows
         return n
@@ -110,15 +99,13 @@ class SampleFeed:
     def trainable(self) -> list[tuple[pa.Table, Commit]]:
         """Pop the oldest commits whose removal still leaves `holdout_rows` pending."""
         out = []
-        held = self.pending.rows
-        while self.pending.commits and held - self.pending.commits[0][0].num_rows >= self.holdout_rows:
-            table, commit = self.pending.commits.popleft()
-            held -= table.num_rows
-            self.pending.after = commit.offset
-            out.append((table, commit))
+        held = sum(t.num_rows for t, _ in self.pending)
+        while self.pending and held - self.pending[0][0].num_rows >= self.holdout_rows:
+            out.append(self.pending.popleft())
+            held -= out[-1][0].num_rows
         return out
 
     def holdout(self) -> pa.Table | None:
         """The held-out slice: the freshest pending commits' rows (None before there are any)."""
-        tables = [t for t, _ in self.pending.commits if t.num_rows]
+        tables = [t for t, _ in self.pending if t.num_rows]
         return pa.concat_tables(tables) if tables else None

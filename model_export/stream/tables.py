@@ -27,11 +27,21 @@ class SeqSource:
         self._by_version: dict[str, Tables] = {}
         self._by_inode: dict[tuple[int, int], Tables] = {}
         self.from_current = 0           # rows whose serving version was no longer on disk
+        self.only: Tables | None = None
+
+    @classmethod
+    def fixed(cls, tables: Tables) -> "SeqSource":
+        """Every row through one table (a candidate's, not yet on disk)."""
+        src = cls(Path(), tables)
+        src.only = tables
+        return src
 
     def set_current(self, tables: Tables) -> None:
         self.current = tables
 
     def tables(self, version: str) -> Tables | None:
+        if self.only is not None:
+            return self.only
         t = self._by_version.get(version)
         if t is None:
             path = self.root / version / ITEM_EMB
@@ -69,3 +79,4 @@ class SeqSource:
         self._by_version = {v: t for v, t in self._by_version.items() if v in keep}
         live = {id(t) for t in self._by_version.values()}
         self._by_inode = {k: t for k, t in self._by_inode.items() if id(t) in live}
+

@@ -1,19 +1,23 @@
 """The streaming trainer's loop: joined samples in, validated bundle versions out.
 
 Starts from the version CURRENT names (its checkpoints in <root>/checkpoints/<version>/) and,
-for a streamed version, from the joined-samples offset recorded in its manifest; trains every
-commit once (SampleFeed keeps the freshest back for validation); every `publish_rows` samples
-or `publish_s` seconds exports the retrained rankers with the parity check, validates them
-against the serving ones (model_export.stream.gate), and publishes a version that links every
-unchanged file, or refuses the candidate, rolls the weights back to the serving version's and
-records the skipped offsets. Killed at any point, it resumes from the last published version:
-the samples after that version's offset are read again, none before it.
+for a streamed version, from the joined-samples offset recorded in its manifest. Trains every
+commit once (SampleFeed keeps the freshest back for validation): the rankers
+(model_export.stream.rankers) and the id-embedding rows (model_export.stream.embeddings), as
+`stream.models` says. Every `publish_rows` samples or `publish_s` seconds it exports the
+retrained rankers with the parity check, writes the refreshed tables, validates each model
+against the serving one (model_export.stream.gate) and publishes a version with the models
+that pass, every other file linked (model_export.stream.publish); a refused model rolls back
+to the serving weights, its samples recorded as skipped. Killed at any point, it resumes from
+the last published version: the samples after that version's offset are read again, none
+before it. A journal (trainer.jsonl in the root) lists every version published and every
+candidate refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
-import logging
 import os
 import threading
 import time
@@ -37,8 +41,6 @@ from model_export.stream.rankers import RANKERS, RankerLearner
 from model_export.stream.samples import SampleFeed, Samples, concat, digest, to_samples
 from model_export.stream.tables import SeqSource
 from model_export.train import TRAIN_THREADS
-
-log = logging.getLogger("recserve.train")
 
 LOCK = "trainer.lock"
 JOURNAL = "trainer.jsonl"
@@ -188,25 +190,30 @@ class StreamTrainer:
     # -- publish ------------------------------------------------------------------------
     def _candidate(self, writer: BundleWriter, holdout: Samples) -> tuple[dict, dict, dict[str, set[str]], dict]:
         """Write the candidate's new files; (held-out AUCs, manifest model entries, files written
-        per model, refreshed-row counts)."""
+        per model, refreshed-row counts). The rankers are scored on the inputs they would serve
+        with: the refreshed embeddings spliced in when those pass, the logged ones otherwise."""
         aucs, models, written, rows = {}, {}, {}, {}
         task = self.bundle.tasks[0]
+        cand, cand_seq = holdout, self.seqsrc
         if self.embeddings is not None:
             item_emb, rows = self.embeddings.write(writer, self.vdir, self.bundle)
             written["two_tower"] = set(EMB_WRITTEN)
             aucs.update(self.embeddings.evaluate(holdout, item_emb, self.bundle.tables, task))
+            if validate(aucs, task, self.sc.auc_margin).passed:
+                cand = self.embeddings.as_served(holdout, item_emb)
+                cand_seq = SeqSource.fixed(dataclasses.replace(self.bundle.tables, item_emb=item_emb))
         if self.rankers is not None:
             paths = {}
             for name, model in self.rankers.models.items():
                 rel = f"models/{name}.onnx"
                 parity = export_checked(name, model, writer.path(rel),
-                                        publish.parity_cases(name, holdout.rows, self.bundle.tables),
+                                        publish.parity_cases(name, cand.rows, self.bundle.tables),
                                         self.cfg.train.parity_tol)
                 paths[name] = writer.path(rel)
                 models[name] = {**self.bundle.manifest["models"][name], "parity_max_abs_diff": parity}
                 written[name] = {rel}
-            aucs.update(self.rankers.evaluate(paths, {n: self.vdir / f"models/{n}.onnx" for n in paths}, holdout,
-                                              self.seqsrc))
+            aucs.update(self.rankers.evaluate((paths, cand, cand_seq),
+                                              ({n: self.vdir / f"models/{n}.onnx" for n in paths}, holdout, self.seqsrc)))
         return aucs, models, written, rows
 
     def _publish(self) -> None:
