@@ -34,7 +34,7 @@ def bounds(cfg: Config, bundle: Bundle, world: SimWorld, users: int = 300) -> di
     sc = cfg.simulate
     sample = world.active[:users]
     out: dict[str, Any] = {"users": int(sample.size), "pre_drift": _serve(cfg, bundle, world, sample)}
-    out["drift"] = world.drift(sc.shift_share, sc.launch_quality)
+    out["drift"] = world.drift(sc.launch_quality)
     donor = dict(zip(world.shifted.tolist(), np.roll(world.shifted, 1).tolist()))
     shifted = np.array([u for u in sample if u in donor], np.int64)
     d = np.array([donor[u] for u in shifted], np.int64)
@@ -80,7 +80,7 @@ def _serve(cfg: Config, bundle: Bundle, world: SimWorld, users: np.ndarray) -> d
             seen = np.asarray(bundle.state.user_seen[u])
             mask = np.ones(ds.n_items, bool)
             mask[seen[seen >= 0]] = False
-            got.append(scores(world.value(int(u)), np.array([index[i] for i in r.item_ids]), np.flatnonzero(mask)))
+            got.append(scores(world.value(int(u)), np.array([index[i] for i in r.item_ids]), np.flatnonzero(mask))[:3])
     finally:
         engine.close()
     util, oracle, uniform = (np.mean([g[k] for g in got]) for k in range(3))

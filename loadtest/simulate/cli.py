@@ -63,7 +63,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     bundle = load_bundle(base)
     ds = load_dataset(DataConfig(**bundle.manifest["config"]["data"]))
     rerank = next(n for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
-    world = SimWorld(ds, cfg.stage[rerank][1], sc.active_users, sc.seed)
+    world = SimWorld(ds, cfg.stage[rerank][1], sc.active_users, sc.seed, sc.shift_share)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.bounds:
         from loadtest.simulate.bounds import bounds
@@ -95,7 +95,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             for a in arms:
                 a.check()
             if elapsed >= drift_s and not world.drifted:
-                drift.update(world.drift(sc.shift_share, sc.launch_quality))
+                drift.update(world.drift(sc.launch_quality))
                 print(f"simulate: minute {elapsed / sc.minute_s:.1f}: the world drifts ({drift['shifted_users']} users "
                       f"shift interests, {drift['launched_items']} new items launch)", flush=True)
             m = int(elapsed // sc.minute_s)

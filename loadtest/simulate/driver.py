@@ -37,6 +37,9 @@ class Served:
     n_events: int
     ms: float                # Recommend round trip
     drifted: bool
+    shifted: bool            # the user's interests shifted at the drift
+    launched: int            # launched items (the world's cold items) in the served list
+    oracle_launched: int     # and in the oracle's
 
 
 class Driver:
@@ -111,7 +114,7 @@ class Driver:
         items = np.fromiter((self.index[i.item_id] for i in r.items), np.int64, len(r.items))
         eligible = self.seen[arm].eligible(u, self.world.ds.n_items)
         value = self.world.value(u)
-        utility, oracle, uniform = scores(value, items, eligible)
+        utility, oracle, uniform, top = scores(value, items, eligible)
         labels = self.world.respond(u, items, rng)
         events = [{"kind": "impression", "user_id": uid, "item_id": i.item_id, "request_id": r.request_id}
                   for i in r.items]
@@ -127,6 +130,7 @@ class Driver:
             self._count(f"events {e.code().name}")
         self.seen[arm].add(u, items)
         rec = Served(done, pair, arm, u, r.bundle_version, r.request_id, int(items.size), utility, oracle, uniform,
-                     int(labels[:, 0].sum()), acked, len(events), ms, drifted)
+                     int(labels[:, 0].sum()), acked, len(events), ms, drifted, self.world.is_shifted(u),
+                     int(self.world.cold[items].sum()), int(self.world.cold[top].sum()))
         with self._lock:
             self.records.append(rec)

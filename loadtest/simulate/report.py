@@ -118,6 +118,11 @@ def summarise(records: list[Served], arms: list[str], t0: float, minute_s: float
         for a, name in enumerate(arms):
             rs = by_minute[(a, m)]
             row[name] = {"requests": len(rs), "qps": len(rs) / minute_s, "utility_norm": _norm(rs),
+                         "utility_norm_shifted": _norm([x for x in rs if x.shifted]),
+                         "utility_norm_unshifted": _norm([x for x in rs if not x.shifted]),
+                         "launched_per_list": float(np.mean([x.launched for x in rs])) if rs else float("nan"),
+                         "oracle_launched_per_list": float(np.mean([x.oracle_launched for x in rs])) if rs
+                         else float("nan"),
                          "ctr": float(np.sum([x.positives for x in rs]) / max(np.sum([x.n for x in rs]), 1)),
                          "p50_ms": float(np.median([x.ms for x in rs])) if rs else float("nan")}
             if a == s_arm and rs:

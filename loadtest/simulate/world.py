@@ -31,7 +31,7 @@ VALUE_CACHE = 512          # users whose true value vector is kept (catalog floa
 
 
 class SimWorld:
-    def __init__(self, ds: Dataset, rerank: RerankParams, active: int, seed: int):
+    def __init__(self, ds: Dataset, rerank: RerankParams, active: int, seed: int, shift_share: float = 0.5):
         if ds.truth is None:
             raise ValueError(f"{ds.name}: the simulator needs the synthetic world's ground truth")
         self.ds, self.truth, self.rp = ds, ds.truth, rerank
@@ -42,7 +42,9 @@ class SimWorld:
         order = np.argsort(ds.log_user, kind="stable")
         self._ctx_rows = order
         self._ctx_start = np.searchsorted(ds.log_user[order], np.arange(ds.n_users + 1))
-        self.shifted = np.zeros(0, np.int64)
+        # who shifts is drawn up front, so their utility before the drift can be told apart too
+        self.shifted = np.sort(np.random.default_rng([seed, 1]).choice(
+            ds.n_users, int(round(shift_share * ds.n_users)), replace=False))
         self.drifted = False
         self._values: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -59,22 +61,23 @@ class SimWorld:
         ctx = self.ds.log_context[row].tolist() if row is not None else [0] * len(self.ds.context_fields)
         return dict(zip(self.ds.context_fields, ctx))
 
-    def drift(self, shift_share: float, launch_quality: float) -> dict[str, int]:
-        """Shift a share of the users' tastes and launch the cold items; the truth changes for good."""
-        rng = np.random.default_rng([self._seed, 1])
+    def drift(self, launch_quality: float) -> dict[str, int]:
+        """Shift the chosen users' tastes and launch the cold items; the truth changes for good."""
         t = copy.copy(self.truth)
-        n = self.ds.n_users
-        shifted = np.sort(rng.choice(n, int(round(shift_share * n)), replace=False))
-        donor = np.roll(shifted, 1)
+        donor = np.roll(self.shifted, 1)
         t.user_latent = self.truth.user_latent.copy()
         t.user_log_aff = self.truth.user_log_aff.copy()
-        t.user_latent[shifted] = self.truth.user_latent[donor]
-        t.user_log_aff[shifted] = self.truth.user_log_aff[donor]
+        t.user_latent[self.shifted] = self.truth.user_latent[donor]
+        t.user_log_aff[self.shifted] = self.truth.user_log_aff[donor]
         t.item_quality = (self.truth.item_quality + launch_quality * self.cold).astype(np.float32)
         with self._lock:
-            self.truth, self.shifted, self.drifted = t, shifted, True
+            self.truth, self.drifted = t, True
             self._values.clear()
-        return {"shifted_users": int(shifted.size), "launched_items": int(self.cold.sum())}
+        return {"shifted_users": int(self.shifted.size), "launched_items": int(self.cold.sum())}
+
+    def is_shifted(self, u: int) -> bool:
+        i = np.searchsorted(self.shifted, u)
+        return bool(i < self.shifted.size and self.shifted[i] == u)
 
     def value(self, u: int) -> np.ndarray:
         """True fused value of every catalog item for user u, under the truth as it is now."""
@@ -101,13 +104,13 @@ class SimWorld:
         return np.stack([click, click & (rng.random(n) < p[:, 1]), click & (rng.random(n) < p[:, 2])], 1)
 
 
-def scores(value: np.ndarray, served: np.ndarray, eligible: np.ndarray) -> tuple[float, float, float]:
-    """(utility of the served list, of the oracle's top list, expected of a uniform list) over
-    the eligible items, as `recserve eval` scores lists."""
+def scores(value: np.ndarray, served: np.ndarray, eligible: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+    """(utility of the served list, of the oracle's top list, expected of a uniform list, the
+    oracle's list) over the eligible items, as `recserve eval` scores lists."""
     top = _top(eligible, value[eligible])
     k = min(COUNT, served.size)
     return (float(value[served[:k]] @ DISCOUNT[:k]), float(value[top] @ DISCOUNT[:top.size]),
-            float(value[eligible].mean() * DISCOUNT.sum()))
+            float(value[eligible].mean() * DISCOUNT.sum()), top)
 
 
 class Seen:
