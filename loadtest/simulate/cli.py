@@ -43,6 +43,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from loadtest.simulate.driver import Driver
     from loadtest.simulate.plot import plot
     from loadtest.simulate.report import summarise
+    from loadtest.simulate.summary import markdown
     from loadtest.simulate.world import Seen, SimWorld
     from model_export.build import build_bundle
     from model_export.data import load_dataset
@@ -132,9 +133,10 @@ def run_simulate(args: argparse.Namespace) -> int:
                     streaming_arm.joined, streaming_arm.root),
     }
     (args.out / "simulate.json").write_text(json.dumps(report, indent=1, default=float))
+    (args.out / "simulate.md").write_text(markdown(report))
     plot(report, args.out / "simulate.png")
     _print(report)
-    print(f"report: {args.out / 'simulate.json'}, {args.out / 'simulate.png'}")
+    print(f"report: {args.out / 'simulate.json'}, {args.out / 'simulate.md'}, {args.out / 'simulate.png'}")
     return 0
 
 
@@ -143,8 +145,8 @@ def _print(r: dict) -> None:
     print(f"freshness p50 {f['p50_s']:.1f} s, p90 {f['p90_s']:.1f} s over {f['events']} events (not fresh: "
           f"{f['not_fresh']}); {len(r['versions'])} versions published, {len(r['refused'])} refused")
     for name, a in r["arms"].items():
-        print(f"{name}: pre-drift utility_norm {a['pre_drift_utility_norm']:.3f}, dip {a['dip_ratio']}, back to 80% "
-              f"after {a['recovered_after_minutes']} of {a['horizon_minutes']} minutes")
+        print(f"{name}: pre-drift utility_norm {a['pre_drift_utility_norm']:.3f}, dip to {a['dip_ratio']:.2f} of it, back "
+              f"to 80% to stay {a['recovered_after_minutes']} minutes after the drift (of {a['post_drift_minutes']})")
     d = r.get("pre_drift_difference")
     if d:
         print(f"pre-drift streaming - frozen: {d['mean']:+.4f} +- {d['se']:.4f} (se, {d['pairs']} pairs)")

@@ -184,18 +184,21 @@ def _paired(frozen: list[Served], streaming: list[Served]) -> dict[str, float] |
 def _arm_summary(rows: list[dict[str, Any]], arms: list[str], drift_minute: float) -> dict[str, Any]:
     """Pre-drift utility (the BASELINE_MINUTES whole minutes before the drift: the first minutes
     fill the users' seen lists, and utility settles as they do), the dip after the drift, and
-    when the arm is back to RECOVERY_SHARE of it to stay, within RECOVERY_MINUTES."""
+    the minute after the drift from which the arm stays at RECOVERY_SHARE of it or more to the
+    end of the run (the target: within RECOVERY_MINUTES)."""
     out = {}
     first_after = int(np.ceil(drift_minute))
     last_before = int(np.floor(drift_minute))
     base_rows = rows[max(1, last_before - BASELINE_MINUTES):last_before]
     for name in arms:
         pre = [r[name]["utility_norm"] for r in base_rows if np.isfinite(r[name]["utility_norm"])]
-        post = [r[name]["utility_norm"] for r in rows[first_after:first_after + RECOVERY_MINUTES]]
+        post = [r[name]["utility_norm"] for r in rows[first_after:]]
         base = float(np.mean(pre)) if pre else float("nan")
         ratio = [p / base for p in post]
         back = next((k + 1 for k in range(len(ratio)) if all(x >= RECOVERY_SHARE for x in ratio[k:])), None)
         out[name] = {"pre_drift_utility_norm": base, "baseline_minutes": [r["minute"] for r in base_rows],
                      "post_drift_ratio": ratio, "dip_ratio": min(ratio) if ratio else None,
-                     "recovered_after_minutes": back, "horizon_minutes": len(ratio)}
+                     "recovered_after_minutes": back,
+                     "recovered_within_target": back is not None and back <= RECOVERY_MINUTES,
+                     "post_drift_minutes": len(ratio)}
     return out
