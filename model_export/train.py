@@ -2,7 +2,8 @@
 
 Every ranker input is built by engine/featurize.py from the same tables and feature state
 the server uses (the state as of the start of each window: `snapshot` at t_history for the
-ranker window, at t_valid for validation), so a feature cannot drift between training and
+ranker window, at t_valid for validation; with data without impressions, each user's state
+at their cut, model_export.implicit), so a feature cannot drift between training and
 serving. Two-tower pairs take the user's history point-in-time via `recent_before`.
 """
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.core.config import TrainConfig
-from engine.core.featurize import (COARSE_FEATURES, Tables, coarse_features, item_tower_input, one_hot,
-                              ranker_item_input, ranker_user_input, sequence_input, user_tower_input)
+from engine.core.featurize import (COARSE_FEATURES, I2ITable, Tables, coarse_features, i2i_pairs, item_tower_input, one_hot,
+                                   ranker_item_input, ranker_user_input, sequence_input, user_tower_input)
 from engine.core.state import FeatureState, recent_before
 from indexes import exact_ids
-from model_export.dataset import Dataset
+from model_export.cascade import UserStates
+from model_export.dataset import Dataset, Phase
 from model_export.models import MMoE, CoarseDNN, TwoTower
 from model_export.progress import bar
 
@@ -95,7 +97,7 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
 
     Keeps the epoch with the best recall@100 on the ranker window (`state`: as of t_history), which
     the two-tower model never trains on, so the validation window stays untouched for reporting."""
-    h = ds.window(0, ds.t_history)
+    h = ds.history_rows
     rows = h[ds.log_labels[h, 0] > 0]
     users, items = ds.log_user[rows], ds.log_item[rows]
     # positives only: the history strictly before a positive is the earlier positives
@@ -129,7 +131,7 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
     def evaluate() -> dict[str, float]:
         tabs = model.tables(*seen)
         tables = embed_catalog(serving_tables(ds, content, tabs), tabs, torch_fn(model.item_tower))
-        m = two_tower_recall(ds, tables, torch_fn(model.user_tower), state, ds.t_history, ds.t_valid)
+        m = two_tower_recall(ds, tables, torch_fn(model.user_tower), state, ds.rank)
         return {"ranker_window_recall@100": m["recall@100"]}
 
     print(f"two-tower: {rows.size} positive pairs from {ds.n_users} users, {int(seen[1].sum())} items")
@@ -138,11 +140,12 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
     return TwoTowerFit(model, model.tables(*seen))
 
 
-def serving_tables(ds: Dataset, content: np.ndarray, tt_tables: dict[str, np.ndarray]) -> Tables:
+def serving_tables(ds: Dataset, content: np.ndarray, tt_tables: dict[str, np.ndarray],
+                   i2i: I2ITable | None = None) -> Tables:
     """The serving Tables; item_emb stays empty until `embed_catalog` fills it."""
     return Tables(np.empty((ds.n_items, 0), np.float32), tt_tables["item_id_emb"], ds.item_category,
                   ds.item_author, content, ds.item_created, tt_tables["user_id_emb"], ds.user_profile,
-                  ds.profile_cardinality, ds.context_cardinality)
+                  ds.profile_cardinality, ds.context_cardinality, i2i)
 
 
 def embed_catalog(t: Tables, tt_tables: dict[str, np.ndarray], item_emb: EmbedFn, chunk: int = 65536) -> Tables:
@@ -154,12 +157,12 @@ def embed_catalog(t: Tables, tt_tables: dict[str, np.ndarray], item_emb: EmbedFn
     return t
 
 
-def two_tower_recall(ds: Dataset, tables: Tables, user_emb: EmbedFn, state: FeatureState, start: float,
-                     end: float, k: int = 100, n_users: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Recall@k of each sampled user's positives in [start, end) over the whole catalog, queried as
-    the server would (`state` as of `start`, context of the user's first positive there), against
-    the most-popular-k (by positives before `start`) and random baselines."""
-    v = ds.window(start, end)
+def two_tower_recall(ds: Dataset, tables: Tables, user_emb: EmbedFn, state: FeatureState, phase: Phase,
+                     k: int = 100, n_users: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Recall@k of each sampled user's positives in the phase's rows over the whole catalog, queried
+    as the server would (`state`: each user's as of their cut, context of the user's first positive
+    there), against the most-popular-k (by positives in `state`) and random baselines."""
+    v = phase.rows
     rows = v[ds.log_labels[v, 0] > 0]
     all_users, first = np.unique(ds.log_user[rows], return_index=True)
     pick = np.sort(np.random.default_rng(seed).permutation(all_users.size)[:n_users])
@@ -205,13 +208,37 @@ def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureSta
     out = RankerRows(np.empty((n, du), np.float32),
                      np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
                      state.user_recent[ds.log_user[rows]], ds.log_labels[rows].astype(np.float32))
+    i2i = i2i_pairs(tables.i2i, state.user_recent, ds.log_user[rows], ds.log_item[rows])
     for s in bar(range(0, n, chunk), desc=f"features {desc}", unit="chunk"):
         r = rows[s:s + chunk]
         u, i, ctx, rec = ds.log_user[r], ds.log_item[r], ds.log_context[r], out.recent[s:s + chunk]
         ue = user_emb(user_tower_input(tables, u, ds.user_profile[u], ctx, rec))
         ie = tables.item_emb[i]
         cf = coarse_features(tables, i, ue, ie, rec, state.user_n_imp[u], state.user_n_pos[u],
-                             state.item_n_imp[i], state.item_n_pos[i], state.item_hot[i], ctx, ds.log_time[r])
+                             state.item_n_imp[i], state.item_n_pos[i], state.item_hot[i], ctx, ds.log_time[r],
+                             i2i[s:s + chunk])
+        out.user[s:s + chunk] = ranker_user_input(tables, ue, ds.user_profile[u], ctx)
+        out.item[s:s + chunk] = ranker_item_input(ie, cf)
+    return out
+
+
+def candidate_rows(ds: Dataset, tables: Tables, states: UserStates, row: np.ndarray, items: np.ndarray,
+                   item_stats: np.ndarray, labels: np.ndarray, chunk: int = 65536) -> RankerRows:
+    """Featurize (user at their cut, item) pairs as the serving stages would at the cut: `row`
+    indexes `states` (model_export.cascade), `item_stats` [N, 3] are the items' impressions,
+    positives and hot score in the user's state, `labels` [N, T]."""
+    n = row.size
+    du = tables.item_emb.shape[1] + sum(tables.profile_cardinality) + sum(tables.context_cardinality)
+    out = RankerRows(np.empty((n, du), np.float32),
+                     np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
+                     states.recent[row], labels)
+    i2i = i2i_pairs(tables.i2i, states.recent, row, items)
+    for s in bar(range(0, n, chunk), desc="features candidates", unit="chunk"):
+        k, i = row[s:s + chunk], items[s:s + chunk]
+        u, ctx, ue, st = states.users[k], states.context[k], states.user_e[k], item_stats[s:s + chunk]
+        ie = tables.item_emb[i]
+        cf = coarse_features(tables, i, ue, ie, states.recent[k], states.n_imp[k], states.n_pos[k],
+                             st[:, 0], st[:, 1], st[:, 2], ctx, states.now[k], i2i[s:s + chunk])
         out.user[s:s + chunk] = ranker_user_input(tables, ue, ds.user_profile[u], ctx)
         out.item[s:s + chunk] = ranker_item_input(ie, cf)
     return out
