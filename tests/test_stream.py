@@ -177,16 +177,18 @@ def _redis(tmp_path: Path) -> RedisServer:
     return RedisServer(redis_server_binary(), d, ("--appendonly", "yes", "--appendfsync", "always"))
 
 
-@pytest.mark.parametrize("backend", ["files", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.mark.redis
+@pytest.mark.parametrize("backend", ["files", "redis"])
 def test_no_acknowledged_sample_is_lost_or_trained_twice_through_kills(backend, world, tiny_bundle, tiny_config,
                                                                        tmp_path):
-    """Traffic runs while the trainer, then the server are SIGKILLed and restarted (and, with the
-    Redis backend, Redis restarted with its AOF): every acknowledged list and event ends up
-    joined exactly once, and the published versions' inputs tile the joined output, each
-    sample in exactly one version (or held out for the next), through every restart."""
+    """Traffic runs while the trainer, then the server are SIGKILLed and restarted, then Redis
+    (the server's feature store, and with the Redis backend its sample log too) is restarted
+    with its AOF: every acknowledged list and event ends up joined exactly once, and the
+    published versions' inputs tile the joined output, each sample in exactly one version (or
+    held out for the next), through every restart."""
     root = arm_root(resolve(tiny_bundle), tmp_path / "bundle")
-    redis = _redis(tmp_path) if backend == "redis" else None
-    if redis:
+    redis = _redis(tmp_path)
+    if backend == "redis":
         spec = redis.url(0) + "?prefix=loop"
         log_args = ("--set", 'log.backend="redis"', "--set", f'log.redis_url="{spec}"')
     else:
@@ -194,7 +196,7 @@ def test_no_acknowledged_sample_is_lost_or_trained_twice_through_kills(backend, 
         log_args = ("--set", f'log.dir="{spec}"', "--set", "log.segment_s=1.0")
     joined, logs = tmp_path / "joined", tmp_path / "logs"
     logs.mkdir()
-    serve = ("--workers", "1", "--state-dir", "none", *log_args)
+    serve = ("--workers", "1", "--state-dir", "none", "--feature-store", redis.url(1), *log_args)
     server = _Serve(tmp_path, tiny_config, root, *serve)
     procs: dict[str, subprocess.Popen] = {}
     join_cmd = ("join", "--config", str(tiny_config), "--log", spec, "--out", str(joined), "--follow",
@@ -215,11 +217,10 @@ def test_no_acknowledged_sample_is_lost_or_trained_twice_through_kills(backend, 
         server.kill()                                     # SIGKILL, the whole process group, under traffic
         server = _Serve(tmp_path, tiny_config, root, *serve)
         traffic.target = server.target
-        if redis:
-            time.sleep(1.0)
-            redis.stop()                                  # answers go on, the log buffers; the joiner retries
-            time.sleep(1.0)
-            redis.start()                                 # AOF: what it acknowledged is back
+        time.sleep(1.0)
+        redis.stop()                                      # answers go on; the store and the log buffer, the joiner retries
+        time.sleep(1.0)
+        redis.start()                                     # AOF: what it acknowledged is back
         n = len(_journal(root, "published"))
         wait_for(lambda: len(_journal(root, "published")) >= n + 2, timeout=120, what="versions after the kills")
         wait_for(lambda: any("-s" in v for v in traffic.versions), timeout=30, what="a streamed version served")
@@ -238,8 +239,7 @@ def test_no_acknowledged_sample_is_lost_or_trained_twice_through_kills(backend, 
                 p.send_signal(signal.SIGTERM)
                 p.wait(60)
         server.kill()
-        if redis:
-            redis.stop()
+        redis.stop()
 
     commits = _joined(joined)
     rows = pa.concat_tables([t for t, _ in commits])

@@ -276,7 +276,8 @@ class StreamConfig:
     buffer_rows: int = 4096            # shuffle buffer: rows are shuffled within chunks this large, once
     batch_size: int = 256
     lr: float = 1e-3                   # Adam, dense rankers
-    emb_lr: float = 0.01               # Adagrad, the id-embedding rows (id_embeddings)
+    emb_optimizer: str = "adam"        # the id-embedding rows (id_embeddings): "adam" (sparse) or "adagrad"
+    emb_lr: float = 3e-3               # their learning rate (the build's; Adagrad wants ~10x more)
     holdout_rows: int = 2000           # freshest samples held out to validate a candidate (trained on next)
     min_holdout_positives: int = 30    # and at least this many primary-task positives among them
     auc_margin: float = 0.02           # refused when a model's AUC falls more than this below the serving one
@@ -286,6 +287,7 @@ class StreamConfig:
     def check(self) -> None:
         for m in self.models:
             _one_of("models", m, ("coarse_dnn", "fine", "id_embeddings"))
+        _one_of("emb_optimizer", self.emb_optimizer, ("adam", "adagrad"))
         if not self.models:
             raise _err("models", "name at least one of coarse_dnn, fine, id_embeddings")
         for k in ("publish_rows", "publish_s", "buffer_rows", "batch_size", "lr", "emb_lr", "holdout_rows",

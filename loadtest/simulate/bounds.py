@@ -24,7 +24,8 @@ from engine.core.request import Request
 from engine.core.runner import Engine
 from engine.store.embedded import EmbeddedStore
 from loadtest.simulate.world import SimWorld, scores
-from model_export.evaluate import DEADLINE_MS, _StoppedClock
+from model_export.cascade import StoppedClock
+from model_export.evaluate import DEADLINE_MS
 
 COUNTER_IMPRESSIONS = 50.0
 
@@ -65,7 +66,7 @@ def bounds(cfg: Config, bundle: Bundle, world: SimWorld, users: int = 300) -> di
 def _serve(cfg: Config, bundle: Bundle, world: SimWorld, users: np.ndarray) -> dict[str, Any]:
     """The lists the engine serves these users (bundle state, clock stopped), scored."""
     store = EmbeddedStore(bundle)
-    store.clock = _StoppedClock(float(bundle.state.time))
+    store.clock = StoppedClock(float(bundle.state.time))
     engine = Engine(cfg, bundle, store=store)
     ds, launched = world.ds, world.cold
     index = {str(i): k for k, i in enumerate(bundle.item_ids)}

@@ -6,7 +6,10 @@ A user whose interests moved, or an item nobody had interacted with, is a row of
 `user_id_emb` / `item_id_emb`: the dense rankers cannot learn either, since their inputs are
 that row's output (the user and item embeddings). The rows are trained with the build's own
 objective (in-batch sampled softmax with logQ correction, model_export.train.fit_two_tower),
-starting from the serving tables, with Adagrad (a row's step shrinks with its own history).
+starting from the serving tables, with sparse Adam at the build's learning rate by default: its
+step does not shrink with a row's history, as Adagrad's does (`stream.emb_optimizer`), so a
+user whose interests move after hours of traffic is followed as fast as a new one (see
+docs/loop.md, "What the trainer updates, and why").
 Because the towers are frozen, no graph is re-exported: a version writes the two id tables,
 the item embeddings of the items whose row changed (through the serving item-tower graph, as
 the build embeds the catalog) and the index updated for them.
@@ -32,7 +35,8 @@ from model_export.export import ort_session
 from model_export.models import TwoTower, load_checkpoints
 from model_export.stream.samples import Samples
 
-STATE = "id_embeddings.pt"      # Adagrad state and positive counts, beside the checkpoints
+STATE = "id_embeddings.pt"      # optimiser state and positive counts, beside the checkpoints
+OPTIMIZERS = {"adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad}
 HOLDOUT_PAIRS = 2000           # held-out clicks the gate scores against each other
 WRITTEN = ("tables/user_id_emb.npy", "tables/item_id_emb.npy", "tables/item_emb.npy", "index/items.faiss")
 
@@ -53,15 +57,16 @@ class EmbeddingLearner:
         for p in (*tt.user_tower.parameters(), *tt.item_tower.parameters()):
             p.requires_grad_(False)
         self.tt = tt.eval()
-        self.opt = torch.optim.Adagrad([tt.user_id.weight, tt.item_id.weight], lr=cfg.emb_lr)
-        torch.sparse.check_sparse_tensor_invariants.disable()   # Adagrad's own sparse updates: skip the checks
+        self.opt = OPTIMIZERS[cfg.emb_optimizer]([tt.user_id.weight, tt.item_id.weight], lr=cfg.emb_lr)
+        torch.sparse.check_sparse_tensor_invariants.disable()   # the optimiser's own sparse updates: skip the checks
         self.item_pos = np.asarray(bundle.state.item_n_pos, np.float64).copy()   # logQ: positives per item so far
         saved = checkpoints / STATE
         if saved.is_file():
             state = torch.load(saved, weights_only=True)
-            self.opt.load_state_dict(state["opt"])
-            for g in self.opt.param_groups:
-                g["lr"] = cfg.emb_lr
+            if state.get("optimizer", "adagrad") == cfg.emb_optimizer:    # else: a fresh one, same rows
+                self.opt.load_state_dict(state["opt"])
+                for g in self.opt.param_groups:
+                    g["lr"] = cfg.emb_lr
             self.item_pos = state["item_pos"].numpy().astype(np.float64)
         self.category = torch.tensor(np.asarray(t.item_category), dtype=torch.long)
         self.author = torch.tensor(np.asarray(t.item_author), dtype=torch.long)
@@ -214,10 +219,11 @@ class EmbeddingLearner:
         self.touched_items[:] = False
 
     def save(self, out: Path) -> None:
-        """The two-tower checkpoint with the refreshed id rows, and the Adagrad state."""
+        """The two-tower checkpoint with the refreshed id rows, and the optimiser state."""
         state = {k: v for k, v in self.tt.state_dict().items()}
         torch.save(state, out / "two_tower.pt")
-        torch.save({"opt": self.opt.state_dict(), "item_pos": torch.from_numpy(self.item_pos)}, out / STATE)
+        torch.save({"opt": self.opt.state_dict(), "optimizer": self.cfg.emb_optimizer,
+                    "item_pos": torch.from_numpy(self.item_pos)}, out / STATE)
 
 
 def _update_index(path: Path, item_emb: np.ndarray, changed: np.ndarray) -> FaissIndex:
