@@ -32,11 +32,12 @@ def test_a_short_simulation_serves_a_streamed_version_within_the_run(tiny_bundle
     wall = r["time_scale"]["wall_seconds"]
     served = [v for v in r["versions"] if v["first_served_s"] is not None]
     assert served and min(v["first_served_s"] for v in served) < wall       # a streamed version served in the run
-    assert r["minutes"][-1]["streaming"]["version"] != r["world"]["base_version"]
+    assert all(v["first_served_s"] >= v["published_s"] for v in served)     # and not before it was published
     assert r["freshness"]["events"] > 0 and 0 < r["freshness"]["p50_s"] < wall
     assert r["minutes"][-1]["streaming"]["join_rate"] is not None
     assert (out / "simulate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not r["load"]["errors"]
+    # a busy machine may shed load (admission's RESOURCE_EXHAUSTED, a deadline): counted, never another error
+    assert not [k for k in r["load"]["errors"] if not k.endswith(("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"))]
 
 
 def test_bounds_serve_the_drifted_world_with_each_perfect_update(tiny_bundle, tiny_config):
