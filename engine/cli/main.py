@@ -71,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
     from engine.app.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
     from model_export.join_cli import add_join_args, run_join
+    from model_export.stream.cli import add_train_args, run_train
+    from loadtest.simulate.cli import add_simulate_args, run_simulate
 
     for name, help_text, add_args, run in (
         ("serve", "serve a bundle over gRPC (health, reflection, metrics, hot reload)", add_serve_args, serve),
@@ -84,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
         ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),
         ("join", "join the sample log's impressions to their events: labelled samples with offsets", add_join_args,
          run_join),
+        ("train", "streaming trainer: joined samples -> validated bundle versions (--follow to keep going)",
+         add_train_args, run_train),
+        ("simulate", "closed loop: synthetic users against a frozen and a streaming arm, with a drift",
+         add_simulate_args, run_simulate),
     ):
         sp = sub.add_parser(name, help=help_text)
         add_args(sp)
