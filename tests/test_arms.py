@@ -96,14 +96,16 @@ def test_every_worker_converges_and_responses_and_the_log_name_the_arm(server, t
     with server.client() as c:
         v0 = c.arms().version
         r = c.set_arms([("heavy_like", 0.4, WEIGHTS), ("wide", 0.3, {"stage.rerank.beam_width": 6})],
-                       expect_version=v0)
+                       expect_version=v0, salt="round-1")
     assert r.version == v0 + 1 and [a.name for a in r.arms] == ["heavy_like", "wide"]
     assert r.arms[0].set["stage.rerank.weights"].replace(" ", "") == '{"click"=1.0,"like"=2.0,"finish"=0.1}'
     wait_for(lambda: {s.version for s in _every_worker(server, lambda c: c.arms()).values()} == {r.version},
              timeout=10, what="every worker on the new arms")
 
-    expected = config_with_arms(cfg, Arms(0, (ArmSpec("heavy_like", 0.4, WEIGHTS),
-                                              ArmSpec("wide", 0.3, {"stage.rerank.beam_width": 6}))))
+    arms = (ArmSpec("heavy_like", 0.4, WEIGHTS), ArmSpec("wide", 0.3, {"stage.rerank.beam_width": 6}))
+    expected = config_with_arms(cfg, Arms(0, arms, {}, "round-1"))
+    unsalted = config_with_arms(cfg, Arms(0, arms))
+    assert any(expected.experiment_for(f"user-{k}") != unsalted.experiment_for(f"user-{k}") for k in range(50))
     answers = _concurrent_recommends(server, [f"user-{k}" for k in range(240)])
     assert {r.served_by for _, r in answers} and len({r.served_by for _, r in answers}) == WORKERS
     for u, resp in answers:
@@ -133,11 +135,11 @@ def test_every_worker_converges_and_responses_and_the_log_name_the_arm(server, t
 
 def test_the_cli_file_format_is_the_config_format(tmp_path):
     f = tmp_path / "arms.toml"
-    f.write_text('[experiments.a]\nshare = 0.05\nset = { "stage.rerank.weights" = { click = 1.0, like = 0.3 } }\n'
+    f.write_text('salt = "r7"\n[experiments.a]\nshare = 0.05\nset = { "stage.rerank.weights" = { click = 1.0, like = 0.3 } }\n'
                  '[control]\n"stage.rerank.fusion" = "sum"\n')
     a = read_arms_file(f)
     assert a.arms == (ArmSpec("a", 0.05, {"stage.rerank.weights": {"click": 1.0, "like": 0.3}}),)
-    assert a.control == {"stage.rerank.fusion": "sum"}
+    assert a.control == {"stage.rerank.fusion": "sum"} and a.salt == "r7"
     f.write_text("[arms.a]\nshare = 0.1\n")
     with pytest.raises(ValueError, match="unknown table 'arms'"):
         read_arms_file(f)

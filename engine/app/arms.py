@@ -161,7 +161,7 @@ class Follower:
             except Exception as e:   # noqa: BLE001
                 log.error("arms version %d refused here: %s; still serving version %d", got.version, e,
                           self.arms.version)
-                self.arms = Arms(got.version, self.arms.arms, self.arms.control)   # not retried every poll
+                self.arms = self.arms.with_version(got.version)   # not retried every poll
                 return
             self.arms = got
             log.info("serving arms version %d: %s", got.version, describe(got))
@@ -202,14 +202,14 @@ def handle_set(f: Follower, m: pb2.SetArmsRequest, worker_id: int
 
 def describe(a: Arms) -> str:
     arms = ", ".join(f"{x.name} {x.share:g}" for x in a.arms) or "none"
-    return f"arms {arms}" + (f"; control {a.control}" if a.control else "")
+    return f"arms {arms}" + (f"; control {a.control}" if a.control else "") + (f"; salt {a.salt!r}" if a.salt else "")
 
 
 def from_proto(m: pb2.SetArmsRequest) -> Arms:
     """The request's arms with their TOML values parsed; ConfigError names a bad one."""
     arms = tuple(ArmSpec(a.name, a.share, {k: parse_value(f"arms.{a.name}.set.{k}", v) for k, v in a.set.items()})
                  for a in m.arms)
-    return Arms(0, arms, {k: parse_value(f"control.{k}", v) for k, v in m.control.items()})
+    return Arms(0, arms, {k: parse_value(f"control.{k}", v) for k, v in m.control.items()}, m.salt)
 
 
 def to_proto(a: Arms, message: str = "", worker_id: int = 0) -> pb2.ArmsResponse:
@@ -218,6 +218,6 @@ def to_proto(a: Arms, message: str = "", worker_id: int = 0) -> pb2.ArmsResponse
             version=a.version, message=message, worker_id=worker_id,
             arms=[pb2.Arm(name=x.name, share=x.share, set={k: toml_value(v) for k, v in x.set.items()})
                   for x in a.arms],
-            control={k: toml_value(v) for k, v in a.control.items()})
+            control={k: toml_value(v) for k, v in a.control.items()}, salt=a.salt)
     except ConfigError as e:   # a config file's value TOML cannot carry back (never from SetArms)
         return pb2.ArmsResponse(version=a.version, message=f"{message}; {e}", worker_id=worker_id)

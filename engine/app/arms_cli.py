@@ -9,6 +9,8 @@ The file uses the config's own format, so arms tried in a config move to a live 
     [control]                            # optional: control's own overrides (stage.* keys)
     "stage.rerank.weights" = { click = 1.0, like = 0.3 }
 
+A top-level `salt = "..."` (before the tables) rehashes users to arms: new arms, new users.
+
 `--clear` removes every arm (control keeps its overrides only if the file gives them).
 """
 from __future__ import annotations
@@ -39,19 +41,21 @@ def read_arms_file(path: Path) -> Arms:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: {e}") from None
-    unknown = set(raw) - {"experiments", "control"}
+    unknown = set(raw) - {"experiments", "control", "salt"}
     if unknown:
-        raise ValueError(f"{path}: unknown table {sorted(unknown)[0]!r} (allowed: experiments, control)")
+        raise ValueError(f"{path}: unknown table {sorted(unknown)[0]!r} (allowed: experiments, control, salt)")
+    if not isinstance(raw.get("salt", ""), str):
+        raise ValueError(f"{path}: salt: a string")
     arms = []
     for name, body in raw.get("experiments", {}).items():
         if not isinstance(body, dict) or set(body) - {"share", "set"}:
             raise ValueError(f"{path}: experiments.{name}: a table of share and set")
         arms.append(ArmSpec(name, body.get("share", 0.0), dict(body.get("set", {}))))
-    return Arms(0, tuple(arms), dict(raw.get("control", {})))
+    return Arms(0, tuple(arms), dict(raw.get("control", {})), raw.get("salt", ""))
 
 
 def format_arms(r) -> str:
-    lines = [f"arms version {r.version} (worker {r.worker_id})"]
+    lines = [f"arms version {r.version} (worker {r.worker_id})" + (f", salt {r.salt!r}" if r.salt else "")]
     for k, v in sorted(r.control.items()):
         lines.append(f"  control  {k} = {v}")
     lines += [f"  {a.name}  share {a.share:g}" + "".join(f"\n      {k} = {v}" for k, v in sorted(a.set.items()))
@@ -72,7 +76,8 @@ def main_arms(args: argparse.Namespace) -> int:
             if new is None:
                 r = c.arms()
             else:
-                r = c.set_arms([(a.name, a.share, a.set) for a in new.arms], new.control, args.expect_version)
+                r = c.set_arms([(a.name, a.share, a.set) for a in new.arms], new.control, args.expect_version,
+                               new.salt)
         except grpc.RpcError as e:
             return _rpc_failed("arms", e)
     print(format_arms(r))

@@ -33,9 +33,10 @@ class Arms:
     version: int = 0                                     # 0: the config's own experiments
     arms: tuple[ArmSpec, ...] = ()
     control: dict[str, Any] = field(default_factory=dict)   # stage.* dotted key -> value
+    salt: str = ""                                       # users hash to arms by crc32(salt + user id)
 
     def to_json(self) -> str:
-        return json.dumps({"version": self.version, "control": self.control,
+        return json.dumps({"version": self.version, "control": self.control, "salt": self.salt,
                            "arms": [{"name": a.name, "share": a.share, "set": a.set} for a in self.arms]},
                           separators=(",", ":"), sort_keys=False)
 
@@ -43,10 +44,10 @@ class Arms:
     def from_json(cls, text: str | bytes) -> "Arms":
         d = json.loads(text)
         return cls(int(d["version"]), tuple(ArmSpec(a["name"], float(a["share"]), dict(a["set"])) for a in d["arms"]),
-                   dict(d.get("control", {})))
+                   dict(d.get("control", {})), str(d.get("salt", "")))
 
     def with_version(self, version: int) -> "Arms":
-        return Arms(version, self.arms, self.control)
+        return Arms(version, self.arms, self.control, self.salt)
 
     @property
     def exploration_share(self) -> float:
@@ -75,11 +76,15 @@ def config_with_arms(base: Config, arms: Arms) -> Config:
             raise ConfigError(f"arms.{a.name}.share: must be a finite number, got {a.share}")
     raw = apply_overrides(base.raw, arms.control, "control")
     raw["experiments"] = {a.name: {"share": a.share, "set": a.set} for a in arms.arms}
+    if len(arms.salt) > 64:
+        raise ConfigError("salt: at most 64 characters")
     try:
-        return parse_config(raw, base.path)
+        cfg = parse_config(raw, base.path)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError("arms" + msg[len("experiments"):] if msg.startswith("experiments") else msg) from None
+    cfg.arms_salt = arms.salt
+    return cfg
 
 
 def toml_value(v: Any) -> str:
