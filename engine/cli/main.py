@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     from model_export.stream.cli import add_train_args, run_train
     from loadtest.simulate.cli import add_simulate_args, run_simulate
     from engine.app.arms_cli import add_arms_args, main_arms
-    from model_export.tune.cli import add_tune_args, run_tune
+    from engine.cli.tune import add_tune_args, run_tune
 
     for name, help_text, add_args, run in (
         ("serve", "serve a bundle over gRPC (health, reflection, metrics, hot reload)", add_serve_args, serve),
