@@ -15,53 +15,24 @@ from pathlib import Path
 import grpc
 
 
-def _pairs(text: str, what: str) -> dict[str, str]:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        k, eq, v = part.partition("=")
-        if not eq or not k.strip():
-            raise argparse.ArgumentTypeError(f"{what}: expected NAME=VALUE[,NAME=VALUE...], got {part!r}")
-        out[k.strip()] = v.strip()
-    return out
-
-
-def _floats(text: str) -> dict[str, float]:
-    try:
-        return {k: float(v) for k, v in _pairs(text, "weights").items()}
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _box(text: str) -> dict[str, tuple[float, float]]:
-    out = {}
-    for k, v in _pairs(text, "search").items():
-        lo, colon, hi = v.partition(":")
-        try:
-            out[k] = (float(lo), float(hi))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"search: {k}={v}: expected LO:HI") from None
-        if not colon:
-            raise argparse.ArgumentTypeError(f"search: {k}={v}: expected LO:HI")
-    return out
-
-
 def add_tune_args(p: argparse.ArgumentParser) -> None:
     from engine.app.client import _add_conn_args
+    from model_export.tune.args import box, floats
 
     _add_conn_args(p)
     p.add_argument("--joined", required=True, type=Path, help="the joiner's output folder (recserve join --out)")
     p.add_argument("--state", required=True, type=Path, help="state file: created, or resumed after a restart")
     p.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until interrupted)")
-    p.add_argument("--search", type=_box, default="like=0:3,finish=0:3", help="weights to tune and their box")
-    p.add_argument("--fixed", type=_floats, default="click=1", help="weights held fixed")
-    p.add_argument("--init", type=_floats, default="", help="start of the search mean (default: mid-box)")
+    p.add_argument("--search", type=box, default="like=0:3,finish=0:3", help="weights to tune and their box")
+    p.add_argument("--fixed", type=floats, default="click=1", help="weights held fixed")
+    p.add_argument("--init", type=floats, default="", help="start of the search mean (default: mid-box)")
     p.add_argument("--stage", default="rerank", help="the rerank stage whose weights are tuned")
     p.add_argument("--arms", type=int, default=6, help="arms per round")
     p.add_argument("--share", type=float, default=0.10, help="total traffic share of the arms")
     p.add_argument("--min-impressions", type=int, default=2000, help="joined impressions per arm before scoring")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds: score a round with what came by then")
     p.add_argument("--confidence", type=float, default=0.95, help="one-sided, for promotion and rollback")
-    p.add_argument("--reward", type=_floats, default="click=1,like=0.5,finish=0.5",
+    p.add_argument("--reward", type=floats, default="click=1,like=0.5,finish=0.5",
                    help="reward of each action on an impression")
     p.add_argument("--discount", choices=("log2", "none"), default="log2", help="position discount of the reward")
     p.add_argument("--method", choices=("cem", "es"), default="cem")
@@ -69,18 +40,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(timeout=30.0)
 
 
-def settings(args: argparse.Namespace):
-    from model_export.tune.reward import RewardSpec
-    from model_export.tune.tuner import TuneSettings
-
-    return TuneSettings(search=args.search, fixed=args.fixed, init=args.init, stage=args.stage, arms=args.arms,
-                        share=args.share, min_impressions=args.min_impressions, max_wait_s=args.max_wait,
-                        confidence=args.confidence, reward=RewardSpec(args.reward, args.discount),
-                        method=args.method, seed=args.seed)
-
-
 def run_tune(args: argparse.Namespace) -> int:
     from engine.app.client import _connect
+    from model_export.tune.args import settings
     from model_export.tune.plot import plot
     from model_export.tune.tuner import Tuner
 
