@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.core.arms import Arms, config_with_arms
 from engine.core.bundle import Bundle
-from engine.core.config import Config
+from engine.core.config import Config, apply_overrides, parse_config
 from engine.core.request import Request
 from engine.core.runner import Engine
 from engine.store.embedded import EmbeddedStore
@@ -36,10 +36,13 @@ class TruthJudge:
     """Serves a fixed user sample with any control weights and scores the lists against the truth."""
 
     def __init__(self, cfg: Config, bundle: Bundle, world: SimWorld, stage: str, users: int, seed: int = 0):
-        self.cfg, self.world, self.key = cfg, world, f"stage.{stage}.weights"
+        # route timeouts lifted, as `recserve eval` does: a route abandoned on a busy machine
+        # would make lists differ for reasons that are not the weights
+        raw = apply_overrides(cfg.raw, {f"stage.{n}.timeout_ms": DEADLINE_MS for n in cfg.pipeline.recall}, "judge")
+        self.cfg, self.world, self.key = parse_config(raw, cfg.path), world, f"stage.{stage}.weights"
         store = EmbeddedStore(bundle)
         store.clock = StoppedClock(float(bundle.state.time))
-        self.engine = Engine(config_with_arms(cfg, Arms()), bundle, store=store)
+        self.engine = Engine(config_with_arms(self.cfg, Arms()), bundle, store=store)
         rng = np.random.default_rng([seed, 7])
         self.users = world.active[rng.permutation(world.active.size)[:users]]
         self.contexts = [world.context(int(u), rng) for u in self.users]
