@@ -39,7 +39,8 @@ def settings(args: argparse.Namespace):
     from model_export.tune.reward import RewardSpec
     from model_export.tune.tuner import TuneSettings
 
-    return TuneSettings(search=args.search, fixed=args.fixed, init=args.init, stage=args.stage, arms=args.arms,
+    return TuneSettings(search=args.search, fixed=args.fixed, init=args.init, init_std=args.init_std,
+                        stage=args.stage, arms=args.arms,
                         share=args.share, min_impressions=args.min_impressions, max_wait_s=args.max_wait,
                         confidence=args.confidence, reward=RewardSpec(args.reward, args.discount),
                         method=args.method, seed=args.seed)

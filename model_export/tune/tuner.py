@@ -38,6 +38,7 @@ class TuneSettings:
     search: dict[str, tuple[float, float]] = field(default_factory=lambda: {"like": (0.0, 3.0), "finish": (0.0, 3.0)})
     fixed: dict[str, float] = field(default_factory=lambda: {"click": 1.0})   # weights not searched
     init: dict[str, float] = field(default_factory=dict)    # start of the search mean (default: mid-box)
+    init_std: float = 0.25                 # start of the spread, as a share of each weight's box
     stage: str = "rerank"                  # the rerank stage whose weights are tuned
     arms: int = 6                          # K
     share: float = 0.10                    # total traffic share of the arms
@@ -65,6 +66,8 @@ class TuneSettings:
             raise ValueError("confidence: in (0.5, 1)")
         if self.min_impressions < 1:
             raise ValueError("min_impressions: at least 1")
+        if self.init_std <= 0:
+            raise ValueError("init_std: > 0 (a share of each weight's box)")
 
 
 class Tuner:
@@ -84,7 +87,7 @@ class Tuner:
             raise ValueError(f"{self.path}: tunes {st.names}, not {names}: another tuning run's state")
         if st is None:
             mean = np.array([s.init.get(n, (lo[i] + hi[i]) / 2) for i, n in enumerate(names)])
-            st = TuneState(search={"mean": mean.tolist(), "std": ((hi - lo) / 4).tolist()}, names=names)
+            st = TuneState(search={"mean": mean.tolist(), "std": (s.init_std * (hi - lo)).tolist()}, names=names)
             st.offset = _offset_json(self._end())      # rows served before the tuner started do not count
         self.state = st
         self.search = Search(np.array(st.search["mean"]), np.array(st.search["std"]), lo, hi, s.method,
