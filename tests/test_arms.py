@@ -135,7 +135,8 @@ def test_every_worker_converges_and_responses_and_the_log_name_the_arm(server, t
 
 def test_the_cli_file_format_is_the_config_format(tmp_path):
     f = tmp_path / "arms.toml"
-    f.write_text('salt = "r7"\n[experiments.a]\nshare = 0.05\nset = { "stage.rerank.weights" = { click = 1.0, like = 0.3 } }\n'
+    f.write_text('salt = "r7"\n[experiments.a]\nshare = 0.05\n'
+                 'set = { "stage.rerank.weights" = { click = 1.0, like = 0.3 } }\n'
                  '[control]\n"stage.rerank.fusion" = "sum"\n')
     a = read_arms_file(f)
     assert a.arms == (ArmSpec("a", 0.05, {"stage.rerank.weights": {"click": 1.0, "like": 0.3}}),)

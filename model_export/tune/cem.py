@@ -5,8 +5,8 @@ mean and spread move to those of the elites (smoothed, so one noisy round cannot
 distribution away). The elites' spread is taken around the old mean, as CMA-ES's rank-mu update
 does: while the elites sit to one side the spread stays wide and the search keeps moving,
 instead of collapsing short of the optimum (plain CEM's known failure with few samples); it
-never falls below `min_std`, so the search keeps exploring as the world drifts. ES (`method = "es"`): the mean takes a step along the rank-weighted noise, the
-spread stays. Both are stateless between calls apart from `mean` and `std`, which the tuner's
+never falls below `min_std`, so the search keeps exploring as the world drifts.
+ES (`method = "es"`): the mean takes a step along the rank-weighted noise, the spread stays. Both are stateless between calls apart from `mean` and `std`, which the tuner's
 state file keeps.
 """
 from __future__ import annotations
