@@ -5,7 +5,6 @@ converge through it."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import grpc
 import pytest

@@ -88,7 +88,7 @@ class Tuner:
         if st is None:
             mean = np.array([s.init.get(n, (lo[i] + hi[i]) / 2) for i, n in enumerate(names)])
             st = TuneState(search={"mean": mean.tolist(), "std": (s.init_std * (hi - lo)).tolist()}, names=names)
-            st.offset = _offset_json(self._end())      # rows served before the tuner started do not count
+            st.offset = self._end().to_json()      # rows served before the tuner started do not count
         self.state = st
         self.search = Search(np.array(st.search["mean"]), np.array(st.search["std"]), lo, hi, s.method,
                              s.elite_frac, min_std=s.min_std)
@@ -151,10 +151,10 @@ class Tuner:
             keep = np.fromiter((e in names for e in lists.experiment), bool, len(lists.experiment))
             keep |= (lists.experiment == "") & (lists.time >= cur.start)
             self.rows.append(lists.select(keep))
-            self.state.offset = _offset_json(commit.offset)
+            self.state.offset = commit.offset.to_json()
 
     def _score(self, cur: Round, lists: Lists) -> dict:
-        st, s = self.state, self.s
+        st = self.state
         ctl = lists.reward[lists.experiment == ""]
         per_arm = [lists.reward[lists.experiment == n] for n in cur.names]
         x = np.array(cur.x)
@@ -222,7 +222,3 @@ def line(rec: dict) -> str:
 
 def _mean(a: np.ndarray) -> float:
     return float(a.mean()) if a.size else float("nan")
-
-
-def _offset_json(o: JoinedOffset) -> dict[str, Any]:
-    return o.to_json()
