@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
     from model_export.join_cli import add_join_args, run_join
     from model_export.stream.cli import add_train_args, run_train
     from loadtest.simulate.cli import add_simulate_args, run_simulate
+    from engine.app.arms_cli import add_arms_args, main_arms
+    from engine.cli.tune import add_tune_args, run_tune
+    from loadtest.simulate.tune_run import add_simulate_tune_args, run_simulate_tune
 
     for name, help_text, add_args, run in (
         ("serve", "serve a bundle over gRPC (health, reflection, metrics, hot reload)", add_serve_args, serve),
@@ -81,6 +84,12 @@ def parser() -> argparse.ArgumentParser:
          main_events),
         ("reload", "load a bundle version on the server now and publish it in CURRENT", add_reload_args,
          main_reload),
+        ("arms", "show the experiment arms a server runs, or replace them (--file, --clear) without a restart",
+         add_arms_args, main_arms),
+        ("tune", "tune the fusion weights online: cross-entropy search over small traffic arms, promotion "
+         "to control behind a confidence check", add_tune_args, run_tune),
+        ("simulate-tune", "the tuner in the closed-loop simulator: control from poor weights, truth per round, "
+         "against an offline grid", add_simulate_tune_args, run_simulate_tune),
         ("eval", "offline quality report of a bundle against baselines (and the oracle or held-out positives)",
          add_eval_args, run_eval),
         ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),

@@ -360,6 +360,7 @@ class Config:
     implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    arms_salt: str = ""                      # prefixed to user ids when hashing to experiments (run-time arms)
 
     # What a bundle is built from: its data, models and index, plus the serving keys that
     # shape the shipped feature state. Equal fingerprints mean the bundle can be reused.
@@ -379,8 +380,9 @@ class Config:
 
     def experiment_for(self, user_id: str) -> str:
         """The experiment a user is in ("" = control): crc32 of the id over the shares in config
-        order, so every worker, replica and restart puts the same user in the same arm."""
-        u = zlib.crc32(user_id.encode()) / 2**32
+        order, so every worker, replica and restart puts the same user in the same arm. Arms
+        set at run time may carry a salt, so a new set of arms draws new users."""
+        u = zlib.crc32((self.arms_salt + user_id).encode()) / 2**32
         acc = 0.0
         for name, e in self.experiments.items():
             acc += e.share

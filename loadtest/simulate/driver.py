@@ -40,6 +40,7 @@ class Served:
     shifted: bool            # the user's interests shifted at the drift
     launched: int            # launched items (the world's cold items) in the served list
     oracle_launched: int     # and in the oracle's
+    experiment: str = ""     # the arm that served the list (the response names it)
 
 
 class Driver:
@@ -131,6 +132,6 @@ class Driver:
         self.seen[arm].add(u, items)
         rec = Served(done, pair, arm, u, r.bundle_version, r.request_id, int(items.size), utility, oracle, uniform,
                      int(labels[:, 0].sum()), acked, len(events), ms, drifted, self.world.is_shifted(u),
-                     int(self.world.cold[items].sum()), int(self.world.cold[top].sum()))
+                     int(self.world.cold[items].sum()), int(self.world.cold[top].sum()), r.experiment)
         with self._lock:
             self.records.append(rec)
