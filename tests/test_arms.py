@@ -12,7 +12,7 @@ from helpers import OWN_CONNECTION, TOKEN, Server, wait_for
 from redis_fixtures import redis_server  # noqa: F401 - module fixture
 from test_samplelog import read_all
 
-from engine.app.arms_cli import read_arms_file
+from engine.cli.arms import read_arms_file
 from engine.core.arms import ArmSpec, Arms, config_with_arms
 from engine.core.config import load_config
 from engine.store.samplelog.source import SegmentLog

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Protocol
 
 import grpc
 
+from engine.app.reloader import write_atomic
 from engine.core.arms import ArmSpec, Arms, config_with_arms, from_config, parse_value, toml_value
 from engine.core.config import Config, ConfigError
 from protos import pb2
@@ -82,9 +82,7 @@ class FileBoard:
             if expect is not None and expect != now:
                 raise StaleVersion(f"expect_version {expect}, but version {now} serves")
             out = arms.with_version(now + 1)
-            tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
-            tmp.write_text(out.to_json())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, out.to_json())
             return out
 
 

@@ -33,11 +33,11 @@ import grpc
 
 from engine.app import arms as arms_board
 from engine.app.metrics import Metrics
+from engine.app.reloader import Abort, Reloader, initial_bundle
 from engine.app.samplelog import SampleLog, log_dir, new_request_id
-from engine.core.bundle import MANIFEST
 from engine.core.config import Config
 from engine.core.request import EVENT_KINDS, Event, Request
-from engine.core.errors import BundleError, DeadlineExceeded, InvalidRequest, Overloaded
+from engine.core.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from protos import pb2, pb2_grpc
 
 log = logging.getLogger("recserve.server")
@@ -66,9 +66,9 @@ class Service:
         self.metrics = Metrics()
         self.counters: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
-        root, name, first, refused = _initial_bundle(bundle, fallback)
+        root, name, first, refused = initial_bundle(bundle, fallback)
         self.engine = Engine(cfg, first, make_store=make_store, remote_models=remote_models)
-        self.reloader = _Reloader(root, name, self)
+        self.reloader = Reloader(root, name, self)
         self.reloader.refused |= refused
         self.metrics.bundle.labels(self.engine.bundle_version).set(1)
         self.samples = _sample_log(cfg, bundle, worker_id, self.engine)
@@ -105,7 +105,7 @@ class Service:
         self.count("inflight")
         try:
             result, code, msg = fn(), grpc.StatusCode.OK, ""
-        except _Abort as e:
+        except Abort as e:
             result, code, msg = None, e.code, e.msg
         except InvalidRequest as e:
             result, code, msg = None, grpc.StatusCode.INVALID_ARGUMENT, str(e)
@@ -146,7 +146,7 @@ class Service:
             return
         got = dict(context.invocation_metadata()).get("authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
 
 
 def _sample_log(cfg: Config, bundle: Path, worker_id: int, engine: Any):
@@ -160,145 +160,6 @@ def _sample_log(cfg: Config, bundle: Path, worker_id: int, engine: Any):
     except Exception:
         engine.close()
         raise
-
-
-def one_line(e: BaseException) -> str:
-    """The message of our own errors (they name the culprit), else type and first line."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    return text if type(e).__name__ in ("BundleError", "ConfigError") else f"{type(e).__name__}: {text}"
-
-
-class _Abort(Exception):
-    """Refuse a call with this status from inside a handler."""
-
-    def __init__(self, code: grpc.StatusCode, msg: str):
-        super().__init__(msg)
-        self.code, self.msg = code, msg
-
-
-def _initial_bundle(path: Path, fallback: str) -> tuple[Path | None, str, Any, set[str]]:
-    """(root, version folder, bundle, refused versions): CURRENT of a bundle root, or the
-    fallback version the other workers serve if CURRENT is broken; or a plain version
-    folder, which is then never reloaded."""
-    from engine.core.bundle import load_bundle
-
-    pointer = path / "CURRENT"
-    if not pointer.exists():
-        return None, path.name, load_bundle(path), set()
-    name = pointer.read_text().strip()
-    try:
-        return path, name, load_bundle(path / name), set()
-    except BundleError as e:
-        if not fallback or fallback == name:
-            raise
-        log.error("bundle %s refused (%s); serving %s like the other workers", name, e, fallback)
-        return path, fallback, load_bundle(path / fallback), {name}
-
-
-class _Reloader:
-    """Follows CURRENT; remembers refused versions so a bad one is not retried every poll."""
-
-    def __init__(self, root: Path | None, current: str, worker: Service):
-        self.root, self.current, self.w = root, current, worker
-        self.refused: set[str] = set()
-        self.lock = threading.Lock()
-
-    def poll(self) -> None:
-        name = self._pointer()
-        if name and name != self.current and name not in self.refused:
-            self._swap(name)
-
-    def reload(self, path: str | None) -> str:
-        """Admin.ReloadBundle: load `path` (a version folder of the root: its name or absolute
-        path) here, then publish it in CURRENT for the other workers; without a path, re-read
-        CURRENT now, retrying a version refused before. Returns what serves now; a refusal
-        raises _Abort: INVALID_ARGUMENT for a path that names no version folder of the root,
-        FAILED_PRECONDITION when there is nothing to reload or the version fails to load,
-        verify or answer the smoke request (the old one keeps serving)."""
-        if self.root is None:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                         "started on a version folder, not a bundle root with CURRENT: nothing to reload")
-        if path is None:
-            name = self._pointer()
-            if name is None:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.root}/CURRENT is missing or empty")
-        else:
-            name = self._version_name(path)
-        self.refused.discard(name)
-        ok, msg = self._swap(name)
-        if not ok:
-            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, msg)
-        if path is not None and self._pointer() != name:
-            try:
-                _write_atomic(self.root / "CURRENT", name + "\n")
-            except OSError as e:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"loaded {name} on this worker only, cannot write CURRENT ({e.strerror}): "
-                             "it returns to the version CURRENT names on its next poll") from None
-            msg += "; CURRENT updated, other workers follow within ~1 s"
-        return msg
-
-    def _pointer(self) -> str | None:
-        if self.root is None:
-            return None
-        try:
-            return (self.root / "CURRENT").read_text().strip() or None
-        except OSError:
-            return None
-
-    def _version_name(self, path: str) -> str:
-        """The version folder `path` names inside the root, or _Abort(INVALID_ARGUMENT) saying why not."""
-        def refuse(why: str) -> _Abort:
-            shown = path if len(path) <= 120 else path[:100] + f"... ({len(path)} characters)"
-            return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {shown!r}: {why}")
-
-        if not path.strip():
-            raise refuse("empty; leave path unset to re-read CURRENT")
-        if "\0" in path:
-            raise refuse("contains a NUL byte")
-        try:
-            p = (self.root / path).resolve()     # an absolute path replaces the root
-            inside, is_dir = p.parent == self.root.resolve(), p.is_dir()
-            has_manifest = is_dir and (p / MANIFEST).is_file()
-        except OSError as e:                     # too long, a loop of symlinks, ...
-            raise refuse(e.strerror or str(e)) from None
-        if not inside or not is_dir or p.name.startswith("."):
-            raise refuse(f"not a version folder inside {self.root}")
-        if not has_manifest:
-            raise refuse(f"{p.name} holds no {MANIFEST}: not a bundle version")
-        return p.name
-
-    def _swap(self, name: str) -> tuple[bool, str]:
-        from engine.core.bundle import load_bundle
-
-        with self.lock:
-            if name == self.current:
-                return True, f"already serving {name}"
-            old_version = self.w.engine.bundle_version
-            try:
-                self.w.engine.swap_bundle(load_bundle(self.root / name))
-            except Exception as e:    # noqa: BLE001 - whatever breaks, the old bundle keeps serving
-                if not isinstance(e, BundleError):
-                    log.exception("loading bundle %s failed", name)
-                self.refused.add(name)
-                self.w.metrics.reloads.labels("refused").inc()
-                self.w.count("reloads_refused")
-                msg = f"reload of {name} failed: {one_line(e)}; still serving {old_version}"
-                log.error(msg)
-                return False, msg
-            self.current = name
-            new = self.w.engine.bundle_version
-            self.w.metrics.bundle.labels(old_version).set(0)
-            self.w.metrics.bundle.labels(new).set(1)
-            self.w.metrics.reloads.labels("ok").inc()
-            self.w.count("reloads_ok")
-            return True, f"serving {new}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rss_bytes() -> int:
@@ -390,7 +251,7 @@ class AdminRPCs(pb2_grpc.AdminServicer):
             self.w.check_token(context)
             code, msg, answer = arms_board.handle_set(self.w.arms, request, self.w.idx)
             if code is not None:
-                raise _Abort(code, msg)
+                raise Abort(code, msg)
             self.w.count("arms_set")
             return answer
         return self.w.call("SetArms", context, run)

@@ -29,7 +29,8 @@ from pathlib import Path
 import grpc
 
 from engine.app.calls import IO_SLOTS, METHODS, Answer, Call
-from engine.app.service import POLL_S, Service, one_line
+from engine.app.reloader import one_line
+from engine.app.service import POLL_S, Service
 from engine.core import refresh
 from engine.core.config import load_config
 

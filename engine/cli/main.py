@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     from model_export.join_cli import add_join_args, run_join
     from model_export.stream.cli import add_train_args, run_train
     from loadtest.simulate.cli import add_simulate_args, run_simulate
-    from engine.app.arms_cli import add_arms_args, main_arms
+    from engine.cli.arms import add_arms_args, main_arms
     from engine.cli.tune import add_tune_args, run_tune
     from loadtest.simulate.tune_run import add_simulate_tune_args, run_simulate_tune
 

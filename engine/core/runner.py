@@ -17,119 +17,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from engine.core import featurize, registry
+from engine.core import featurize
 from engine.core.bundle import Bundle
 from engine.core.errors import BundleError, ConfigError, DeadlineExceeded
 from engine.core.candidates import Candidates, Guarantee, merge
 from engine.core.config import Config
 from engine.core.context import RequestContext
-from engine.core.models import Models
-from engine.core.registry import KindSpec, StageEnv
+from engine.core.pipelines import Arms, Live, Pipeline, Step
 from engine.core.request import Event, Request, Response, ServedInputs, StageTrace
 from engine.core.features import ResolvedEvent
 from engine.core.validation import checked_request, event_fault
 
 log = logging.getLogger("recserve.engine")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One stage instance as the engine runs it; every field but `fn` comes from the config
-    and the kind's registration."""
-
-    name: str
-    spec: KindSpec
-    fn: Callable           # recall: (ctx) -> Candidates; stages: (ctx, Candidates) -> Candidates
-    route_bit: int = 0     # recall: this route's bit in Candidates.routes
-    timeout_ms: float = 0.0    # recall: waited for no longer
-    inline: bool = False   # recall: run on the request thread instead of the pool
-    budget_ms: float | None = None   # skippable stages: skipped when less time is left
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    recall: list[Step]
-    stages: list[Step]
-
-
-@dataclass(frozen=True)
-class _Arms:
-    """The config whose experiments assign users, with its pipelines: swapped as one reference
-    (Engine.set_arms), so a request never sees an arm's name without its pipeline."""
-    config: Config
-    pipelines: dict[str, Pipeline]
-
-
-class _Live:
-    """Everything tied to one bundle version; replaced whole on swap."""
-
-    def __init__(self, config: Config, bundle: Bundle, store, remote_models: dict | None = None):
-        self.bundle, self.store = bundle, store
-        self.models = Models(bundle, config.serving, remote_models)
-        self.user_index = {s: i for i, s in enumerate(np.asarray(bundle.user_ids).tolist())}
-        self.item_index = {s: i for i, s in enumerate(np.asarray(bundle.item_ids).tolist())}
-        self.item_ids = np.asarray(bundle.item_ids)
-        n_pos = np.asarray(bundle.state.item_n_pos)
-        self.fallback = np.argsort(-n_pos, kind="stable")[:1000].astype(np.int32)
-        self.route_names = list(config.pipeline.recall)
-        self._stages: dict[tuple, object] = {}
-        self.arms = self.build_arms(config)
-
-    @property
-    def pipelines(self) -> dict[str, Pipeline]:
-        return self.arms.pipelines
-
-    def build_arms(self, config: Config) -> _Arms:
-        pipelines = {"": self._build(config)}
-        for name in config.experiments:
-            try:
-                pipelines[name] = self._build(config.variant(name))
-            except ConfigError as e:
-                raise ConfigError(f"experiments.{name}: {e}") from None
-        return _Arms(config, pipelines)
-
-    def prune(self) -> None:
-        """Close and forget the stage instances no pipeline of the serving arms uses (a
-        replaced arm's reranker); requests still running on them finish."""
-        used = {id(st.fn) for p in self.arms.pipelines.values() for st in (*p.recall, *p.stages)}
-        for key, fn in list(self._stages.items()):
-            if id(fn) not in used:
-                del self._stages[key]
-                if hasattr(fn, "close"):
-                    fn.close()
-
-    def close(self) -> None:
-        """Stop the stages' background work (refresh threads); in-flight requests still finish."""
-        for fn in self._stages.values():
-            if hasattr(fn, "close"):
-                fn.close()
-
-    def _build(self, cfg: Config) -> Pipeline:
-        def stage(name: str, bit: int):
-            kind, params = cfg.stage[name]
-            spec = registry.kind(kind)
-            key = (name, kind, bit, repr(params))
-            fn = self._stages.get(key)
-            if fn is None:  # experiments that leave a stage alone share it (and its refresh thread)
-                env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit, self.item_index)
-                fn = self._stages[key] = spec.factory(params, env)
-            return spec, params, fn
-
-        def route(i: int, name: str) -> Step:
-            spec, p, fn = stage(name, 1 << i)       # p: RouteParams, its inline settled at load
-            return Step(name, spec, fn, route_bit=1 << i, timeout_ms=p.timeout_ms, inline=p.inline)
-
-        def step(name: str) -> Step:
-            spec, p, fn = stage(name, 0)            # skippable kinds' Params are BudgetParams
-            return Step(name, spec, fn, budget_ms=p.budget_ms if spec.policy.skippable else None)
-
-        return Pipeline([route(i, n) for i, n in enumerate(cfg.pipeline.recall)],
-                        [step(n) for n in cfg.pipeline.stages])
 
 
 class Engine:
@@ -147,7 +49,7 @@ class Engine:
         self._pool = ThreadPoolExecutor(config.serving.route_threads, thread_name_prefix="recall")
         self._swap_lock = threading.Lock()
         self._remote = remote_models
-        self._live = _Live(config, bundle, store or self._make_store(bundle), remote_models)
+        self._live = Live(config, bundle, store or self._make_store(bundle), remote_models)
         if smoke:
             try:
                 self._smoke(self._live)
@@ -264,7 +166,7 @@ class Engine:
             store = old.store if (same_shape or self._external_store) else self._make_store(bundle)
             live = None
             try:
-                live = _Live(self.config, bundle, store, self._remote)
+                live = Live(self.config, bundle, store, self._remote)
                 self._smoke(live)
             except Exception as e:
                 if live is not None:
@@ -307,13 +209,13 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request steps ----------------------------------------------------------------
-    def _checked(self, req: Request, live: _Live, config: Config | None = None) -> Request:
+    def _checked(self, req: Request, live: Live, config: Config | None = None) -> Request:
         """The request validated against the config and the serving bundle's context fields: a
         normalised copy (engine.core.validation)."""
         return checked_request(req, config or live.arms.config, live.bundle.manifest["schema"]["context_fields"],
                                live.bundle.tables.context_cardinality)
 
-    def _hydrate(self, req: Request, live: _Live, exp: str, t0: float) -> RequestContext:
+    def _hydrate(self, req: Request, live: Live, exp: str, t0: float) -> RequestContext:
         """`req` already checked; its deadline counts from `t0` (time.perf_counter())."""
         t = live.bundle.tables
         uidx = live.user_index.get(req.user_id, -1)
@@ -327,7 +229,7 @@ class Engine:
         return RequestContext(req, user, context, user_e, exclude[exclude >= 0], live.store.clock.days(),
                               t0 + req.deadline_ms / 1000.0, exp, t)
 
-    def _recall(self, ctx: RequestContext, pipe: Pipeline, trace: list, live: _Live) -> Candidates:
+    def _recall(self, ctx: RequestContext, pipe: Pipeline, trace: list, live: Live) -> Candidates:
         """Pool routes start first; inline routes run meanwhile on this thread; then the pool
         routes are collected, each waited for no longer than its timeout and the deadline."""
         t0 = time.perf_counter()
@@ -374,7 +276,7 @@ class Engine:
         out = fn(ctx)
         return out, (time.perf_counter() - t) * 1e3
 
-    def _respond(self, ctx: RequestContext, live: _Live, c: Candidates, degraded: bool, trace: list,
+    def _respond(self, ctx: RequestContext, live: Live, c: Candidates, degraded: bool, trace: list,
                  t0: float) -> Response:
         names = live.route_names
         bits = c.routes[:, None] & (1 << np.arange(len(names), dtype=np.uint8))[None, :]
@@ -383,7 +285,7 @@ class Engine:
                         routes, degraded, ctx.experiment, live.bundle.version, ctx.request.request_id, trace,
                         (time.perf_counter() - t0) * 1e3, _served_inputs(ctx, c))
 
-    def _smoke(self, live: _Live, arms: _Arms | None = None) -> None:
+    def _smoke(self, live: Live, arms: Arms | None = None) -> None:
         """One real request through every experiment's pipeline before a bundle (or a set of
         arms) serves; it also holds every stage to its declaration: a stage writes all it
         declares and nothing else."""

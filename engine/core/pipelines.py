@@ -1,0 +1,113 @@
+"""What one bundle version serves: the config's pipelines as steps the engine runs, the
+experiment arms that assign them, and the stage instances they share. Built whole and
+swapped whole by engine.core.runner.Engine (a new bundle, or new arms), so a request never
+mixes two versions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from engine.core import registry
+from engine.core.bundle import Bundle
+from engine.core.config import Config
+from engine.core.errors import ConfigError
+from engine.core.models import Models
+from engine.core.registry import KindSpec, StageEnv
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage instance as the engine runs it; every field but `fn` comes from the config
+    and the kind's registration."""
+
+    name: str
+    spec: KindSpec
+    fn: Callable           # recall: (ctx) -> Candidates; stages: (ctx, Candidates) -> Candidates
+    route_bit: int = 0     # recall: this route's bit in Candidates.routes
+    timeout_ms: float = 0.0    # recall: waited for no longer
+    inline: bool = False   # recall: run on the request thread instead of the pool
+    budget_ms: float | None = None   # skippable stages: skipped when less time is left
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    recall: list[Step]
+    stages: list[Step]
+
+
+@dataclass(frozen=True)
+class Arms:
+    """The config whose experiments assign users, with its pipelines: swapped as one reference
+    (Engine.set_arms), so a request never sees an arm's name without its pipeline."""
+    config: Config
+    pipelines: dict[str, Pipeline]
+
+
+class Live:
+    """Everything tied to one bundle version; replaced whole on swap."""
+
+    def __init__(self, config: Config, bundle: Bundle, store, remote_models: dict | None = None):
+        self.bundle, self.store = bundle, store
+        self.models = Models(bundle, config.serving, remote_models)
+        self.user_index = {s: i for i, s in enumerate(np.asarray(bundle.user_ids).tolist())}
+        self.item_index = {s: i for i, s in enumerate(np.asarray(bundle.item_ids).tolist())}
+        self.item_ids = np.asarray(bundle.item_ids)
+        n_pos = np.asarray(bundle.state.item_n_pos)
+        self.fallback = np.argsort(-n_pos, kind="stable")[:1000].astype(np.int32)
+        self.route_names = list(config.pipeline.recall)
+        self._stages: dict[tuple, object] = {}
+        self.arms = self.build_arms(config)
+
+    @property
+    def pipelines(self) -> dict[str, Pipeline]:
+        return self.arms.pipelines
+
+    def build_arms(self, config: Config) -> Arms:
+        pipelines = {"": self._build(config)}
+        for name in config.experiments:
+            try:
+                pipelines[name] = self._build(config.variant(name))
+            except ConfigError as e:
+                raise ConfigError(f"experiments.{name}: {e}") from None
+        return Arms(config, pipelines)
+
+    def prune(self) -> None:
+        """Close and forget the stage instances no pipeline of the serving arms uses (a
+        replaced arm's reranker); requests still running on them finish."""
+        used = {id(st.fn) for p in self.arms.pipelines.values() for st in (*p.recall, *p.stages)}
+        for key, fn in list(self._stages.items()):
+            if id(fn) not in used:
+                del self._stages[key]
+                if hasattr(fn, "close"):
+                    fn.close()
+
+    def close(self) -> None:
+        """Stop the stages' background work (refresh threads); in-flight requests still finish."""
+        for fn in self._stages.values():
+            if hasattr(fn, "close"):
+                fn.close()
+
+    def _build(self, cfg: Config) -> Pipeline:
+        def stage(name: str, bit: int):
+            kind, params = cfg.stage[name]
+            spec = registry.kind(kind)
+            key = (name, kind, bit, repr(params))
+            fn = self._stages.get(key)
+            if fn is None:  # experiments that leave a stage alone share it (and its refresh thread)
+                env = StageEnv(name, self.bundle, self.models, self.store, cfg, bit, self.item_index)
+                fn = self._stages[key] = spec.factory(params, env)
+            return spec, params, fn
+
+        def route(i: int, name: str) -> Step:
+            spec, p, fn = stage(name, 1 << i)       # p: RouteParams, its inline settled at load
+            return Step(name, spec, fn, route_bit=1 << i, timeout_ms=p.timeout_ms, inline=p.inline)
+
+        def step(name: str) -> Step:
+            spec, p, fn = stage(name, 0)            # skippable kinds' Params are BudgetParams
+            return Step(name, spec, fn, budget_ms=p.budget_ms if spec.policy.skippable else None)
+
+        return Pipeline([route(i, n) for i, n in enumerate(cfg.pipeline.recall)],
+                        [step(n) for n in cfg.pipeline.stages])
