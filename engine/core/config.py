@@ -61,6 +61,8 @@ class TrainConfig:
     tt_epochs: int = 3
     tt_temperature: float = 0.05
     tt_id_dropout: float = 0.3         # masks item ids in training so cold items embed from content
+    tt_uniform_negatives: int = 1024   # extra negatives per batch drawn uniformly from the catalog (MNS)
+    tt_logq: float = 1.0               # weight of the logQ correction of the sampled softmax
     gbdt_trees: int = 40
     gbdt_leaves: int = 15
     gbdt_lr: float = 0.15
@@ -86,6 +88,9 @@ class TrainConfig:
         if len(self.dnn_hidden) > 2:
             raise _err("dnn_hidden", "coarse phase 2 is shallow: 1 or 2 hidden layers")
         _unit("tt_id_dropout", self.tt_id_dropout)
+        _unit("tt_logq", self.tt_logq)
+        if self.tt_uniform_negatives < 0:
+            raise _err("tt_uniform_negatives", "must be >= 0")
 
 
 @dataclass
