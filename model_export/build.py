@@ -25,7 +25,7 @@ from engine.core.config import Config
 from engine.core.featurize import COARSE_FEATURES, Tables, item_tower_input, sequence_input, user_tower_input
 from engine.core.state import FeatureState, snapshot
 from indexes import build_index, measure_recall, tune_nprobe
-from model_export import train
+from model_export import cold_rows, train
 from model_export.bundle_writer import BundleWriter
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
@@ -175,6 +175,10 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     valid_rows = _sample(ds.window(ds.t_valid, np.inf), tc.max_rank_rows, rng)
     tr = step("ranker features", lambda: train.ranker_rows(ds, tables, rank_rows, st_hist, user_emb, "train"))
     va = step("ranker features", lambda: train.ranker_rows(ds, tables, valid_rows, st_valid, user_emb, "valid"))
+    if tc.rank_cold_share > 0:
+        cold_tables = cold_rows.content_only(tables, tt.tables, lambda x: item_sess.run(None, {"x": x})[0])
+        step("cold rows", lambda: cold_rows.mask_history(ds, tr, rank_rows, cold_tables, st_hist, user_emb,
+                                                         tc.rank_cold_share, rng))
     booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, ds.tasks[0], tc))
     booster.save_model(str(w.path("models/coarse_trees.txt")))
     models["coarse_trees"] = {"file": "models/coarse_trees.txt", "inputs": list(COARSE_FEATURES), "outputs": ["p"],

@@ -73,6 +73,7 @@ class TrainConfig:
     fine_tower_hidden: list[int] = field(default_factory=lambda: [32])
     fine_epochs: int = 4
     max_rank_rows: int = 0             # 0: all ranker-window impressions; else a sample
+    rank_cold_share: float = 0.0       # ranker rows re-featurized as cold items (no id row, no counters)
     parity_tol: float = 1e-4
 
     def check(self) -> None:
@@ -89,6 +90,7 @@ class TrainConfig:
             raise _err("dnn_hidden", "coarse phase 2 is shallow: 1 or 2 hidden layers")
         _unit("tt_id_dropout", self.tt_id_dropout)
         _unit("tt_logq", self.tt_logq)
+        _unit("rank_cold_share", self.rank_cold_share)
         if self.tt_uniform_negatives < 0:
             raise _err("tt_uniform_negatives", "must be >= 0")
 
