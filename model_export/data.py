@@ -10,7 +10,8 @@ from model_export.world import make_world
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """The synthetic world for cfg.seed, or MovieLens from cfg.movielens_dir (default: the fetch cache)."""
+    """The synthetic world for cfg.seed, MovieLens from cfg.movielens_dir (default: the fetch cache), or
+    your own files from cfg.files_dir (model_export.files: checked whole before anything is built)."""
     if cfg.source == "synthetic":
         return make_world(cfg)
     if cfg.source == "movielens":
@@ -19,4 +20,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             return load_movielens(directory, cfg.history_frac, cfg.valid_frac)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; run `recserve data fetch movielens-100k` to download it") from None
-    raise ValueError(f"data.source: unknown source '{cfg.source}' (synthetic | movielens)")
+    if cfg.source == "files":
+        from model_export.files import load_files
+
+        return load_files(cfg.files_dir, cfg.history_frac, cfg.valid_frac)
+    raise ValueError(f"data.source: unknown source '{cfg.source}' (synthetic | movielens | files)")

@@ -49,6 +49,8 @@ class Dataset:
     t_valid: float
     t_end: float
     truth: GroundTruth | None = None    # synthetic only
+    implicit: bool = False              # no impression log: every row is something a user did (MovieLens, a
+                                        # files source without `position`); no row is a shown-and-skipped negative
 
     @property
     def n_users(self) -> int:

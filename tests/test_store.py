@@ -145,6 +145,26 @@ def test_snapshot_round_trip(bundle, tmp_path):
         st.close()
 
 
+def test_shared_arrays_are_kept_per_catalog(bundle, tmp_path):
+    """Without persistence: a worker (re)started on a newer model bundle over the same catalog
+    joins the live state in the shared folder instead of resetting it for every worker; a
+    bundle over another catalog gets its own arrays and leaves the old ones, which a store
+    still finishing requests has mapped, as they are."""
+    live = EmbeddedStore(bundle, tmp_path / "shm")
+    live.apply(_events(bundle, live.clock.days()))
+    before = {k: np.array(v) for k, v in live.a.items()}
+    newer = EmbeddedStore(dataclasses.replace(bundle, manifest={**bundle.manifest, "version": "a-newer-model"}),
+                          tmp_path / "shm")
+    assert _same_state(live, newer) and before["item_n_imp"][42] == bundle.state.item_n_imp[42] + 1
+    files = {**bundle.manifest["files"], "tables/item_ids.npy": {"sha256": "another-catalog", "bytes": 0}}
+    other = EmbeddedStore(dataclasses.replace(bundle, manifest={**bundle.manifest, "files": files}),
+                          tmp_path / "shm")
+    assert np.array_equal(other.a["item_n_imp"], bundle.state.item_n_imp)
+    assert all(np.array_equal(live.a[k], before[k]) for k in before)
+    for st in (live, newer, other):
+        st.close()
+
+
 def test_snapshot_on_interval_and_into_shared_arrays(bundle, tmp_path):
     """Only the writer snapshots periodically; a fresh shared dir (a restarted server) reloads.
     (Restarts without close(): tests/test_store_durability.py.)"""

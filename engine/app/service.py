@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import grpc
 
+from engine.app.samplelog import SampleLog, log_dir, new_request_id
 from engine.core.bundle import MANIFEST
 from engine.core.config import Config
 from engine.core.request import EVENT_KINDS, Event, Request
@@ -66,6 +67,7 @@ class Service:
         self.reloader = _Reloader(root, name, self)
         self.reloader.refused |= refused
         self.metrics.bundle.labels(self.engine.bundle_version).set(1)
+        self.samples = _sample_log(cfg, bundle, worker_id, self.engine)
         self.rpcs, self.admin = RecServeRPCs(self), AdminRPCs(self)
         self.tick()
 
@@ -75,11 +77,15 @@ class Service:
         self.metrics.rss.set(rss)
         for k, v in self.engine.store.stats().items():
             self.metrics.store.labels(k).set(v)
+        logged = self.samples.stats() if self.samples else {}
         with self.lock:
             self.counters["rss_bytes"] = rss
+            self.counters.update({f"samplelog.{k}": v for k, v in logged.items()})
 
     def close(self) -> None:
         self.engine.close()
+        if self.samples:
+            self.samples.close()
 
     def count(self, key: str, n: int = 1) -> None:
         with self.lock:
@@ -117,6 +123,19 @@ class Service:
         got = dict(context.invocation_metadata()).get("authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+
+def _sample_log(cfg: Config, bundle: Path, worker_id: int, engine: Any):
+    """The sample log hook (engine.app.samplelog): None when `log.backend = "off"`, or files
+    without a folder (a memory-only run); a log that cannot be opened stops the start."""
+    folder = log_dir(cfg.log, bundle) if cfg.log.backend == "files" else None
+    if cfg.log.backend == "off" or (cfg.log.backend == "files" and folder is None):
+        return None
+    try:
+        return SampleLog(cfg.log, folder, worker_id)
+    except Exception:
+        engine.close()
+        raise
 
 
 def one_line(e: BaseException) -> str:
@@ -331,6 +350,10 @@ class RecServeRPCs(pb2_grpc.RecServeServicer):
             user_id=m.user_id, count=m.count, context=dict(m.context), exclude_item_ids=list(m.exclude_item_ids),
             experiment=m.experiment, debug=m.debug, deadline_ms=deadline_ms, request_id=m.request_id))
         self.w.metrics.observe(resp)
+        if not resp.request_id:       # created after the engine ran: stages seeded by it see what they saw before
+            resp.request_id = new_request_id()
+        if self.w.samples:            # to the kernel before the answer leaves (engine.app.samplelog)
+            self.w.samples.recommend(m.user_id, dict(m.context), resp)
         return self._to_proto(resp, m.debug, self.w.served_by)
 
     @staticmethod
@@ -359,6 +382,8 @@ class RecServeRPCs(pb2_grpc.RecServeServicer):
         events = [Event(kind=kind(e.kind), user_id=e.user_id, item_id=e.item_id, timestamp=e.timestamp,
                         request_id=e.request_id) for e in m.events]
         accepted, rejected = self.w.engine.report_events(events) if events else (0, [])
+        if self.w.samples and accepted:   # the joiner's copy, before the acknowledgement
+            self.w.samples.events(events, {i for i, _ in rejected})
         self.w.metrics.events.labels("accepted").inc(accepted)
         self.w.metrics.events.labels("rejected").inc(len(rejected))
         self.w.count("events_accepted", accepted)

@@ -24,6 +24,24 @@ def _data_fetch(args) -> int:
     return 0
 
 
+def _data_export(args) -> int:
+    from engine.core.config import DataConfig, load_config
+    from model_export.data import load_dataset
+    from model_export.files_export import export_dataset
+
+    if bool(args.dataset) == bool(args.config):
+        print("recserve data export: name a data set (movielens-100k) or --config C (its [data] section)",
+              file=sys.stderr)
+        return 2
+    data = load_config(args.config).data if args.config else DataConfig(source="movielens")
+    ds = load_dataset(data)
+    paths = export_dataset(ds, args.out, args.format)
+    print(f"{ds.name}: {len(ds.log_user)} interactions, {ds.n_items} items, {ds.n_users} users -> "
+          + ", ".join(str(p) for p in paths))
+    print(f'build from it with [data] source = "files", files_dir = "{args.out}" (docs/data.md)')
+    return 0
+
+
 def _check_config(args) -> int:
     from engine.core.config import load_config
 
@@ -52,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     from model_export.evaluate import add_eval_args, run_eval
     from engine.app.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
+    from model_export.join_cli import add_join_args, run_join
 
     for name, help_text, add_args, run in (
         ("serve", "serve a bundle over gRPC (health, reflection, metrics, hot reload)", add_serve_args, serve),
@@ -62,17 +81,25 @@ def parser() -> argparse.ArgumentParser:
          main_reload),
         ("eval", "offline quality report of a bundle against the synthetic oracle", add_eval_args, run_eval),
         ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),
+        ("join", "join the sample log's impressions to their events: labelled samples with offsets", add_join_args,
+         run_join),
     ):
         sp = sub.add_parser(name, help=help_text)
         add_args(sp)
         sp.set_defaults(func=run)
 
-    d = sub.add_parser("data", help="obtain real data sets")
+    d = sub.add_parser("data", help="obtain real data sets, convert them to the files format")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a data set into the local cache (never into the repo)")
     f.add_argument("dataset", choices=["movielens-100k"])
     f.add_argument("--cache-dir", default=None, help="default: ~/.cache/recserve (or $RECSERVE_CACHE)")
     f.set_defaults(func=_data_fetch)
+    x = dsub.add_parser("export", help="write a data set in the files format (data.source = \"files\", docs/data.md)")
+    x.add_argument("dataset", nargs="?", choices=["movielens-100k"], help="MovieLens from the fetch cache")
+    x.add_argument("--config", default=None, help="or: the data set a config's [data] section names")
+    x.add_argument("--out", required=True, help="folder for interactions, items and users")
+    x.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    x.set_defaults(func=_data_export)
     return p
 
 

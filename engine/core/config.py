@@ -20,11 +20,12 @@ from typing import Any, Sequence
 
 from engine.core import registry  # stage kinds register their Params here
 from engine.core.errors import ConfigError
+from engine.core.request import EVENT_KINDS
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"          # synthetic | movielens
+    source: str = "synthetic"          # synthetic | movielens | files
     seed: int = 7
     n_users: int = 2000
     n_items: int = 5000
@@ -38,9 +39,12 @@ class DataConfig:
     history_frac: float = 0.7          # two-tower training and feature state: first 70% of time
     valid_frac: float = 0.15           # validation: the last 15%; rankers train in between
     movielens_dir: str = ""            # source = movielens; empty: the `recserve data fetch` cache
+    files_dir: str = ""                # source = files: interactions, items[, users] (.parquet|.csv); docs/data.md
 
     def check(self) -> None:
-        _one_of("source", self.source, ("synthetic", "movielens"))
+        _one_of("source", self.source, ("synthetic", "movielens", "files"))
+        if self.source == "files" and not self.files_dir:
+            raise _err("files_dir", "source = files needs the folder of interactions, items[, users]")
         for k in ("n_users", "n_items", "n_categories", "n_authors", "latent_dim", "content_dim",
                   "impressions_per_user"):
             _positive(k, getattr(self, k))
@@ -170,6 +174,55 @@ class RayConfig:
 
 
 @dataclass
+class LogConfig:
+    """The sample log: every served item with its ranker inputs, and every accepted event,
+    written before the answer (engine.app.samplelog; docs/data.md says what survives what)."""
+    backend: str = "files"             # files (segments in `dir`) | redis (streams) | off
+    dir: str = ""                      # files: empty = <default state dir of the bundle root>/samples
+    redis_url: str = ""                # redis: redis://HOST:PORT/DB[?prefix=P], e.g. the feature store's Redis
+    segment_mb: float = 64.0           # files: a segment is closed past this size ...
+    segment_s: float = 300.0           # ... or this age, and the next one started
+    fsync_s: float = 1.0               # files: fsync period (power loss costs at most this); 0: every append
+    batch_ms: float = 200.0            # files: raw records get their Arrow batch this often, off the request path
+    retain_hours: float = 72.0         # files: closed segments older than this are deleted; 0: kept
+    retain_gb: float = 20.0            # files: and the oldest past this total per stream; 0: unbounded
+    stream_maxlen: int = 1_000_000     # redis: XADD MAXLEN ~ this per stream (trim policy: docs/data.md)
+    buffer: int = 10_000               # redis: entries held while Redis is unreachable, then the oldest dropped
+
+    def check(self) -> None:
+        _one_of("backend", self.backend, ("files", "redis", "off"))
+        if self.backend == "redis" and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise _err("redis_url", "backend redis needs redis://HOST:PORT/DB (e.g. the feature store's Redis)")
+        for k in ("segment_mb", "segment_s", "batch_ms", "stream_maxlen", "buffer"):
+            _positive(k, getattr(self, k))
+        for k in ("fsync_s", "retain_hours", "retain_gb"):
+            if getattr(self, k) < 0:
+                raise _err(k, "must be >= 0")
+
+
+@dataclass
+class JoinConfig:
+    """The label join (model_export.join): impressions joined to events within a window."""
+    window_s: float = 1800.0           # an impression waits this long (joiner clock) for its events
+    late_s: float = 21600.0            # after its window: a positive still re-emits it as a correction
+    skew_s: float = 30.0               # events without request_id may carry a time this much before the impression
+    positive_kinds: list[str] = field(default_factory=lambda: ["click", "like", "finish"])
+    commit_s: float = 5.0              # how often output and input offsets are committed together
+    segment_mb: float = 64.0           # output segments rotate past this size
+
+    def check(self) -> None:
+        for k in ("window_s", "commit_s", "segment_mb"):
+            _positive(k, getattr(self, k))
+        for k in ("late_s", "skew_s"):
+            if getattr(self, k) < 0:
+                raise _err(k, "must be >= 0")
+        for kind in self.positive_kinds:
+            _one_of("positive_kinds", kind, EVENT_KINDS)
+        if not self.positive_kinds:
+            raise _err("positive_kinds", "name at least one event kind")
+
+
+@dataclass
 class PipelineConfig:
     recall: list[str] = field(default_factory=list)   # stage names run concurrently, then merged
     stages: list[str] = field(default_factory=list)   # stage names run in order on the merged batch
@@ -193,6 +246,8 @@ class Config:
     experiments: dict[str, Experiment]
     raw: dict[str, Any]                      # the parsed TOML, for hashing and overrides
     ray: RayConfig = field(default_factory=RayConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    join: JoinConfig = field(default_factory=JoinConfig)
 
     # What a bundle is built from: its data, models and index, plus the serving keys that
     # shape the shipped feature state. Equal fingerprints mean the bundle can be reused.
@@ -205,6 +260,8 @@ class Config:
             section, _, field_name = key.partition(".")
             obj = getattr(self, section)
             values.append((key, getattr(obj, field_name) if field_name else dataclasses.asdict(obj)))
+        if self.data.source == "files":    # the data is the files' content, not their folder's name
+            values.append(("data.files", _files_digest(Path(self.data.files_dir))))
         return hashlib.sha256(repr(values).encode()).hexdigest()[:16]
 
     def experiment_for(self, user_id: str) -> str:
@@ -225,8 +282,23 @@ class Config:
     _variants: dict[str, "Config"] = dataclasses.field(default_factory=dict)
 
 
+def _files_digest(folder: Path) -> str:
+    """sha256 over the data files of a files source (model_export.files reads these names)."""
+    h = hashlib.sha256()
+    for name in ("interactions", "items", "users"):
+        for ext in (".parquet", ".csv"):
+            p = folder / f"{name}{ext}"
+            if p.is_file():
+                h.update(p.name.encode())
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+    return h.hexdigest()
+
+
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig,
-             "serving": ServingConfig, "pipeline": PipelineConfig, "ray": RayConfig}
+             "serving": ServingConfig, "pipeline": PipelineConfig, "ray": RayConfig,
+             "log": LogConfig, "join": JoinConfig}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -306,7 +378,7 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
     if any(e.share < 0 for e in exps.values()) or total > 1 + 1e-9:
         raise ConfigError(f"experiments: shares must be >= 0 and sum to <= 1 (sum {total:g})")
     cfg = Config(path, secs["data"], secs["train"], secs["index"], secs["serving"], pipe,
-                 stage_specs, exps, raw, secs["ray"])
+                 stage_specs, exps, raw, secs["ray"], secs["log"], secs["join"])
     registry.check_pipeline(cfg)
     for name, exp in exps.items():
         where = f"experiments.{name}.set"

@@ -2,7 +2,9 @@
 
 Thread pools are set for a 2-core machine running one worker process per core: ONNX
 Runtime, faiss and LightGBM each get `serving.*_threads` (default 1) and ORT's intra-op
-pool does not spin between calls (DESIGN.md: spinning burned 1.5 cores and doubled p99).
+pool does not spin between calls: measured on this 2-core machine (MLP on 1000 rows, 2 intra-op
+threads), the spinning pool burned 1.5 cores between calls and `allow_spinning=0` cut that to
+0.86 cores and p99 from 7.5 to 3.8 ms.
 """
 from __future__ import annotations
 

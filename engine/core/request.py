@@ -31,6 +31,25 @@ class StageTrace:
 
 
 @dataclass(slots=True)
+class ServedInputs:
+    """What the rankers saw for the served rows, as the server computed them: what the sample
+    log records so a trainer learns from exactly the features that were served.
+
+    The fine ranker's feeds are `user` (broadcast), `item` and the sequence, which is the
+    bundle's `item_emb[recent]` masked where `recent < 0` (featurize.sequence_input): the
+    bundle version plus `recent` reproduce it exactly. Coarse phase 2 reads `user` and `item`;
+    the phase-1 trees read the last len(COARSE_FEATURES) columns of `item`. `item` is None
+    when no ranking stage ran (a pipeline without rankers)."""
+
+    items: np.ndarray                      # int32 [n] catalog indices, in the served order
+    user_index: int                        # row in the bundle's user tables, -1 for a new user
+    user: np.ndarray                       # float32 [Du] featurize.ranker_user_input
+    item: np.ndarray | None                # float32 [n, Di] featurize.ranker_item_input
+    recent: np.ndarray                     # int32 [L] the user's recent positives, -1 padded
+    now: float                             # days on the bundle clock (item ages were taken at it)
+
+
+@dataclass(slots=True)
 class Response:
     item_ids: list[str]
     scores: np.ndarray                     # float32 fused score per served item
@@ -42,6 +61,7 @@ class Response:
     request_id: str = ""
     trace: list[StageTrace] = field(default_factory=list)
     total_ms: float = 0.0
+    inputs: ServedInputs | None = None     # for the sample log (engine.app.samplelog)
 
 
 EVENT_KINDS = ("impression", "click", "like", "finish", "dislike")

@@ -30,7 +30,7 @@ from engine.core.config import Config
 from engine.core.context import RequestContext
 from engine.core.models import Models
 from engine.core.registry import KindSpec, StageEnv
-from engine.core.request import Event, Request, Response, StageTrace
+from engine.core.request import Event, Request, Response, ServedInputs, StageTrace
 from engine.core.features import ResolvedEvent
 from engine.core.validation import checked_request, event_fault
 
@@ -205,7 +205,7 @@ class Engine:
         if cands.primary != "fused" or len(cands) > req.count:
             cands = cands.keep_top(cands.scores[cands.primary], req.count, Guarantee.FINAL)
         degraded = live.store.fell_back() or degraded   # features came from the bundle, not the live state
-        return self._respond(req, live, cands, exp, degraded, trace, t0)
+        return self._respond(ctx, live, cands, degraded, trace, t0)
 
     def report_events(self, events: list[Event]) -> tuple[int, list[tuple[int, str]]]:
         live = self._live
@@ -322,13 +322,14 @@ class Engine:
         out = fn(ctx)
         return out, (time.perf_counter() - t) * 1e3
 
-    def _respond(self, req, live, c: Candidates, exp, degraded, trace, t0) -> Response:
+    def _respond(self, ctx: RequestContext, live: _Live, c: Candidates, degraded: bool, trace: list,
+                 t0: float) -> Response:
         names = live.route_names
         bits = c.routes[:, None] & (1 << np.arange(len(names), dtype=np.uint8))[None, :]
         routes = [[names[j] for j in np.flatnonzero(row)] for row in bits]  # <= count rows
         return Response(live.item_ids[c.item].tolist(), c.scores[c.primary].astype(np.float32), c.task_scores(),
-                        routes, degraded, exp, live.bundle.version, req.request_id, trace,
-                        (time.perf_counter() - t0) * 1e3)
+                        routes, degraded, ctx.experiment, live.bundle.version, ctx.request.request_id, trace,
+                        (time.perf_counter() - t0) * 1e3, _served_inputs(ctx, c))
 
     def _smoke(self, live: _Live) -> None:
         """One real request through every experiment's pipeline before a bundle serves; it also
@@ -344,6 +345,15 @@ class Engine:
                 _check_writes(st, before, c)
             if len(c) == 0:
                 raise BundleError(f"smoke request through experiment '{exp or 'control'}' returned no items")
+
+
+def _served_inputs(ctx: RequestContext, c: Candidates) -> ServedInputs:
+    """The ranker inputs of the served rows; phase 2 keeps its item rows as feat:ranker_item,
+    else they are rebuilt by the same concatenation the fine ranker does (bit-identical)."""
+    item = c.feats.get("ranker_item")
+    if item is None and "item_e" in c.feats and "coarse_x" in c.feats:
+        item = featurize.ranker_item_input(c.feats["item_e"], c.feats["coarse_x"])
+    return ServedInputs(c.item, ctx.user.index, ctx.ranker_user[0], item, ctx.user.recent[0], ctx.now)
 
 
 def _check_writes(st: Step, before: Candidates, after: Candidates) -> None:

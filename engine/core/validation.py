@@ -41,6 +41,8 @@ def checked_request(req: Request, cfg: Config, context_fields: Sequence[str],
         card = context_cardinality[list(context_fields).index(k)]
         if not 0 <= v < card:
             raise InvalidRequest(f"context.{k}", f"must be in 0..{card - 1}, got {v}")
+    if len(req.request_id) > MAX_ID_LEN or not req.request_id.isprintable():
+        raise InvalidRequest("request_id", f"must be at most {MAX_ID_LEN} printable characters")
     if req.deadline_ms is not None and not req.deadline_ms > 0:   # NaN included
         raise DeadlineExceeded("the client's deadline leaves no time to serve")
     return dataclasses.replace(req, count=req.count or s.default_count,
@@ -53,6 +55,8 @@ def event_fault(e: Event, item_index: dict[str, int], now_unix: float) -> str:
         return f"kind: '{e.kind}' is not one of {', '.join(EVENT_KINDS)}"
     if not e.user_id or len(e.user_id) > MAX_ID_LEN:
         return f"user_id: must be 1-{MAX_ID_LEN} characters"
+    if len(e.request_id) > MAX_ID_LEN or not e.request_id.isprintable():
+        return f"request_id: must be at most {MAX_ID_LEN} printable characters"
     if e.item_id not in item_index:
         return f"item_id: unknown item '{e.item_id}'"
     if not math.isfinite(e.timestamp) or e.timestamp < 0 or e.timestamp > now_unix + FUTURE_SLACK_S:

@@ -63,8 +63,11 @@ class EmbeddedStore:
                 "guest_recent": np.full((GUEST_SLOTS, L), -1, np.int32),
                 "guest_seen": np.full((GUEST_SLOTS, S), -1, np.int32),
                 "guest_counts": np.zeros((GUEST_SLOTS, 2), np.float32)}
-        self._dir = Path(shared_dir) if shared_dir else None
         self.catalog = catalog_id(bundle)
+        # One folder per catalog: a bundle over another catalog gets new files instead of
+        # truncating the ones an older store (still finishing requests) has mapped, and a
+        # worker restarted on a newer model bundle over the same catalog joins the live state.
+        self._dir = Path(shared_dir) / hashlib.sha256(self.catalog.encode()).hexdigest()[:16] if shared_dir else None
         self._tlock = threading.Lock()
         self._persist: Persistence | None = None
         meta_name = f"eventlog-{self.catalog[:16]}"
@@ -76,8 +79,8 @@ class EmbeddedStore:
         else:
             self._dir.mkdir(parents=True, exist_ok=True)
             with self._write_lock():
-                stamp = self._dir / "bundle"
-                fresh = not stamp.exists() or stamp.read_text() != bundle.version
+                stamp = self._dir / "ready"
+                fresh = not stamp.exists()
                 self.a = {k: self._open(k, v, fresh) for k, v in init.items()}
                 if state_dir:
                     meta = self._open(meta_name, new_meta(), fresh)
@@ -85,7 +88,7 @@ class EmbeddedStore:
                     if fresh:
                         self._persist.restore(self._apply)
                 if fresh:
-                    stamp.write_text(bundle.version)
+                    stamp.write_text(self.catalog)
         if self._persist and snapshot_writer:
             self._persist.start_snapshots(snapshot_s)
 
