@@ -25,13 +25,14 @@ from engine.core.config import Config
 from engine.core.featurize import COARSE_FEATURES, Tables, item_tower_input, sequence_input, user_tower_input
 from engine.core.state import FeatureState, snapshot
 from indexes import build_index, measure_recall, tune_nprobe
-from model_export import cold_rows, train
+from model_export import cold_rows, distill, train
 from model_export.bundle_writer import BundleWriter
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
 from model_export.export import export_checked, ort_session
 from model_export.models import save_checkpoints
 from model_export.progress import bar
+from stages.rerank_beam import fuse
 
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
 RECALL_MARGIN = 0.005       # tuned on other queries than it is reported on: aim a little higher
@@ -179,12 +180,16 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
         cold_tables = cold_rows.content_only(tables, tt.tables, lambda x: item_sess.run(None, {"x": x})[0])
         step("cold rows", lambda: cold_rows.mask_history(ds, tr, rank_rows, cold_tables, st_hist, user_emb,
                                                          tc.rank_cold_share, rng))
-    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, ds.tasks[0], tc))
+    # the fine ranker first: with distillation it teaches the coarse stages
+    fine, metrics["fine"] = step("fine ranker", lambda: train.fit_fine(tr, va, tables, ds.tasks, tc))
+    cascade = step("cascade samples", lambda: _cascade(ds, cfg, tables, rank_rows, st_hist, user_emb, fine, rng)) \
+        if tc.distill_weight > 0 else None
+    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, ds.tasks[0], tc, cascade))
     booster.save_model(str(w.path("models/coarse_trees.txt")))
     models["coarse_trees"] = {"file": "models/coarse_trees.txt", "inputs": list(COARSE_FEATURES), "outputs": ["p"],
                               "trees": booster.num_trees(), "leaves": tc.gbdt_leaves}
-    dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, ds.tasks[0], tc))
-    fine, metrics["fine"] = step("fine ranker", lambda: train.fit_fine(tr, va, tables, ds.tasks, tc))
+    dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, ds.tasks[0], tc,
+                                                                                  cascade))
     n = min(PARITY_ROWS, len(va.user))
     seq, mask = sequence_input(tables, va.recent[:n])
     cases = {"coarse_dnn": [{"user": va.user[:1], "item": va.item[:n]}, {"user": va.user[:n], "item": va.item[:n]}],
@@ -221,6 +226,21 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
         "step_seconds": step.seconds,
     }
     return manifest, {"two_tower": tt.model, "coarse_dnn": dnn, "fine": fine}
+
+
+def _cascade(ds: Dataset, cfg: Config, tables: Tables, rank_rows: np.ndarray, st: FeatureState,
+             user_emb: train.EmbedFn, fine: torch.nn.Module, rng: np.random.Generator) -> distill.Cascade:
+    """The fine ranker + the served rerank's fusion over training users' offline recall."""
+    rerank = next((cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam"), None)
+    k = next((cfg.stage[n][1].k for n in cfg.pipeline.recall if cfg.stage[n][0] == "recall_ann"), cfg.index.recall_k)
+
+    def fusion(probs: np.ndarray) -> np.ndarray:   # without a rerank stage, lists are ordered by the first task
+        if rerank is None:
+            return probs[:, 0]
+        return fuse({t: probs[:, j] for j, t in enumerate(ds.tasks)}, rerank.weights, rerank.fusion, rerank.eps)
+
+    return distill.cascade_samples(ds, tables, rank_rows, st, user_emb, fine.eval(), fusion, cfg.train.distill_users,
+                                   k, rng)
 
 
 class _Steps:

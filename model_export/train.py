@@ -23,6 +23,7 @@ from engine.core.featurize import (COARSE_FEATURES, Tables, coarse_features, ite
 from engine.core.state import FeatureState, recent_before
 from indexes import exact_ids
 from model_export.dataset import Dataset
+from model_export.distill import Cascade, listwise_loss as distill_loss
 from model_export.models import MMoE, CoarseDNN, TwoTower
 from model_export.progress import bar
 
@@ -237,11 +238,24 @@ def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureSta
 
 # ---------------------------------------------------------------- coarse phase 1 (LightGBM)
 
-def fit_gbdt(train: RankerRows, valid: RankerRows, task: str, cfg: TrainConfig) -> tuple[lgb.Booster, dict[str, float]]:
-    """Binary LightGBM on the cheap features for the first task; trees x leaves is a serving latency budget."""
-    params = {"objective": "binary", "num_leaves": cfg.gbdt_leaves, "learning_rate": cfg.gbdt_lr,
-              "num_threads": TRAIN_THREADS, "seed": cfg.seed, "verbose": -1, "deterministic": True}
-    data = lgb.Dataset(train.coarse, np.ascontiguousarray(train.labels[:, 0]), feature_name=list(COARSE_FEATURES))
+def fit_gbdt(train: RankerRows, valid: RankerRows, task: str, cfg: TrainConfig,
+             cascade: Cascade | None = None) -> tuple[lgb.Booster, dict[str, float]]:
+    """LightGBM on the cheap features for the first task; trees x leaves is a serving latency budget.
+
+    With `cascade` and a `distill_weight`, the training users' recalled candidates join the logged
+    rows with the fine ranker's probability of the first task as a soft label (cross-entropy
+    objective, the same log loss on 0/1 labels), weighted `distill_weight`: the trees then learn
+    the fine ranker's view of the candidates they cut at serving, not only of logged impressions."""
+    soft = cascade is not None and cfg.distill_weight > 0
+    params = {"objective": "cross_entropy" if soft else "binary", "num_leaves": cfg.gbdt_leaves,
+              "learning_rate": cfg.gbdt_lr, "num_threads": TRAIN_THREADS, "seed": cfg.seed, "verbose": -1,
+              "deterministic": True}
+    x, y, w = train.coarse, np.ascontiguousarray(train.labels[:, 0]), None
+    if soft:
+        x = np.concatenate([x, cascade.item[:, -len(COARSE_FEATURES):]])
+        y = np.concatenate([y, cascade.probs[:, :, 0].ravel()])
+        w = np.r_[np.ones(len(train.labels)), np.full(cascade.probs[:, :, 0].size, cfg.distill_weight)]
+    data = lgb.Dataset(x, y, weight=w, feature_name=list(COARSE_FEATURES))
     with bar(total=cfg.gbdt_trees, desc="coarse trees", unit="tree") as trees:
         booster = lgb.train(params, data, num_boost_round=cfg.gbdt_trees, callbacks=[lambda env: trees.update(1)])
     metrics = {f"auc_{task}": auc(valid.labels[:, 0], booster.predict(valid.coarse, num_threads=TRAIN_THREADS))}
@@ -266,18 +280,58 @@ def predict(model: nn.Module, rows: RankerRows, tables: Tables | None = None, ch
 
 
 def fit_coarse_dnn(train: RankerRows, valid: RankerRows, embed_dim: int, task: str,
-                   cfg: TrainConfig) -> tuple[CoarseDNN, dict[str, float]]:
-    """The first task's probability from the user row broadcast over candidate rows."""
+                   cfg: TrainConfig, cascade: Cascade | None = None) -> tuple[CoarseDNN, dict[str, float]]:
+    """The first task's probability from the user row broadcast over candidate rows.
+
+    With `cascade` (distill.cascade_samples), each batch also takes a few training users'
+    recalled candidates and adds `distill_weight` x a listwise loss towards the fine ranker's
+    order of them; a tenth of those users is held out for the agreement metric."""
     model = CoarseDNN(train.user.shape[1], train.item.shape[1], embed_dim, cfg.dnn_hidden,
                       train.item.mean(0), train.item.std(0))
     y = torch.from_numpy(train.labels[:, 0])
+    distill = _Distill(model, cascade, len(train.user), cfg) if cascade is not None else None
 
     def loss_fn(b: np.ndarray) -> Tensor:
-        return F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b)), y[b])
+        loss = F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b)), y[b])
+        return loss if distill is None or cfg.distill_weight == 0 else loss + cfg.distill_weight * distill.loss()
 
-    metrics = _train_loop(model, len(train.user), cfg.dnn_epochs, cfg, "coarse dnn", loss_fn,
-                          lambda: {f"auc_{task}": auc(valid.labels[:, 0], predict(model, valid))})
-    return model, metrics
+    def evaluate() -> dict[str, float]:
+        out = {f"auc_{task}": auc(valid.labels[:, 0], predict(model, valid))}
+        return out if distill is None else {**out, **distill.agreement()}
+
+    return model, _train_loop(model, len(train.user), cfg.dnn_epochs, cfg, "coarse dnn", loss_fn, evaluate)
+
+
+class _Distill:
+    """The listwise half of the coarse DNN's loss over cascade users, and its held-out agreement."""
+
+    def __init__(self, model: CoarseDNN, c: Cascade, n_rows: int, cfg: TrainConfig):
+        self.model, self.c, g = model, c, c.group
+        self.rng = np.random.default_rng(cfg.seed + 1)
+        users = self.rng.permutation(len(c.user))
+        self.held, self.train = np.sort(users[:len(users) // 10]), np.sort(users[len(users) // 10:])
+        # users per batch: one epoch over the logged rows passes over the cascade users once
+        self.per_batch = max(1, round(self.train.size * cfg.batch_size / n_rows))
+        self.user, self.item = torch.from_numpy(c.user), torch.from_numpy(c.item)
+        self.teacher = torch.from_numpy(c.teacher)
+        self.cols = torch.arange(g)
+
+    def _logits(self, users: np.ndarray) -> Tensor:
+        u = torch.from_numpy(users)
+        rows = (u[:, None] * self.c.group + self.cols).reshape(-1)
+        return self.model.logits(self.user[u].repeat_interleave(self.c.group, 0), self.item[rows]).view(-1, self.c.group)
+
+    def loss(self) -> Tensor:
+        users = self.rng.choice(self.train, self.per_batch)
+        return distill_loss(self._logits(users), self.teacher[torch.from_numpy(users)])
+
+    def agreement(self, top: int = 10, within: int = 10) -> dict[str, float]:
+        """Share of the teacher's top `top` among the student's top `within` of the held-out users' candidates."""
+        s = self._logits(self.held).numpy()
+        t = self.c.teacher[self.held]
+        st = np.argsort(-s, 1)[:, :within]
+        tt = np.argsort(-t, 1)[:, :top]
+        return {f"teacher_top{top}_in_top{within}": float(np.mean([np.isin(a, b).mean() for a, b in zip(tt, st)]))}
 
 
 def fit_fine(train: RankerRows, valid: RankerRows, tables: Tables, tasks: tuple[str, ...],

@@ -78,6 +78,8 @@ class TrainConfig:
     fine_epochs: int = 4
     max_rank_rows: int = 0             # 0: all ranker-window impressions; else a sample
     rank_cold_share: float = 0.0       # ranker rows re-featurized as cold items (no id row, no counters)
+    distill_weight: float = 0.0        # coarse DNN: weight of the listwise loss towards the fine ranker (0: off)
+    distill_users: int = 2000          # training users whose offline recall the fine ranker scores
     parity_tol: float = 1e-4
 
     def check(self) -> None:
@@ -95,6 +97,8 @@ class TrainConfig:
         _unit("tt_id_dropout", self.tt_id_dropout)
         _unit("tt_logq", self.tt_logq)
         _unit("rank_cold_share", self.rank_cold_share)
+        if self.distill_weight < 0 or self.distill_users < 1:
+            raise _err("distill_weight", "distill_weight must be >= 0 and distill_users >= 1")
         if self.tt_uniform_negatives < 0:
             raise _err("tt_uniform_negatives", "must be >= 0")
 
