@@ -7,3 +7,5 @@
 The generators run in their own processes (grpc.aio, several connections each) so they
 never share the server's GIL; see loadtest/generator.py for how requests are drawn and timed.
 """
+
+import engine  # noqa: E402,F401 - before anything loads numpy: pins its BLAS to one thread, as in the server

@@ -109,6 +109,8 @@ class Baseline:
                 best = np.argsort(-sim)[:p.k]
                 return Candidates.from_route(pool[best], sim[best], bit)
             return cold
+        if kind == "recall_i2i":
+            return lambda ctx: Candidates.from_route(*ctx.i2i.top(p.k), bit)
         if kind == "recall_whitelist":
             ids = [e.get("id") for e in self._env(name).read_sidecar("file", p.file).get("item", [])[:p.k]]
             items = np.array([self.item_index[i] for i in ids if i in self.item_index], np.int32)
@@ -151,7 +153,7 @@ class Baseline:
         x = featurize.coarse_features(
             self.t, c.item, ctx.user_e, item_e, ctx.user.recent, np.float32(ctx.user.n_imp),
             np.float32(ctx.user.n_pos), self.st.item_n_imp[c.item], self.st.item_n_pos[c.item], hot,
-            ctx.context, ctx.now)
+            ctx.context, ctx.now, ctx.i2i.lookup(c.item))
         score = self.trees.predict(x).astype(np.float32)
         c = c.with_columns({"trees": score}, {"coarse_x": x, "item_e": item_e}, primary="trees")
         return c.keep_top(score, keep, Guarantee.COARSE)

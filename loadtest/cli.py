@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.generator import LoadError, LoadSpec, run_load
+from loadtest import soak
+from loadtest.coordinator import run_load
+from loadtest.generator import LoadError, LoadSpec
 from loadtest.report import codes_text, headline, load_label, summary_lines, sweep_ratio, write_report
 from loadtest.target import Server, metrics_url
 
@@ -36,9 +38,10 @@ def _ints(text: str) -> list[int]:
 
 
 def add_loadtest_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mode", choices=("closed", "open", "sweep", "demo"),
+    p.add_argument("mode", choices=("closed", "open", "sweep", "soak", "demo"),
                    help="closed: C clients back to back; open: Poisson arrivals at --qps; sweep: raise the open-"
-                        "loop QPS until p99 passes --slo-ms or errors appear; demo: 10 s at C=4, 5-line summary")
+                        "loop QPS until p99 passes --slo-ms or errors appear; soak: one long open-loop level at "
+                        "--qps, reported per --interval (loadtest/soak.py); demo: 10 s at C=4, 5-line summary")
     t = p.add_argument_group("target")
     t.add_argument("--bundle", required=True, type=Path,
                    help="bundle root or version folder: the user ids to draw from (and what a started server serves)")
@@ -72,6 +75,7 @@ def add_loadtest_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--procs", type=int, default=1, help="generator processes")
     g.add_argument("--channels", type=int, default=8, help="TCP connections per generator process")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--interval", type=float, default=60.0, help="soak: seconds per reported interval")
     s = p.add_argument_group("sweep")
     s.add_argument("--slo-ms", type=float, default=50.0, help="p99 latency objective")
     s.add_argument("--qps-start", type=float, default=50.0)
@@ -120,6 +124,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
     paths = write_report(report, args.out or Path("reports") / f"loadtest-{args.mode}-{stamp}")
     for t in report["targets"]:
         print("\n".join(summary_lines(headline(t), t["target"])))
+        for r in t["runs"]:
+            if r.get("intervals"):
+                print("\n".join(soak.markdown(r)[:3]))
         if sweep := t.get("sweep"):
             print(f"highest sustainable QPS (p99 <= {sweep['slo_ms']:g} ms): {sweep['max_sustainable_qps']}; "
                   f"stopped: {sweep['stopped']}")
@@ -159,6 +166,8 @@ def run_target(t: Target, args: argparse.Namespace) -> dict[str, Any]:
     elif args.mode == "open":
         for q in args.qps:
             run(qps=q)
+    elif args.mode == "soak":
+        run(qps=args.qps[0], interval_s=args.interval)
     else:
         best, q, stopped = None, args.qps_start, f"reached --qps-max {args.qps_max:g}"
         while q <= args.qps_max:
@@ -179,6 +188,8 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
             "procs": args.procs, "channels": args.channels, "seed": args.seed}
     if args.mode == "sweep":
         meta |= {"slo_ms": args.slo_ms, "qps_start": args.qps_start, "qps_step": args.qps_step}
+    if args.mode == "soak":
+        meta |= {"interval_s": args.interval}
     return meta
 
 

@@ -1,7 +1,7 @@
 """Load generator processes: closed loop (C clients back to back) or open loop (Poisson arrivals).
 
-Each generator is its own process (spawned, so it never shares the server's or the
-coordinator's GIL) running grpc.aio over several TCP connections. On the 2-core box one
+Each generator is its own process (spawned by loadtest.coordinator, so it never shares the
+server's or the coordinator's GIL) running grpc.aio over several TCP connections. On the 2-core box one
 aio process drove ~2.3k calls/s at ~0.65 core, on par with blocking calls from threads,
 and the open loop needs thousands of pending timers rather than threads. Open-loop latency is
 measured from each request's *intended* send time, so a server (or generator) that falls
@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import multiprocessing as mp
 import random
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait as mp_wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from loadtest.target import ProcProbe, scrape_stages
 from protos import pb2, pb2_grpc
 
 METHODS = ("Recommend", "ReportEvents")
+OUTCOMES = ("ok", "refused")     # overload: the accepted calls' latency apart from how fast the excess is refused
+OUTCOME_OF = {"OK": "ok", "RESOURCE_EXHAUSTED": "refused"}
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 _HIST_MAX_US = 3_600_000_000
-_CONNECT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 30.0
 _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection per channel
 
 
@@ -58,12 +58,15 @@ class LoadSpec:
     procs: int = 1
     channels: int = 8            # connections per generator process
     seed: int = 0
+    interval_s: float = 0.0      # > 0: also Recommend latency and status codes per interval (soak)
 
     def __post_init__(self) -> None:
         if (self.concurrency > 0) == (self.qps > 0):
             raise ValueError("give either concurrency (closed loop) or qps (open loop), both > 0")
         if min(self.duration_s, self.max_requests, self.procs, self.channels, self.timeout_s) <= 0 or self.warmup_s < 0:
             raise ValueError("duration, max_requests, procs, channels and timeout must be > 0, warm-up >= 0")
+        if self.interval_s < 0:
+            raise ValueError("interval must be >= 0")
 
     @property
     def mode(self) -> str:
@@ -98,7 +101,7 @@ class Users:
         return out
 
 
-def _hist() -> HdrHistogram:
+def new_hist() -> HdrHistogram:
     return HdrHistogram(1, _HIST_MAX_US, 3)
 
 
@@ -123,14 +126,16 @@ class _Driver:
         self.rng = random.Random(f"{spec.seed}-{idx}")
         self.metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else None
         self.served: collections.deque[tuple[str, str, list[str]]] = collections.deque(maxlen=256)
-        self.hist = {m: _hist() for m in METHODS}
+        self.hist = {m: new_hist() for m in METHODS}
+        self.by_outcome = {k: new_hist() for k in OUTCOMES}   # Recommend only: answered OK / refused
         self.codes: dict[str, collections.Counter[str]] = {m: collections.Counter() for m in METHODS}
-        self.lag = _hist()
+        self.lag = new_hist()
         self.stages: dict[str, list[float]] = {}   # name -> [sum ms, sum count_out, n]
         self.server_ms = [0.0, 0]
         self.degraded = 0
         self.sent = 0
         self.start = self.end = self.window_end = 0.0
+        self.intervals: dict[int, tuple[HdrHistogram, collections.Counter[str]]] = {}
 
     async def run(self) -> dict[str, Any]:
         channels, workers = await self._connect()
@@ -144,23 +149,28 @@ class _Driver:
         await asyncio.gather(*(c.close() for c in channels))
         return {"sent": self.sent, "window_s": self.window_end - self.start, "degraded": self.degraded,
                 "methods": {m: {"codes": dict(self.codes[m]), "hist": self.hist[m].encode()} for m in METHODS},
+                "by_outcome": {k: h.encode() for k, h in self.by_outcome.items()},
                 "lag": self.lag.encode(), "stages": self.stages, "server_ms": self.server_ms,
-                "connections": len(channels), "workers": workers}
+                "connections": len(channels), "workers": workers,
+                "intervals": {i: (h.encode(), dict(c)) for i, (h, c) in self.intervals.items()}}
 
     async def _connect(self) -> tuple[list[grpc.aio.Channel], int]:
-        """`channels` connections spread evenly over the server's worker processes.
+        """`channels` connections spread evenly over the server's processes.
 
-        SO_REUSEPORT hands whole connections to workers by a hash, so a few connections can all
-        land on one worker and leave the other idle. Open three times as many, ask each which
-        worker answers (Admin.GetStatus), keep an equal number per worker. A server without
-        Admin (or with a token we lack) keeps the first ones. Returns (channels, workers seen).
+        A server whose processes share a port with SO_REUSEPORT (recserve before its gRPC front,
+        and similar servers) gets whole connections handed to processes by a hash, so a few
+        connections can all land on one and leave the other idle. Open three times as many, ask
+        each which process answers (Admin.GetStatus), keep an equal number per process. Against
+        the front, which spreads calls itself, this keeps `channels` of them either way. A
+        server without Admin (or with a token we lack) keeps the first ones. Returns
+        (channels, processes seen).
         """
         want = self.spec.channels
         chans = [grpc.aio.insecure_channel(self.spec.target, options=_OWN_CONNECTION) for _ in range(3 * want)]
         try:
-            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in chans)), _CONNECT_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in chans)), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise LoadError(f"cannot connect to {self.spec.target} within {_CONNECT_TIMEOUT_S:.0f} s") from None
+            raise LoadError(f"cannot connect to {self.spec.target} within {CONNECT_TIMEOUT_S:.0f} s") from None
         try:
             status = await asyncio.gather(*(pb2_grpc.AdminStub(c).GetStatus(
                 pb2.GetStatusRequest(), timeout=self.spec.timeout_s, metadata=self.metadata) for c in chans))
@@ -232,8 +242,16 @@ class _Driver:
             if measured:
                 self._note(resp)
         if measured:
+            us = max(1, int((done - intended) * 1e6))
             self.codes[method][code] += 1
-            self.hist[method].record_value(max(1, int((done - intended) * 1e6)))
+            self.hist[method].record_value(us)
+            if method == "Recommend" and (outcome := OUTCOME_OF.get(code)):
+                self.by_outcome[outcome].record_value(us)
+            if s.interval_s > 0 and method == "Recommend":
+                h, codes = self.intervals.setdefault(int((intended - self.start) // s.interval_s),
+                                                     (new_hist(), collections.Counter()))
+                h.record_value(us)
+                codes[code] += 1
 
     def _events(self) -> pb2.ReportEventsRequest:
         """Impressions for every item of a just-served list and a click on one of them."""
@@ -255,123 +273,9 @@ class _Driver:
             acc[2] += 1
 
 
-def _worker(spec: LoadSpec, idx: int, conn: Connection) -> None:
+def generator_main(spec: LoadSpec, idx: int, conn: Connection) -> None:
     """Entry of one generator process: connect, say ready, wait for the start time, run, report."""
     try:
         conn.send(("done", asyncio.run(_Driver(spec, idx, conn).run())))
     except Exception as e:  # noqa: BLE001 - reported to the coordinator as one line
         conn.send(("error", f"generator {idx}: {type(e).__name__}: {e}"))
-
-
-# ----------------------------------------------------------------------------- coordinator
-
-def run_load(spec: LoadSpec, server_pid: int | None = None, metrics_url: str | None = None) -> dict[str, Any]:
-    """Run one load level and return its result (see `_merge` for the fields)."""
-    ctx = mp.get_context("spawn")
-    conns, procs = [], []
-    for i in range(spec.procs):
-        here, there = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(spec, i, there), name=f"loadtest-gen-{i}", daemon=True)
-        p.start()
-        there.close()
-        conns.append(here)
-        procs.append(p)
-    try:
-        workers = [_expect(c, "ready", _CONNECT_TIMEOUT_S + 60)[0] for c in conns]
-        t0 = time.monotonic() + 0.1
-        for c in conns:
-            c.send(t0)
-        probes = {"generator": ProcProbe([p.pid for p in procs], children=False)}
-        if server_pid:
-            probes["server"] = ProcProbe([server_pid])
-        start, end = t0 + spec.warmup_s, t0 + spec.warmup_s + spec.duration_s
-        time.sleep(max(0.0, start - time.monotonic()))
-        before = scrape_stages(metrics_url) if metrics_url else {}
-        for probe in probes.values():
-            probe.start()
-        while (left := end - time.monotonic()) > 0 and (busy := [c for c in conns if not c.poll()]):
-            mp_wait(busy, timeout=min(left, 0.5))
-            for probe in probes.values():
-                probe.sample()
-        usage = {k: probe.stop() for k, probe in probes.items()}
-        after = scrape_stages(metrics_url) if metrics_url else {}
-        results = [_expect(c, "done", spec.timeout_s + 60)[0] for c in conns]
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return _merge(spec, results, workers, usage, before, after)
-
-
-def _expect(conn: Connection, kind: str, timeout: float) -> tuple:
-    if not conn.poll(timeout):
-        raise LoadError(f"a generator process sent no '{kind}' within {timeout:.0f} s")
-    try:
-        msg = conn.recv()
-    except EOFError:
-        raise LoadError("a generator process died") from None
-    if msg[0] == "error":
-        raise LoadError(msg[1])
-    return msg[1:]
-
-
-def _merge(spec: LoadSpec, results: list[dict[str, Any]], workers: list[int], usage: dict[str, Any],
-           before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
-    """Sum the generators' counts and histograms into one result of this load level."""
-    window = max(r["window_s"] for r in results)
-    methods: dict[str, Any] = {}
-    errors: collections.Counter[str] = collections.Counter()
-    for m in METHODS:
-        h, codes = _hist(), collections.Counter()
-        for r in results:
-            h.decode_and_add(r["methods"][m]["hist"])
-            codes.update(r["methods"][m]["codes"])
-        if codes:
-            ok = codes.pop("OK", 0)
-            methods[m] = {"sent": ok + sum(codes.values()), "ok": ok, "errors": dict(codes),
-                          "qps": ok / window if window > 0 else 0.0, "latency_ms": percentiles_ms(h)}
-            errors.update(codes)
-    ok = sum(m["ok"] for m in methods.values())
-    lag = _hist()
-    for r in results:
-        lag.decode_and_add(r["lag"])
-    server_ms = [sum(r["server_ms"][i] for r in results) for i in (0, 1)]
-    return {
-        "mode": spec.mode, "concurrency": spec.concurrency or None, "offered_qps": spec.qps or None,
-        "window_s": window, "sent": sum(r["sent"] for r in results), "ok": ok, "errors": dict(errors),
-        "achieved_qps": ok / window if window > 0 else 0.0,
-        "latency_ms": methods.get("Recommend", {}).get("latency_ms", percentiles_ms(_hist())),
-        "methods": methods, "degraded": sum(r["degraded"] for r in results),
-        "server_ms_mean": server_ms[0] / server_ms[1] if server_ms[1] else None,
-        "send_lag_ms": percentiles_ms(lag) if spec.mode == "open" else None,
-        "stages": _stages(results, before, after),
-        "server": usage.get("server"), "generator": usage["generator"],
-        "connections": sum(r["connections"] for r in results), "server_workers_seen": max(workers),
-    }
-
-
-def _stages(results: list[dict[str, Any]], before: dict[str, tuple[float, float]],
-            after: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
-    """Mean ms per stage in pipeline order (as traced): from the server's Prometheus histograms
-    over the window when scraped (every request), else from the sampled debug traces."""
-    traced: dict[str, list[float]] = {}
-    for r in results:
-        for name, vals in r["stages"].items():
-            acc = traced.setdefault(name, [0.0, 0.0, 0])
-            for i, v in enumerate(vals):
-                acc[i] += v
-    out = []
-    for name in [*traced, *sorted(set(after) - set(traced))]:
-        b, a = before.get(name, (0.0, 0.0)), after.get(name, (0.0, 0.0))
-        s, n = a[0] - b[0], a[1] - b[1]
-        t = traced.get(name)
-        if n > 0:
-            row = {"name": name, "mean_ms": s * 1e3 / n, "n": int(n), "source": "prometheus"}
-        elif t:
-            row = {"name": name, "mean_ms": t[0] / t[2], "n": int(t[2]), "source": "trace"}
-        else:
-            continue
-        row["count_out"] = t[1] / t[2] if t else None
-        out.append(row)
-    return out

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from loadtest import soak
 from loadtest.generator import PERCENTILES
 
 PCTS = (*PERCENTILES, "max")
@@ -30,8 +31,8 @@ def summary_lines(r: dict[str, Any], target: str) -> list[str]:
             else f"{r['offered_qps']:g} QPS offered (open loop)")
     lat = "  ".join(f"{k} {r['latency_ms'][k]:.2f}" for k in PCTS)
     srv = r.get("server")
-    res = (f"server {srv['cpu_cores']:.2f} cores, {srv['rss_mb_peak']:.0f} MB RSS ({srv['processes']} processes)"
-           if srv else "server CPU/RSS not measured (no pid)")
+    res = (f"server {srv['cpu_cores']:.2f} cores ({srv.get('root_cpu_cores', 0):.2f} in its root process), "
+           f"{srv['rss_mb_peak']:.0f} MB RSS ({srv['processes']} processes)" if srv else "server CPU/RSS not measured (no pid)")
     slow = sorted(r["stages"], key=lambda s: -s["mean_ms"])[:4]
     return [
         f"load test of {target}: {load}, {r['window_s']:.1f} s measured",
@@ -52,6 +53,10 @@ def write_report(report: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["md"].write_text(markdown(report))
     _plot_latency(report, paths["latency_png"])
     _plot_stages(report, paths["stages_png"])
+    soaks = [r for t in report["targets"] for r in t["runs"] if r.get("intervals")]
+    if soaks:
+        paths["soak_png"] = out / "soak.png"
+        soak.plot(soaks[0], paths["soak_png"])
     return paths
 
 
@@ -87,10 +92,16 @@ def markdown(report: dict[str, Any]) -> str:
         if lags := [f"{load_label(r)} {r['send_lag_ms']['p99']:.2f}" for r in t["runs"] if r["send_lag_ms"]]:
             lines += ["Generator send lag behind the Poisson schedule, p99 ms (counted in the latencies): "
                       + "; ".join(lags), ""]
+        for r in t["runs"]:
+            if r.get("intervals"):
+                lines += soak.markdown(r)
         if sweep := t.get("sweep"):
             best = sweep["max_sustainable_qps"]
             lines += [f"Highest sustainable offered QPS (p99 <= {sweep['slo_ms']:g} ms, no errors): "
                       f"**{best:g}**" if best else "No step met the SLO.", f"Stopped: {sweep['stopped']}.", ""]
+        if shed := [r for r in t["runs"] if "refused" in r.get("latency_by_outcome_ms", {})]:
+            lines += ["Refused calls (RESOURCE_EXHAUSTED) apart from accepted ones: "
+                      + "; ".join(overload_text(r) for r in shed), ""]
         if errs := [f"{load_label(r)}: {codes_text(r['errors'])}" for r in t["runs"] if r["errors"]]:
             lines += ["Errors by status code: " + "; ".join(errs), ""]
         r = headline(t)
@@ -115,6 +126,14 @@ def sweep_ratio(report: dict[str, Any]) -> str | None:
             f"{swept[1]['name']} {b:g}; ratio {ratio}")
 
 
+def overload_text(r: dict[str, Any]) -> str:
+    """Accepted calls' latency, how fast the excess was refused, and the goodput, of one level."""
+    ok, ref = r["latency_by_outcome_ms"].get("ok"), r["latency_by_outcome_ms"]["refused"]
+    acc = f"accepted p50 {ok['p50']:.1f} p99 {ok['p99']:.1f} ms" if ok else "none accepted"
+    return (f"{load_label(r)}: {acc}, refused p50 {ref['p50']:.2f} p99 {ref['p99']:.2f} max {ref['max']:.1f} ms "
+            f"({r['errors'].get('RESOURCE_EXHAUSTED', 0)} calls), goodput {r['achieved_qps']:.1f} QPS")
+
+
 def codes_text(errors: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none"
 
@@ -136,21 +155,28 @@ def _plot_latency(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ("-", "--", ":", "-.")
-    for t, ls in zip(report["targets"], styles):
+    # one panel per target, shared axes: recserve and the baseline never cover each other, and
+    # the legend sits below the panels, never over a point
+    targets = report["targets"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets), 4.6), sharey=True, squeeze=False)
+    slo = report["meta"].get("slo_ms")
+    closed = report["meta"]["mode"] == "closed"
+    for ax, t in zip(axes[0], targets):
         runs = sorted(t["runs"], key=_x)
         for k, color in zip(PERCENTILES, ("C0", "C1", "C3", "C4")):
-            ax.plot([_x(r) for r in runs], [r["latency_ms"][k] for r in runs], ls, marker="o", color=color,
-                    label=f"{t['name']} {k}")
-    if slo := report["meta"].get("slo_ms"):
-        ax.axhline(slo, color="grey", lw=1, label=f"SLO {slo:g} ms")
-    closed = report["meta"]["mode"] == "closed"
-    ax.set(xlabel="achieved QPS (closed loop)" if closed else "offered QPS (open loop)",
-           ylabel="latency ms (log)", yscale="log", title="Recommend latency against load")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+            ax.plot([_x(r) for r in runs], [r["latency_ms"][k] for r in runs], "-", marker="o", ms=4, color=color,
+                    label=k)
+        if slo:
+            ax.axhline(slo, color="grey", lw=1, ls="--", label=f"SLO {slo:g} ms")
+        best = (t.get("sweep") or {}).get("max_sustainable_qps")
+        ax.set(xlabel="achieved QPS (closed loop)" if closed else "offered QPS (open loop)", yscale="log",
+               title=f"{t['name']}" + (f": {best:g} QPS at the SLO" if best else ""))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("Recommend latency ms (log)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle("Recommend latency against load")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

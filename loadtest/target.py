@@ -1,9 +1,11 @@
 """The server side of a load test: start one on loopback, watch its processes, scrape its metrics."""
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -26,6 +28,12 @@ class Server:
                  timeout_s: float = 300.0, extra: tuple[str, ...] = ()):
         """`workers=None`: a server without worker processes or /metrics (`--backend ray` in `extra`)."""
         port = free_port()
+        self.state_dir = None
+        if "--state-dir" not in extra and "--feature-store" not in extra:
+            # the embedded store persists (event log fsync'd per ReportEvents): measured as served,
+            # but in a throwaway folder, never the user's default state dir
+            self.state_dir = tempfile.mkdtemp(prefix="recserve-loadtest-state-")
+            extra = (*extra, "--state-dir", self.state_dir)
         self.metrics_url = f"http://127.0.0.1:{port}/metrics" if workers is not None else None
         native = ("--workers", str(workers), "--metrics-port", str(port)) if workers is not None else ()
         cmd = [sys.executable, "-m", "engine.cli.main", "serve", "--config", str(config), "--bundle", str(bundle),
@@ -33,11 +41,12 @@ class Server:
         ready = self._start(cmd, "recserve", log, timeout_s)
         self.target, self.version, self.workers = ready.target, ready.version, ready.workers
 
-    def _start(self, cmd: list[str], server: str, log: Path | None, timeout_s: float) -> Ready:
-        """Run `cmd` from the repo root and wait for its ready line."""
+    def _start(self, cmd: list[str], server: str, log: Path | None, timeout_s: float, cwd: Path = REPO,
+               env: dict[str, str] | None = None) -> Ready:
+        """Run `cmd` from `cwd` (the repo root) and wait for its ready line."""
         err = open(log, "w") if log else None
         try:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+            self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         finally:
             if err:
                 err.close()
@@ -60,6 +69,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if getattr(self, "state_dir", None):
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> Server:
         return self
@@ -100,22 +111,44 @@ class ProcProbe:
 
     def start(self) -> None:
         self.t, self.cpu0, self.rss = time.monotonic(), self._cpu(), 0
+        self.mark = (self.t, self.cpu0)
         self.sample()
 
-    def sample(self) -> None:
+    def interval(self) -> dict[str, Any]:
+        """RSS now (in all and per process, the root first) and cores since the previous call
+        (or start): one row of a soak."""
+        now, cpu = time.monotonic(), self._cpu()
+        t0, cpu0 = self.mark
+        self.mark = (now, cpu)
+        used = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu.items())
+        each = []
+        for p in self._procs():
+            try:
+                each.append(p.memory_info().rss / 2**20)
+            except psutil.NoSuchProcess:
+                pass
+        return {"rss_mb": sum(each), "rss_mb_each": each, "cpu_cores": used / (now - t0) if now > t0 else 0.0}
+
+    def _rss(self) -> int:
         rss = 0
         for p in self._procs():
             try:
                 rss += p.memory_info().rss
             except psutil.NoSuchProcess:
                 pass
-        self.rss = max(self.rss, rss)
+        return rss
+
+    def sample(self) -> None:
+        self.rss = max(self.rss, self._rss())
 
     def stop(self) -> dict[str, Any]:
         self.sample()
         cpu1, dt = self._cpu(), time.monotonic() - self.t
         used = sum(v - self.cpu0.get(pid, 0.0) for pid, v in cpu1.items())
-        return {"cpu_cores": used / dt if dt > 0 else 0.0, "rss_mb_peak": self.rss / 2**20, "processes": len(cpu1)}
+        root = sum(cpu1.get(p.pid, 0.0) - self.cpu0.get(p.pid, 0.0) for p in self.roots)
+        return {"cpu_cores": used / dt if dt > 0 else 0.0, "rss_mb_peak": self.rss / 2**20, "processes": len(cpu1),
+                # the root alone: the native server's supervisor with its gRPC front (workers are children)
+                "root_cpu_cores": root / dt if dt > 0 else 0.0}
 
 
 def metrics_url(spec: str) -> str:

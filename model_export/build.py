@@ -2,9 +2,13 @@
 -> feature state -> one checksummed bundle version (engine/bundle.py reads it), carrying the
 config it was built from and its stages' side files, so it serves and evaluates from anywhere.
 
-Feature windows: the two-tower model trains on [0, t_history); the rankers on [t_history, t_valid)
-with the state as of t_history; validation is [t_valid, t_end) with the state as of t_valid; the
-bundle ships the state as of t_end, which seeds the serving feature store.
+Parts of the log (model_export.dataset): the two-tower model and the item-to-item table train on
+the history rows; the rankers on the rank rows with each user's state at their cut (global split:
+[t_history, t_valid) with the state as of t_history); validation is the held-out rows with the
+state at their cut; the bundle ships the state as of t_end, which seeds the serving feature store.
+Logged impressions are the rankers' rows; data without impressions gets rows from offline recall
+(model_export.implicit). The served i2i table is built from all training rows, the one the
+rankers' training rows read from the history rows only, so no feature sees its own label.
 """
 from __future__ import annotations
 
@@ -22,14 +26,17 @@ import torch
 from engine.core.bundle import MANIFEST, current_version, resolve
 from engine.core.errors import BundleError, ConfigError
 from engine.core.config import Config
-from engine.core.featurize import COARSE_FEATURES, Tables, item_tower_input, sequence_input, user_tower_input
+from engine.core.featurize import (COARSE_FEATURES, I2ITable, Tables, item_tower_input, sequence_input,
+                                   user_tower_input)
 from engine.core.state import FeatureState, snapshot
 from indexes import build_index, measure_recall, tune_nprobe
-from model_export import cold_rows, distill, train
+from model_export import cascade, cold_rows, distill, train
 from model_export.bundle_writer import BundleWriter
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
 from model_export.export import export_checked, ort_session
+from model_export.i2i import build_table
+from model_export.implicit import implicit_rows
 from model_export.models import save_checkpoints
 from model_export.progress import bar
 from stages.rerank_beam import fuse
@@ -37,7 +44,7 @@ from stages.rerank_beam import fuse
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
 RECALL_MARGIN = 0.005       # tuned on other queries than it is reported on: aim a little higher
 PARITY_ROWS = 256           # candidates (N) in the parity cases
-RECORDED_SECTIONS = ("data", "train", "index", "serving")   # raw config kept in the manifest
+RECORDED_SECTIONS = ("data", "train", "index", "i2i", "implicit", "serving")   # raw config kept in the manifest
 CONFIG_DIR = "config"       # the bundle's copy of its config file and the stages' side files
 
 
@@ -134,15 +141,26 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     tc = cfg.train
     step = _Steps()
     ds = step("data", lambda: load_dataset(cfg.data))
-    print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, {len(ds.log_user)} impressions, tasks {ds.tasks}")
+    print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, {len(ds.log_user)} "
+          f"{'interactions' if ds.implicit else 'impressions'}, tasks {ds.tasks}, {ds.split} split: "
+          f"{ds.history_rows.size} history, {ds.rank.rows.size} rank, {ds.valid.rows.size} held-out rows")
+    if ds.split != "global" and not ds.implicit:
+        raise ConfigError("data.split: per_user needs data without impressions (logged impressions are "
+                          "featurised with one state per window)")
     half_life = cfg.serving.hot_half_life_hours / 24
 
     def state(t: float) -> FeatureState:
         return snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, t,
                         tc.recent_len, cfg.serving.seen_window, half_life)
 
-    st_hist, st_valid, st_end = step("feature state", lambda: [state(t) for t in (ds.t_history, ds.t_valid,
-                                                                                    ds.t_end)])
+    def states() -> list[FeatureState]:
+        if ds.split == "global":
+            return [state(t) for t in (ds.t_history, ds.t_valid, ds.t_end)]
+        return [*(cascade.user_state(ds, p, tc.recent_len, cfg.serving.seen_window, half_life)
+                  for p in (ds.rank, ds.valid)), state(ds.t_end)]
+
+    st_hist, st_valid, st_end = step("feature state", states)
+    i2i_hist, i2i_served, i2i_meta = step("i2i tables", lambda: _i2i_tables(ds, cfg))
     content = (ds.item_content / np.maximum(np.linalg.norm(ds.item_content, axis=1, keepdims=True), 1e-6)
                ).astype(np.float32)
     tt = step("two-tower", lambda: train.fit_two_tower(ds, content, tc, st_hist))
@@ -150,7 +168,7 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     models: dict[str, Any] = {}
 
     # towers: export with parity, then the whole catalog through the exported item tower
-    tables = train.serving_tables(ds, content, tt.tables)
+    tables = train.serving_tables(ds, content, tt.tables, i2i_served)
     users = rng.choice(ds.n_users, min(PARITY_ROWS, ds.n_users), replace=False)
     users[0] = -1                                                    # a new user: zero id row, no history
     u_x = user_tower_input(tables, users, ds.user_profile[np.maximum(users, 0)],
@@ -168,28 +186,46 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
 
     step("embed catalog", lambda: train.embed_catalog(tables, tt.tables, lambda x: item_sess.run(None, {"x": x})[0]))
     metrics: dict[str, dict[str, float]] = {
-        "two_tower": train.two_tower_recall(ds, tables, user_emb, st_valid, ds.t_valid, np.inf)}
+        "two_tower": train.two_tower_recall(ds, tables, user_emb, st_valid, ds.valid)}
     print("  two-tower validation " + ", ".join(f"{k} {v:.4g}" for k, v in metrics["two_tower"].items()))
 
-    # rankers: rows of the ranker window (state at t_history) and of the validation window (state at t_valid)
-    rank_rows = _sample(ds.window(ds.t_history, ds.t_valid), tc.max_rank_rows, rng)
-    valid_rows = _sample(ds.window(ds.t_valid, np.inf), tc.max_rank_rows, rng)
-    tr = step("ranker features", lambda: train.ranker_rows(ds, tables, rank_rows, st_hist, user_emb, "train"))
-    va = step("ranker features", lambda: train.ranker_rows(ds, tables, valid_rows, st_valid, user_emb, "valid"))
-    if tc.rank_cold_share > 0:
-        cold_tables = cold_rows.content_only(tables, tt.tables, lambda x: item_sess.run(None, {"x": x})[0])
-        step("cold rows", lambda: cold_rows.mask_history(ds, tr, rank_rows, cold_tables, st_hist, user_emb,
-                                                         tc.rank_cold_share, rng))
+    # rankers: rows of the rank part (each user's state at its cut, the i2i table of the history
+    # rows) and of the held-out part (state at its cut, the served i2i table)
+    train_tables = dataclasses.replace(tables, i2i=i2i_hist)
+    schema = _schema(ds, cfg)
+    if ds.implicit:
+        if tc.rank_cold_share > 0:
+            raise ConfigError("train.rank_cold_share: cold views re-featurize logged impressions; "
+                              "this data has none")
+        got = [step("ranker rows", lambda: implicit_rows(ds, cfg, tbl, schema, user_emb, phase, rng))
+               for tbl, phase in ((train_tables, ds.rank), (tables, ds.valid))]
+        tr, va = (g.rows for g in got)
+        metrics["implicit_rows"] = {f"{part}_{k}": v for part, g in zip(("train", "valid"), got)
+                                    for k, v in g.stats.items()}
+        print("  implicit rows " + ", ".join(f"{k} {v:.4g}" for k, v in metrics["implicit_rows"].items()))
+    else:
+        rank_rows = _sample(ds.rank.rows, tc.max_rank_rows, rng)
+        valid_rows = _sample(ds.valid.rows, tc.max_rank_rows, rng)
+        tr = step("ranker features", lambda: train.ranker_rows(ds, train_tables, rank_rows, st_hist, user_emb,
+                                                               "train"))
+        va = step("ranker features", lambda: train.ranker_rows(ds, tables, valid_rows, st_valid, user_emb, "valid"))
+        if tc.rank_cold_share > 0:
+            cold_tables = cold_rows.content_only(train_tables, tt.tables, lambda x: item_sess.run(None, {"x": x})[0])
+            step("cold rows", lambda: cold_rows.mask_history(ds, tr, rank_rows, cold_tables, st_hist, user_emb,
+                                                             tc.rank_cold_share, rng))
     # the fine ranker first: with distillation it teaches the coarse stages
     fine, metrics["fine"] = step("fine ranker", lambda: train.fit_fine(tr, va, tables, ds.tasks, tc))
-    cascade = step("cascade samples", lambda: _cascade(ds, cfg, tables, rank_rows, st_hist, user_emb, fine, rng)) \
+    teach = step("cascade samples", lambda: distill.cascade_samples(
+        ds, cfg, train_tables, schema, user_emb, ds.rank, fine, _fusion(cfg, ds.tasks), tc.distill_users, rng)) \
         if tc.distill_weight > 0 else None
-    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, ds.tasks[0], tc, cascade))
+    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(
+        tr, va, ds.tasks[0], tc, teach.soft_rows() if teach is not None else None))
     booster.save_model(str(w.path("models/coarse_trees.txt")))
     models["coarse_trees"] = {"file": "models/coarse_trees.txt", "inputs": list(COARSE_FEATURES), "outputs": ["p"],
                               "trees": booster.num_trees(), "leaves": tc.gbdt_leaves}
+    aux = (lambda model: distill.Listwise(model, teach, len(tr.user), tc)) if teach is not None else None
     dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, ds.tasks[0], tc,
-                                                                                  cascade))
+                                                                                  aux))
     n = min(PARITY_ROWS, len(va.user))
     seq, mask = sequence_input(tables, va.recent[:n])
     cases = {"coarse_dnn": [{"user": va.user[:1], "item": va.item[:n]}, {"user": va.user[:n], "item": va.item[:n]}],
@@ -209,6 +245,8 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
         ("user_id_emb", tables.user_id_emb), ("user_profile", ds.user_profile), ("user_ids", ds.user_ids),
         ("item_ids", ds.item_ids), ("category_emb", tt.tables["category_emb"]),
         ("author_emb", tt.tables["author_emb"]))},
+        **({f"tables/i2i_{k}.npy": getattr(i2i_served, k) for k in ("indptr", "indices", "weights")}
+           if i2i_served is not None else {}),
         **{f"state/{k}.npy": v for k, v in st_end.arrays().items()}}
     for rel, a in arrays.items():
         w.array(rel, a)
@@ -216,10 +254,13 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
         "config": {"path": cfg.path, "fingerprint": fingerprint,
                    **{s: cfg.raw.get(s, {}) for s in RECORDED_SECTIONS}},
         "dataset": ds.name,
+        "data": {"split": ds.split, "implicit": ds.implicit, "rows": {
+            "history": int(ds.history_rows.size), "rank": int(ds.rank.rows.size), "held_out": int(ds.valid.rows.size)}},
         "schema": _schema(ds, cfg),
         "state": {"t_ref": st_end.t_ref, "time": st_end.time, "half_life_days": half_life},
         "time": {"t_end": ds.t_end, "days_per_unix_second": 1 / 86400},
         "index": index_meta,
+        **({"i2i": i2i_meta} if i2i_served is not None else {}),
         "models": models,
         "metrics": metrics,
         "shapes": {rel: list(a.shape) for rel, a in arrays.items()},
@@ -228,19 +269,12 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     return manifest, {"two_tower": tt.model, "coarse_dnn": dnn, "fine": fine}
 
 
-def _cascade(ds: Dataset, cfg: Config, tables: Tables, rank_rows: np.ndarray, st: FeatureState,
-             user_emb: train.EmbedFn, fine: torch.nn.Module, rng: np.random.Generator) -> distill.Cascade:
-    """The fine ranker + the served rerank's fusion over training users' offline recall."""
+def _fusion(cfg: Config, tasks: tuple[str, ...]) -> distill.Fusion:
+    """The served rerank's fusion of task probabilities; without a rerank stage, the first task."""
     rerank = next((cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam"), None)
-    k = next((cfg.stage[n][1].k for n in cfg.pipeline.recall if cfg.stage[n][0] == "recall_ann"), cfg.index.recall_k)
-
-    def fusion(probs: np.ndarray) -> np.ndarray:   # without a rerank stage, lists are ordered by the first task
-        if rerank is None:
-            return probs[:, 0]
-        return fuse({t: probs[:, j] for j, t in enumerate(ds.tasks)}, rerank.weights, rerank.fusion, rerank.eps)
-
-    return distill.cascade_samples(ds, tables, rank_rows, st, user_emb, fine.eval(), fusion, cfg.train.distill_users,
-                                   k, rng)
+    if rerank is None:
+        return lambda probs: probs[:, 0]
+    return lambda probs: fuse({t: probs[:, j] for j, t in enumerate(tasks)}, rerank.weights, rerank.fusion, rerank.eps)
 
 
 class _Steps:
@@ -270,7 +304,7 @@ def _index(ds: Dataset, cfg: Config, tables: Tables, user_emb: train.EmbedFn, st
            w: BundleWriter, rng: np.random.Generator) -> dict[str, Any]:
     # nprobe is tuned on one set of real user queries and recall reported on another: tuned
     # and measured on the same queries, 0.95 came out 0.943-0.956 on fresh ones.
-    rows = _sample(ds.window(ds.t_valid, np.inf), 2 * cfg.index.recall_queries, rng)
+    rows = _sample(ds.valid.rows, 2 * cfg.index.recall_queries, rng)
     u = ds.log_user[rows]
     queries = user_emb(user_tower_input(tables, u, ds.user_profile[u], ds.log_context[rows], st.user_recent[u]))
     tune_q, held_q = queries[::2], queries[1::2]
@@ -286,6 +320,24 @@ def _index(ds: Dataset, cfg: Config, tables: Tables, user_emb: train.EmbedFn, st
     index.save(w.path("index/items.faiss"))
     return {"kind": index.kind, "nlist": index.nlist, "nprobe": index.nprobe, "recall_k": k,
             "recall": recall_at[k], "recall_at": {str(kk): r for kk, r in recall_at.items()}}
+
+
+def _i2i_tables(ds: Dataset, cfg: Config) -> tuple[I2ITable | None, I2ITable | None, dict[str, Any]]:
+    """The item-to-item tables of the history rows (for training rows) and of all training rows
+    (served), from the first task's positives; None twice when i2i.neighbours is 0."""
+    if cfg.i2i.neighbours == 0:
+        return None, None, {}
+    pos = ds.log_labels[:, 0] > 0
+
+    def table(rows: np.ndarray) -> tuple[I2ITable, dict[str, Any]]:
+        rows = rows[pos[rows]]
+        return build_table(cfg.i2i, ds.log_user[rows], ds.log_item[rows], ds.n_users, ds.n_items)
+
+    hist, _ = table(ds.history_rows)
+    served, meta = table(np.flatnonzero(ds.train_mask))
+    print(f"  i2i {meta['method']}: {meta['nnz']} neighbours over {ds.n_items} items from {meta['interactions']} "
+          f"interactions in {meta['seconds']:.1f} s")
+    return hist, served, meta
 
 
 def _schema(ds: Dataset, cfg: Config) -> dict[str, Any]:

@@ -1,15 +1,27 @@
-"""The data set contract every source (synthetic world, MovieLens) fills.
+"""The data set contract every source (synthetic world, MovieLens) fills, and how its log splits.
 
-Times are in days; the log is sorted by time and split by time into three windows:
-history [0, t_history) trains the two-tower model and builds the feature state the rankers
-see; ranker [t_history, t_valid) trains the rankers; validation [t_valid, t_end].
+Times are in days and the log is sorted by time. Three parts of the log play three roles:
+history trains the two-tower model and the item-to-item table and builds the feature state
+the rankers see; the rank rows label the rankers' training rows; the held-out (validation)
+rows are scored by the build's metrics and `recserve eval`, and nothing trains on them.
+
+Two splits (`DataConfig.split`) say which rows are which:
+  global    by time: history [0, t_history), rank [t_history, t_valid), held out [t_valid, t_end).
+  per_user  each user's latest `held_out` share of rows (log order) is held out; of the rest,
+            each user's latest `held_out` share are the rank rows, the earlier ones history.
+Either way each user has a cut per part (`Phase`): the state a request of that user sees is
+the training rows (not held out) before the cut, on a clock stopped at the cut's time. The
+global split cuts everyone at one time; the per-user split cuts each user at their own row.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
+
+SPLITS = ("global", "per_user")
 
 
 class GroundTruth(Protocol):
@@ -22,10 +34,26 @@ class GroundTruth(Protocol):
         """float32 [n_items, T] for one user over the whole catalog."""
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One labelled part of the log, and per user where the state for its rows is taken.
+
+    User u's state is the training rows before log row `cut[u]`, on a clock at `now[u]`."""
+
+    rows: np.ndarray      # int64, sorted: the log rows of this part
+    cut: np.ndarray       # int64 [n_users] the user's first row in the part (len(log) when it has none)
+    now: np.ndarray       # float64 [n_users] days: the clock at the cut
+
+    @property
+    def users(self) -> np.ndarray:
+        """Users with rows in this part, sorted."""
+        return np.flatnonzero(self.cut < np.iinfo(np.int64).max)
+
+
 @dataclass
 class Dataset:
     name: str
-    tasks: tuple[str, ...]              # e.g. ("click", "like", "finish"); MovieLens: ("like",)
+    tasks: tuple[str, ...]              # e.g. ("click", "like", "finish"); MovieLens: ("click", "like")
     user_ids: np.ndarray                # '<U' external ids, [n_users]
     item_ids: np.ndarray                # '<U' external ids, [n_items]
     user_profile: np.ndarray            # int32 [n_users, P] categorical fields
@@ -49,8 +77,12 @@ class Dataset:
     t_valid: float
     t_end: float
     truth: GroundTruth | None = None    # synthetic only
-    implicit: bool = False              # no impression log: every row is something a user did (MovieLens, a
-                                        # files source without `position`); no row is a shown-and-skipped negative
+    # No impression log: every row is something a user did (MovieLens, a files source without
+    # `position`); no row is a shown-and-skipped negative, so the rankers train on recalled
+    # candidates and sampled negatives (model_export.implicit) instead of on logged impressions.
+    implicit: bool = False
+    split: str = "global"               # one of SPLITS
+    held_out: float = 0.2               # per_user: each user's share of rows held out
 
     @property
     def n_users(self) -> int:
@@ -64,3 +96,52 @@ class Dataset:
         """Log rows with start <= time < end (the log is time-sorted)."""
         lo, hi = np.searchsorted(self.log_time, [start, end], side="left")
         return np.arange(lo, hi)
+
+    @cached_property
+    def valid(self) -> Phase:
+        """The held-out rows and each user's cut before them."""
+        return self._cut(np.ones(len(self.log_user), bool), self.t_valid)
+
+    @cached_property
+    def train_mask(self) -> np.ndarray:
+        """bool [N]: rows not held out, all a bundle may learn from."""
+        mask = np.ones(len(self.log_user), bool)
+        mask[self.valid.rows] = False
+        return mask
+
+    @cached_property
+    def rank(self) -> Phase:
+        """The rows that label the rankers' training rows: the held-out part of the training rows."""
+        return self._cut(self.train_mask, self.t_history)
+
+    @cached_property
+    def history_rows(self) -> np.ndarray:
+        """Training rows before the rank rows: the two-tower's and the i2i table's data."""
+        mask = self.train_mask.copy()
+        mask[self.rank.rows] = False
+        return np.flatnonzero(mask)
+
+    def _cut(self, base: np.ndarray, t: float) -> Phase:
+        """Split the `base` rows: by time at t (global) or each user's latest share (per_user)."""
+        none = np.iinfo(np.int64).max
+        if self.split == "global":
+            lo = int(np.searchsorted(self.log_time, t, side="left"))
+            rows = np.flatnonzero(base[lo:]) + lo
+            cut = np.full(self.n_users, none, np.int64)
+            cut[np.unique(self.log_user[rows])] = lo
+            return Phase(rows, cut, np.full(self.n_users, float(t)))
+        rows = np.flatnonzero(base)
+        users = self.log_user[rows]
+        order = np.argsort(users, kind="stable")           # by user, log order kept within a user
+        count = np.bincount(users, minlength=self.n_users)
+        # a user with one row keeps it for training; else round(share * n) rows, at least one
+        n_held = np.where(count > 1, np.maximum(np.rint(self.held_out * count), 1), 0).astype(np.int64)
+        end = np.cumsum(count)
+        back = np.repeat(end, count) - 1 - np.arange(rows.size)   # 0 = the user's latest row
+        held = np.sort(rows[order][back < np.repeat(n_held, count)])
+        cut = np.full(self.n_users, none, np.int64)
+        np.minimum.at(cut, self.log_user[held], held)
+        now = np.full(self.n_users, float(self.t_end))
+        has = cut < none
+        now[has] = self.log_time[cut[has]]
+        return Phase(held, cut, now)

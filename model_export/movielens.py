@@ -2,8 +2,12 @@
 
 Two on-disk formats load to the same Dataset: GroupLens (`u.data`, `u.item`, `u.user`) and
 recbole atomic files (`ml-100k.inter`, `.item`, `.user`), which the recbole 1.2.1 wheel on PyPI
-carries — the one source pip can fetch without a browser. Each rating is one impression of
-the single task "like" (rating >= 4).
+carries — the one source pip can fetch without a browser.
+
+The log holds ratings only, no impressions (`Dataset.implicit`): a rating is an interaction,
+the first task "click" (every row is one), and "like" is rating >= 4. A server hears a rating
+as the events impression + click (+ like): the feature store then keeps the rated items as the
+user's seen and recent items, which the seen filter and the i2i route read.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
           "War", "Western")                       # GroupLens u.item flag order; category = index
 AGE_EDGES = (18, 25, 35, 45, 55)                   # -> 6 buckets: <18, 18-24, ..., 55+
 RECBOLE_WHEEL = "recbole==1.2.1"
+TASKS = ("click", "like")                          # rated at all; rated >= 4
 _WHEEL_DIR = "recbole/dataset_example/ml-100k/"
 
 Ratings = tuple[list[str], list[str], np.ndarray, np.ndarray]   # user id, item id, rating, unix time
@@ -145,7 +150,7 @@ def _build(ratings: Ratings, items: Items, users: Users, history_frac: float, va
         profile[u_index[u]] = (np.searchsorted(AGE_EDGES, age, side="right"), genders.index(gender),
                                occupations.index(occupation))
     return Dataset(
-        name="movielens", tasks=("like",), user_ids=np.array(user_ids), item_ids=np.array(item_ids),
+        name="movielens", tasks=TASKS, user_ids=np.array(user_ids), item_ids=np.array(item_ids),
         user_profile=profile, profile_fields=("age_bucket", "gender", "occupation"),
         profile_cardinality=(len(AGE_EDGES) + 1, max(len(genders), 1), max(len(occupations), 1)),
         context_fields=("hour", "device"), context_cardinality=(24, 1),
@@ -156,8 +161,8 @@ def _build(ratings: Ratings, items: Items, users: Users, history_frac: float, va
         log_user=log_user, log_item=log_item, log_time=log_time,
         log_position=np.zeros(len(log_user), np.int16),
         log_context=np.stack([(ts // 3600 % 24).astype(np.int32), np.zeros(len(ts), np.int32)], axis=1),
-        log_labels=(rating[order] >= 4).astype(np.int8)[:, None],
-        t_history=history_frac * t_end, t_valid=(1 - valid_frac) * t_end, t_end=t_end)
+        log_labels=np.stack([np.ones(len(ts), np.int8), (rating[order] >= 4).astype(np.int8)], axis=1),
+        t_history=history_frac * t_end, t_valid=(1 - valid_frac) * t_end, t_end=t_end, implicit=True)
 
 
 def _sorted_ids(ids: set[str]) -> list[str]:

@@ -2,7 +2,8 @@
 
 Every ranker input is built by engine/featurize.py from the same tables and feature state
 the server uses (the state as of the start of each window: `snapshot` at t_history for the
-ranker window, at t_valid for validation), so a feature cannot drift between training and
+ranker window, at t_valid for validation; with data without impressions, each user's state
+at their cut, model_export.implicit), so a feature cannot drift between training and
 serving. Two-tower pairs take the user's history point-in-time via `recent_before`.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -18,12 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.core.config import TrainConfig
-from engine.core.featurize import (COARSE_FEATURES, Tables, coarse_features, item_tower_input, one_hot,
-                              ranker_item_input, ranker_user_input, sequence_input, user_tower_input)
+from engine.core.featurize import (COARSE_FEATURES, I2ITable, Tables, coarse_features, i2i_pairs, item_tower_input, one_hot,
+                                   ranker_item_input, ranker_user_input, sequence_input, user_tower_input)
 from engine.core.state import FeatureState, recent_before
 from indexes import exact_ids
-from model_export.dataset import Dataset
-from model_export.distill import Cascade, listwise_loss as distill_loss
+from model_export.cascade import UserStates
+from model_export.dataset import Dataset, Phase
 from model_export.models import MMoE, CoarseDNN, TwoTower
 from model_export.progress import bar
 
@@ -108,7 +110,7 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
 
     Keeps the epoch with the best recall@100 on the ranker window (`state`: as of t_history), which
     the two-tower model never trains on, so the validation window stays untouched for reporting."""
-    h = ds.window(0, ds.t_history)
+    h = ds.history_rows
     rows = h[ds.log_labels[h, 0] > 0]
     users, items = ds.log_user[rows], ds.log_item[rows]
     # positives only: the history strictly before a positive is the earlier positives
@@ -148,7 +150,7 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
     def evaluate() -> dict[str, float]:
         tabs = model.tables(*seen)
         tables = embed_catalog(serving_tables(ds, content, tabs), tabs, torch_fn(model.item_tower))
-        m = two_tower_recall(ds, tables, torch_fn(model.user_tower), state, ds.t_history, ds.t_valid)
+        m = two_tower_recall(ds, tables, torch_fn(model.user_tower), state, ds.rank)
         return {"ranker_window_recall@100": m["recall@100"]}
 
     print(f"two-tower: {rows.size} positive pairs from {ds.n_users} users, {int(seen[1].sum())} items")
@@ -157,11 +159,12 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
     return TwoTowerFit(model, model.tables(*seen))
 
 
-def serving_tables(ds: Dataset, content: np.ndarray, tt_tables: dict[str, np.ndarray]) -> Tables:
+def serving_tables(ds: Dataset, content: np.ndarray, tt_tables: dict[str, np.ndarray],
+                   i2i: I2ITable | None = None) -> Tables:
     """The serving Tables; item_emb stays empty until `embed_catalog` fills it."""
     return Tables(np.empty((ds.n_items, 0), np.float32), tt_tables["item_id_emb"], ds.item_category,
                   ds.item_author, content, ds.item_created, tt_tables["user_id_emb"], ds.user_profile,
-                  ds.profile_cardinality, ds.context_cardinality)
+                  ds.profile_cardinality, ds.context_cardinality, i2i)
 
 
 def embed_catalog(t: Tables, tt_tables: dict[str, np.ndarray], item_emb: EmbedFn, chunk: int = 65536) -> Tables:
@@ -173,12 +176,12 @@ def embed_catalog(t: Tables, tt_tables: dict[str, np.ndarray], item_emb: EmbedFn
     return t
 
 
-def two_tower_recall(ds: Dataset, tables: Tables, user_emb: EmbedFn, state: FeatureState, start: float,
-                     end: float, k: int = 100, n_users: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Recall@k of each sampled user's positives in [start, end) over the whole catalog, queried as
-    the server would (`state` as of `start`, context of the user's first positive there), against
-    the most-popular-k (by positives before `start`) and random baselines."""
-    v = ds.window(start, end)
+def two_tower_recall(ds: Dataset, tables: Tables, user_emb: EmbedFn, state: FeatureState, phase: Phase,
+                     k: int = 100, n_users: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Recall@k of each sampled user's positives in the phase's rows over the whole catalog, queried
+    as the server would (`state`: each user's as of their cut, context of the user's first positive
+    there), against the most-popular-k (by positives in `state`) and random baselines."""
+    v = phase.rows
     rows = v[ds.log_labels[v, 0] > 0]
     all_users, first = np.unique(ds.log_user[rows], return_index=True)
     pick = np.sort(np.random.default_rng(seed).permutation(all_users.size)[:n_users])
@@ -224,13 +227,37 @@ def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureSta
     out = RankerRows(np.empty((n, du), np.float32),
                      np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
                      state.user_recent[ds.log_user[rows]], ds.log_labels[rows].astype(np.float32))
+    i2i = i2i_pairs(tables.i2i, state.user_recent, ds.log_user[rows], ds.log_item[rows])
     for s in bar(range(0, n, chunk), desc=f"features {desc}", unit="chunk"):
         r = rows[s:s + chunk]
         u, i, ctx, rec = ds.log_user[r], ds.log_item[r], ds.log_context[r], out.recent[s:s + chunk]
         ue = user_emb(user_tower_input(tables, u, ds.user_profile[u], ctx, rec))
         ie = tables.item_emb[i]
         cf = coarse_features(tables, i, ue, ie, rec, state.user_n_imp[u], state.user_n_pos[u],
-                             state.item_n_imp[i], state.item_n_pos[i], state.item_hot[i], ctx, ds.log_time[r])
+                             state.item_n_imp[i], state.item_n_pos[i], state.item_hot[i], ctx, ds.log_time[r],
+                             i2i[s:s + chunk])
+        out.user[s:s + chunk] = ranker_user_input(tables, ue, ds.user_profile[u], ctx)
+        out.item[s:s + chunk] = ranker_item_input(ie, cf)
+    return out
+
+
+def candidate_rows(ds: Dataset, tables: Tables, states: UserStates, row: np.ndarray, items: np.ndarray,
+                   item_stats: np.ndarray, labels: np.ndarray, chunk: int = 65536) -> RankerRows:
+    """Featurize (user at their cut, item) pairs as the serving stages would at the cut: `row`
+    indexes `states` (model_export.cascade), `item_stats` [N, 3] are the items' impressions,
+    positives and hot score in the user's state, `labels` [N, T]."""
+    n = row.size
+    du = tables.item_emb.shape[1] + sum(tables.profile_cardinality) + sum(tables.context_cardinality)
+    out = RankerRows(np.empty((n, du), np.float32),
+                     np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
+                     states.recent[row], labels)
+    i2i = i2i_pairs(tables.i2i, states.recent, row, items)
+    for s in bar(range(0, n, chunk), desc="features candidates", unit="chunk"):
+        k, i = row[s:s + chunk], items[s:s + chunk]
+        u, ctx, ue, st = states.users[k], states.context[k], states.user_e[k], item_stats[s:s + chunk]
+        ie = tables.item_emb[i]
+        cf = coarse_features(tables, i, ue, ie, states.recent[k], states.n_imp[k], states.n_pos[k],
+                             st[:, 0], st[:, 1], st[:, 2], ctx, states.now[k], i2i[s:s + chunk])
         out.user[s:s + chunk] = ranker_user_input(tables, ue, ds.user_profile[u], ctx)
         out.item[s:s + chunk] = ranker_item_input(ie, cf)
     return out
@@ -239,22 +266,21 @@ def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureSta
 # ---------------------------------------------------------------- coarse phase 1 (LightGBM)
 
 def fit_gbdt(train: RankerRows, valid: RankerRows, task: str, cfg: TrainConfig,
-             cascade: Cascade | None = None) -> tuple[lgb.Booster, dict[str, float]]:
+             soft: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[lgb.Booster, dict[str, float]]:
     """LightGBM on the cheap features for the first task; trees x leaves is a serving latency budget.
 
-    With `cascade` and a `distill_weight`, the training users' recalled candidates join the logged
-    rows with the fine ranker's probability of the first task as a soft label (cross-entropy
-    objective, the same log loss on 0/1 labels), weighted `distill_weight`: the trees then learn
-    the fine ranker's view of the candidates they cut at serving, not only of logged impressions."""
-    soft = cascade is not None and cfg.distill_weight > 0
-    params = {"objective": "cross_entropy" if soft else "binary", "num_leaves": cfg.gbdt_leaves,
+    With `soft` (coarse features, soft labels in [0, 1]: distill.Cascade.soft_rows) and a
+    `distill_weight`, those rows join the logged ones weighted `distill_weight` (cross-entropy
+    objective, the same log loss on 0/1 labels): the trees then learn the fine ranker's view of
+    the candidates they cut at serving, not only of logged impressions."""
+    soft = soft if cfg.distill_weight > 0 else None
+    params = {"objective": "binary" if soft is None else "cross_entropy", "num_leaves": cfg.gbdt_leaves,
               "learning_rate": cfg.gbdt_lr, "num_threads": TRAIN_THREADS, "seed": cfg.seed, "verbose": -1,
               "deterministic": True}
     x, y, w = train.coarse, np.ascontiguousarray(train.labels[:, 0]), None
-    if soft:
-        x = np.concatenate([x, cascade.item[:, -len(COARSE_FEATURES):]])
-        y = np.concatenate([y, cascade.probs[:, :, 0].ravel()])
-        w = np.r_[np.ones(len(train.labels)), np.full(cascade.probs[:, :, 0].size, cfg.distill_weight)]
+    if soft is not None:
+        x, y = np.concatenate([x, soft[0]]), np.concatenate([y, soft[1]])
+        w = np.r_[np.ones(len(train.labels)), np.full(len(soft[1]), cfg.distill_weight)]
     data = lgb.Dataset(x, y, weight=w, feature_name=list(COARSE_FEATURES))
     with bar(total=cfg.gbdt_trees, desc="coarse trees", unit="tree") as trees:
         booster = lgb.train(params, data, num_boost_round=cfg.gbdt_trees, callbacks=[lambda env: trees.update(1)])
@@ -279,59 +305,34 @@ def predict(model: nn.Module, rows: RankerRows, tables: Tables | None = None, ch
                                for s in range(0, len(rows.user), chunk)])
 
 
-def fit_coarse_dnn(train: RankerRows, valid: RankerRows, embed_dim: int, task: str,
-                   cfg: TrainConfig, cascade: Cascade | None = None) -> tuple[CoarseDNN, dict[str, float]]:
+class AuxLoss(Protocol):
+    """A second loss term of the coarse DNN (distill.Listwise) and its own validation metrics."""
+
+    def loss(self) -> Tensor: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+def fit_coarse_dnn(train: RankerRows, valid: RankerRows, embed_dim: int, task: str, cfg: TrainConfig,
+                   aux: Callable[[CoarseDNN], AuxLoss] | None = None) -> tuple[CoarseDNN, dict[str, float]]:
     """The first task's probability from the user row broadcast over candidate rows.
 
-    With `cascade` (distill.cascade_samples), each batch also takes a few training users'
-    recalled candidates and adds `distill_weight` x a listwise loss towards the fine ranker's
-    order of them; a tenth of those users is held out for the agreement metric."""
+    `aux(model)`: a term added to each batch's loss, e.g. distill.Listwise (a few training
+    users' recalled candidates ordered as the fine ranker orders them)."""
     model = CoarseDNN(train.user.shape[1], train.item.shape[1], embed_dim, cfg.dnn_hidden,
                       train.item.mean(0), train.item.std(0))
     y = torch.from_numpy(train.labels[:, 0])
-    distill = _Distill(model, cascade, len(train.user), cfg) if cascade is not None else None
+    extra = aux(model) if aux is not None else None
 
     def loss_fn(b: np.ndarray) -> Tensor:
         loss = F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b)), y[b])
-        return loss if distill is None or cfg.distill_weight == 0 else loss + cfg.distill_weight * distill.loss()
+        return loss if extra is None else loss + extra.loss()
 
     def evaluate() -> dict[str, float]:
         out = {f"auc_{task}": auc(valid.labels[:, 0], predict(model, valid))}
-        return out if distill is None else {**out, **distill.agreement()}
+        return out if extra is None else {**out, **extra.metrics()}
 
     return model, _train_loop(model, len(train.user), cfg.dnn_epochs, cfg, "coarse dnn", loss_fn, evaluate)
-
-
-class _Distill:
-    """The listwise half of the coarse DNN's loss over cascade users, and its held-out agreement."""
-
-    def __init__(self, model: CoarseDNN, c: Cascade, n_rows: int, cfg: TrainConfig):
-        self.model, self.c, g = model, c, c.group
-        self.rng = np.random.default_rng(cfg.seed + 1)
-        users = self.rng.permutation(len(c.user))
-        self.held, self.train = np.sort(users[:len(users) // 10]), np.sort(users[len(users) // 10:])
-        # users per batch: one epoch over the logged rows passes over the cascade users once
-        self.per_batch = max(1, round(self.train.size * cfg.batch_size / n_rows))
-        self.user, self.item = torch.from_numpy(c.user), torch.from_numpy(c.item)
-        self.teacher = torch.from_numpy(c.teacher)
-        self.cols = torch.arange(g)
-
-    def _logits(self, users: np.ndarray) -> Tensor:
-        u = torch.from_numpy(users)
-        rows = (u[:, None] * self.c.group + self.cols).reshape(-1)
-        return self.model.logits(self.user[u].repeat_interleave(self.c.group, 0), self.item[rows]).view(-1, self.c.group)
-
-    def loss(self) -> Tensor:
-        users = self.rng.choice(self.train, self.per_batch)
-        return distill_loss(self._logits(users), self.teacher[torch.from_numpy(users)])
-
-    def agreement(self, top: int = 10, within: int = 10) -> dict[str, float]:
-        """Share of the teacher's top `top` among the student's top `within` of the held-out users' candidates."""
-        s = self._logits(self.held).numpy()
-        t = self.c.teacher[self.held]
-        st = np.argsort(-s, 1)[:, :within]
-        tt = np.argsort(-t, 1)[:, :top]
-        return {f"teacher_top{top}_in_top{within}": float(np.mean([np.isin(a, b).mean() for a, b in zip(tt, st)]))}
 
 
 def fit_fine(train: RankerRows, valid: RankerRows, tables: Tables, tasks: tuple[str, ...],

@@ -19,7 +19,7 @@ class Params(CutParams):
     keep: int = 1000
 
 
-@register("rank_trees", Params, reads=("ctx:user_e", "ctx:user", "ctx:context", "ctx:now"),
+@register("rank_trees", Params, reads=("ctx:user_e", "ctx:user", "ctx:context", "ctx:now", "ctx:i2i"),
           writes=("score:trees", "feat:coarse_x", "feat:item_e"))
 class RankTrees:
     def __init__(self, p: Params, env: StageEnv):
@@ -31,7 +31,7 @@ class RankTrees:
         x = featurize.coarse_features(
             self.tables, c.item, ctx.user_e, item_e, ctx.user.recent,
             np.float32(ctx.user.n_imp), np.float32(ctx.user.n_pos), n_imp, n_pos, hot,
-            ctx.context, ctx.now)
+            ctx.context, ctx.now, ctx.i2i.lookup(c.item))
         score = self.models.predict_trees(x)
         c = c.with_columns({"trees": score}, {"coarse_x": x, "item_e": item_e}, primary="trees")
         return c.keep_top(score, self.keep, Guarantee.COARSE)

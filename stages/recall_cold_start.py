@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.candidates import Candidates
+from engine.core.candidates import Candidates, top_k
 from engine.core.errors import ConfigError
 from engine.core.refresh import RefreshedRoute
 from engine.core.registry import Policy, RouteParams, StageEnv, register
@@ -39,23 +39,34 @@ class Params(RouteParams):
           reads=("ctx:user_e", "ctx:request"))
 class RecallColdStart(RefreshedRoute):
     def __init__(self, p: Params, env: StageEnv):
-        self.created = np.asarray(env.bundle.tables.item_created)
-        self.emb = env.bundle.tables.item_emb
+        # Items young now or later, youngest first: time only moves forward and a bundle's
+        # catalog is fixed, so the young items at any later refresh are a prefix of these, and
+        # their embeddings are gathered once here instead of at every refresh (milliseconds
+        # of the refresh's ~9 ms on 1M items).
+        created = np.asarray(env.bundle.tables.item_created)
+        cand = np.flatnonzero(created >= env.store.clock.days() - p.max_age_days)
+        cand = cand[np.argsort(-created[cand], kind="stable")].astype(np.int32)
+        self.cand, self.neg_created = cand, -created[cand]
+        self.emb = np.ascontiguousarray(env.bundle.tables.item_emb[cand])
         super().__init__(p, env)
 
     def _refresh(self) -> None:
-        young = np.flatnonzero(self.store.clock.days() - self.created <= self.p.max_age_days).astype(np.int32)
-        pool = young[self.store.item_stats(young)[0] < self.p.max_impressions]
-        self._snap = (pool, np.ascontiguousarray(self.emb[pool]))   # one atomic swap
+        """The pool: the young prefix, less the items that already have their impressions; its
+        embeddings contiguous, so a request scores exactly the pool in one product."""
+        young = int(np.searchsorted(self.neg_created, self.p.max_age_days - self.store.clock.days(), side="right"))
+        keep = np.flatnonzero(self.store.item_stats(self.cand[:young])[0] < self.p.max_impressions)
+        if keep.size == young:          # nobody left the pool: views, no copy
+            self._snap = (self.cand[:young], self.emb[:young])
+        else:
+            self._snap = (self.cand[keep], self.emb[keep])   # one atomic swap
 
     def __call__(self, ctx) -> Candidates:
         pool, emb = self._snap
         if pool.size == 0:
             return Candidates.empty()
         n_explore = int(round(self.p.k * self.p.explore_share))
-        n_match = min(self.p.k - n_explore, pool.size)
         sim = emb @ ctx.user_e[0]
-        best = np.argpartition(-sim, n_match - 1)[:n_match] if n_match < pool.size else np.arange(pool.size)
+        best = top_k(sim, min(self.p.k - n_explore, pool.size))
         # exploration: uniform over the pool (a repeat of a matched item is merged away)
         rng = np.random.default_rng(zlib.crc32((ctx.request.request_id or ctx.request.user_id).encode()))
         idx = np.concatenate([best, rng.integers(0, pool.size, n_explore)])

@@ -1,6 +1,8 @@
 import numpy as np
 
-from engine.core.candidates import Candidates, Guarantee, merge
+import pytest
+
+from engine.core.candidates import Candidates, Guarantee, merge, top_k
 from stages.rerank_beam import beam_search, fuse
 
 
@@ -21,6 +23,20 @@ def test_keep_top_protects_guaranteed_items_to_their_level():
     top = c.keep_top(score, 3, Guarantee.COARSE)
     assert top.item.tolist() == [0, 1, 9]   # pinned items take slots: the next stage's batch stays bounded
     assert c.keep_top(score, 3, Guarantee.FINE).item.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("n, k", [(73_547, 240), (100_000, 1), (20_000, 300), (500, 499), (10, 10), (10, 0)])
+def test_top_k_is_exactly_the_k_largest(n, k):
+    rng = np.random.default_rng(n + k)
+    for score in (rng.standard_normal(n).astype(np.float32),          # the sampled threshold path
+                  np.repeat(rng.standard_normal(n // 50 + 1), 50)[:n].astype(np.float32),  # heavy ties
+                  np.sort(rng.standard_normal(n)).astype(np.float32)):  # sorted: the sample sees a ramp
+        got = top_k(score, k)
+        assert got.size == min(k, n) and np.unique(got).size == got.size
+        if k and k < n:    # the k-th largest value bounds the pick; ties may be broken either way
+            kth = np.sort(score)[n - k]
+            assert (score[got] >= kth).all() and (score >= kth).sum() >= k
+            assert np.isclose(np.sort(score[got]).sum(), np.sort(score)[n - k:].sum())
 
 
 def test_take_keeps_feature_columns_aligned():

@@ -77,6 +77,27 @@ def test_sweep_reports_highest_sustainable_qps(server, tiny_bundle, tmp_path):
 
 
 @pytest.mark.slow
+def test_soak_reports_every_interval_with_rss_and_a_verdict(server, tiny_bundle, tmp_path):
+    assert main(["soak", "--target", server.target, "--bundle", str(tiny_bundle), "--server-pid", str(server.pid),
+                 "--qps", "40", "--event-ratio", "0.333", "--duration", "3", "--interval", "1", "--warmup", "0.5",
+                 "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "report.json").read_text())["targets"][0]["runs"][0]
+    _check_counts(r)
+    rows = r["intervals"]
+    assert [row["interval"] for row in rows] == [0, 1, 2]
+    assert sum(row["ok"] + sum(row["errors"].values()) for row in rows) == r["methods"]["Recommend"]["sent"]
+    assert all(row["server"]["rss_mb"] > 0 and row["latency_ms"]["p99"] > 0 for row in rows[:2])
+    assert r["methods"]["ReportEvents"]["ok"] > 0
+    from loadtest.soak import verdict
+
+    v = verdict(r)
+    assert v["errors"] == 0 and v["rss_growth"] is not None and v["passed"] == (v["rss_growth"] <= 0.05)
+    md = (tmp_path / "report.md").read_text()
+    assert "### Soak: 40 calls/s" in md and ("**passed**" in md or "**FAILED**" in md)
+    assert (tmp_path / "soak.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.slow
 def test_demo_summary_prints_five_lines(server, tiny_bundle, capsys):
     r = demo_summary(server.target, tiny_bundle, seconds=1.0, concurrency=2, server_pid=server.pid)
     assert r["sent"] == r["ok"] + sum(r["errors"].values())

@@ -147,7 +147,8 @@ item_x = fz.item_tower_input(t, np.load(b.file("tables/category_emb.npy")),
                              np.load(b.file("tables/author_emb.npy")), items)
 item_e = np.asarray(t.item_emb[items])
 coarse = fz.coarse_features(t, items, user_e[:1], item_e, recent[:1], st.user_n_imp[:1], st.user_n_pos[:1],
-                            st.item_n_imp[items], st.item_n_pos[items], st.item_hot[items], ctx[:1], m["time"]["t_end"])
+                            st.item_n_imp[items], st.item_n_pos[items], st.item_hot[items], ctx[:1], m["time"]["t_end"],
+                            fz.i2i_scores(t.i2i, recent[:1]).lookup(items))
 user = fz.ranker_user_input(t, user_e[:1], t.user_profile[:1], ctx[:1])
 item = fz.ranker_item_input(item_e, coarse)
 seq, mask = fz.sequence_input(t, recent[:1])

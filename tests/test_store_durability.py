@@ -205,10 +205,19 @@ class _Serve:
         return RecServeClient(self.target, options=OWN_CONNECTION)
 
     def kill(self) -> None:
-        """SIGKILL to the server's process group: the parent and every worker at once."""
+        """SIGKILL to the server's process group: the parent and every worker at once. Returns
+        once every process of the group is gone: a worker still exiting holds its files' locks."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+
+        def group_gone() -> bool:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+        wait_for(group_gone, timeout=30, what="every process of the killed server to exit")
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

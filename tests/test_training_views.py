@@ -11,10 +11,9 @@ import torch
 
 from engine.core.bundle import load_bundle
 from engine.core.config import load_config
-from engine.core.featurize import COARSE_FEATURES, CTR_PRIOR_IMP, CTR_PRIOR_POS, coarse_features
+from engine.core.featurize import COARSE_FEATURES, CTR_PRIOR_IMP, CTR_PRIOR_POS, coarse_features, sequence_input
 from engine.core.state import snapshot
-from indexes import exact_ids
-from model_export import cold_rows, distill, train
+from model_export import cascade, cold_rows, distill, train
 from model_export.data import load_dataset
 from model_export.export import ort_session
 from model_export.models import load_checkpoints
@@ -33,6 +32,7 @@ class World:
     item_emb: object
     fine: torch.nn.Module
     rank_rows: np.ndarray
+    schema: dict
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def world(tiny_bundle) -> World:
     user_s, item_s = (ort_session(b.file(f"models/{n}.onnx")) for n in ("user_tower", "item_tower"))
     fine = load_checkpoints(tiny_bundle / "checkpoints" / b.version)["fine"]
     return World(ds, cfg, tables, tt_tables, st, lambda x: user_s.run(None, {"x": x})[0],
-                 lambda x: item_s.run(None, {"x": x})[0], fine, ds.window(ds.t_history, ds.t_valid))
+                 lambda x: item_s.run(None, {"x": x})[0], fine, ds.rank.rows, b.manifest["schema"])
 
 
 # ------------------------------------------------------------------ cold views of ranker rows
@@ -101,21 +101,6 @@ def test_mask_history_replaces_the_drawn_share_only(world):
 
 # ------------------------------------------------------------------ cascade samples
 
-def test_offline_recall_is_the_exact_top_k_and_hot_items_minus_seen(world):
-    users = np.unique(world.ds.log_user[world.rank_rows])[:50]
-    rng = np.random.default_rng(0)
-    user_e = rng.standard_normal((users.size, world.tables.item_emb.shape[1])).astype(np.float32)
-    got = distill.offline_recall(world.tables, world.st, user_e, users, 100)
-    top = exact_ids(world.tables.item_emb, user_e, 100)
-    hot = np.argsort(-world.st.item_hot, kind="stable")[:distill.HOT]
-    for c, t, u in zip(got, top, users):
-        seen = world.st.user_seen[u]
-        seen = seen[seen >= 0]
-        assert np.unique(c).size == c.size
-        assert not np.isin(c, seen).any()
-        np.testing.assert_array_equal(np.sort(c), np.setdiff1d(np.union1d(t, hot), seen))
-
-
 def test_listwise_loss_is_the_cross_entropy_to_the_teachers_softmax():
     rng = np.random.default_rng(0)
     s, t = (torch.from_numpy(rng.standard_normal((4, 7)).astype(np.float32)) for _ in range(2))
@@ -131,38 +116,49 @@ def _fusion(world):
     return lambda probs: fuse({n: probs[:, j] for j, n in enumerate(world.ds.tasks)}, p.weights, p.fusion, p.eps)
 
 
-def test_cascade_keeps_the_teachers_best_and_scores_like_the_served_fine_model(world, tiny_bundle):
-    fusion = _fusion(world)
-    c = distill.cascade_samples(world.ds, world.tables, world.rank_rows, world.st, world.user_emb, world.fine.eval(),
-                                fusion, 40, 300, np.random.default_rng(0))
+def _samples(world, n_users, rng):
+    return distill.cascade_samples(world.ds, world.cfg, world.tables, world.schema, world.user_emb, world.ds.rank,
+                                   world.fine.eval(), _fusion(world), n_users, rng)
+
+
+def test_cascade_keeps_the_teachers_best_of_the_served_recall_scored_like_the_served_fine_model(world, tiny_bundle):
+    c = _samples(world, 40, np.random.default_rng(0))
     g = distill.TOP + distill.OTHERS
-    assert c.group == g and c.item.shape[0] == len(c.user) * g and c.teacher.shape == (len(c.user), g)
+    assert c.group == g and len(c.users) == len(c.user) > 0
+    assert c.item.shape[0] == len(c.user) * g and c.teacher.shape == (len(c.user), g)
     # the first TOP are the teacher's best, best first, and beat every other kept candidate
     assert (np.diff(c.teacher[:, :distill.TOP], axis=1) <= 0).all()
     assert (c.teacher[:, distill.TOP - 1] >= c.teacher[:, distill.TOP:].max(1)).all()
+    # every kept candidate is one the config's routes and filters recall for that user at their cut
+    rec, states = cascade.recall(world.ds, world.cfg, world.tables, world.schema, world.user_emb, world.ds.rank,
+                                 c.users)
+    d = world.tables.item_emb.shape[1]
+    for k in range(len(c.users)):
+        got = c.item[k * g:(k + 1) * g, :d]
+        want = world.tables.item_emb[rec.item[rec.row == k]]
+        assert (np.abs(got[:, None, :] - want[None]).max(2) < 1e-6).any(1).all()
     # the teacher's values are the served fine model's (ONNX), fused as the rerank fuses them
     sess = ort_session(load_bundle(tiny_bundle).file("models/fine.onnx"))
-    from engine.core.featurize import sequence_input
-    users, first = np.unique(world.ds.log_user[world.rank_rows], return_index=True)
-    u = int(users[np.sort(np.random.default_rng(0).permutation(users.size)[:40])][0])
-    seq, mask = sequence_input(world.tables, world.st.user_recent[[u]])
+    seq, mask = sequence_input(world.tables, states.recent[:1])
     probs = sess.run(None, {"user": c.user[:1], "item": c.item[:g], "seq": seq, "seq_mask": mask})[0]
-    np.testing.assert_allclose(np.log(fusion(probs)), c.teacher[0], atol=1e-4)
+    np.testing.assert_allclose(np.log(_fusion(world)(probs)), c.teacher[0], atol=1e-4)
+    np.testing.assert_allclose(probs, c.probs[0], atol=1e-4)
     # candidate rows carry the coarse features the rank_trees stage computes
-    d = world.tables.item_emb.shape[1]
     assert np.isfinite(c.item).all() and (c.item[:, d + COL["item_log_imp"]] >= 0).all()
+    x, y = c.soft_rows()
+    assert x.shape == (len(c.item), len(COARSE_FEATURES)) and ((y >= 0) & (y <= 1)).all()
 
 
 def test_distillation_makes_the_coarse_dnn_agree_with_the_fine_ranker(world):
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(world.rank_rows, 20_000, replace=False))
     tr = train.ranker_rows(world.ds, world.tables, rows, world.st, world.user_emb, "train")
-    c = distill.cascade_samples(world.ds, world.tables, world.rank_rows, world.st, world.user_emb, world.fine.eval(),
-                                _fusion(world), 400, 300, rng)
+    c = _samples(world, 400, rng)
     got = {}
     for w in (0.0, 1.0):
         cfg = dataclasses.replace(world.cfg.train, distill_weight=w, dnn_epochs=2)
         torch.manual_seed(0)
-        _, metrics = train.fit_coarse_dnn(tr, tr, world.tables.item_emb.shape[1], "click", cfg, c)
+        _, metrics = train.fit_coarse_dnn(tr, tr, world.tables.item_emb.shape[1], "click", cfg,
+                                          lambda m: distill.Listwise(m, c, len(tr.user), cfg))
         got[w] = metrics["teacher_top10_in_top10"]
     assert got[1.0] > got[0.0] + 0.05, got

@@ -1,10 +1,11 @@
 """What a recserve RPC does, whatever carries it: one Engine with validation, error mapping,
 metrics, counters, hot reload and the proto conversions.
 
-Two transports use it: a gRPC worker process (engine.app.server) and a Ray Serve replica behind
+Two transports use it: a worker process behind the gRPC front (engine.app.worker) and a Ray Serve replica behind
 Ray's gRPC proxy (engine.app.ray_app). A transport hands each call a context with
 `time_remaining()`, `invocation_metadata()` and `abort(code, message)`, the subset of
-grpc.ServicerContext used here, and calls `tick()` about once a second.
+grpc.ServicerContext used here, plus `waited_s()`: how long the call queued before it was
+picked up (it counts against serving.deadline_ms); and calls `tick()` about once a second.
 
 Hot reload: `tick()` polls the bundle root's CURRENT pointer and swaps a new version in
 through `Engine.swap_bundle`. A version that fails to load is logged, counted and
@@ -30,6 +31,7 @@ from typing import Any, Callable
 
 import grpc
 
+from engine.app.metrics import Metrics
 from engine.app.samplelog import SampleLog, log_dir, new_request_id
 from engine.core.bundle import MANIFEST
 from engine.core.config import Config
@@ -41,9 +43,8 @@ log = logging.getLogger("recserve.server")
 
 POLL_S = 1.0                # CURRENT poll and RSS gauge period
 DEADLINE_MARGIN_MS = 2.0    # left of the client's deadline for serialising the answer
+MIN_BUDGET_MS = 0.001       # a call whose budget the queue ate: no time for anything skippable
 
-_LATENCY_BUCKETS = (.001, .002, .004, .006, .008, .01, .015, .02, .03, .05, .075, .1, .15, .25, .5, 1.0)
-_STAGE_BUCKETS = (.0001, .00025, .0005, .001, .002, .004, .008, .015, .03, .06, .1, .25)
 
 
 class Service:
@@ -59,7 +60,7 @@ class Service:
         self.idx, self.token, self.started = worker_id, token, time.monotonic()
         self.served_by = f"{socket.gethostname()}/{os.getpid()}"
         self.cfg = cfg
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
         self.counters: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         root, name, first, refused = _initial_bundle(bundle, fallback)
@@ -116,6 +117,22 @@ class Service:
         if code is not grpc.StatusCode.OK:
             context.abort(code, msg)
         return result
+
+    def deadline_ms(self, context: Any) -> float:
+        """What is left of the call's budget: serving.deadline_ms from its arrival (the time it
+        queued for a worker counts), or the client's deadline if that is sooner. If the queue ate
+        the server's budget while the client still waits: DeadlineExceeded under on_deadline =
+        "error", else a minimal budget, so only guards and inline routes run (a degraded answer)."""
+        s = self.cfg.serving
+        waited_ms = context.waited_s() * 1000
+        remaining = context.time_remaining()
+        client = remaining * 1000 - DEADLINE_MARGIN_MS if remaining is not None and remaining < 1e6 else float("inf")
+        if client > 0 and waited_ms >= s.deadline_ms:
+            if s.on_deadline == "error":
+                raise DeadlineExceeded(f"waited {waited_ms:.0f} ms for a worker, past serving.deadline_ms "
+                                       f"{s.deadline_ms:g}")
+            return MIN_BUDGET_MS
+        return min(s.deadline_ms - waited_ms, client)   # <= 0 only when the client's deadline passed
 
     def check_token(self, context: Any) -> None:
         if self.token is None:
@@ -285,45 +302,6 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _Metrics:
-    """Prometheus series of one worker; in multiprocess mode the parent's scrape sums them."""
-
-    def __init__(self):
-        from prometheus_client import Counter, Gauge, Histogram
-
-        self.requests = Counter("recserve_requests", "RPCs by method and status code", ["method", "code"])
-        self.latency = Histogram("recserve_request_seconds", "server-side RPC latency", ["method"],
-                                 buckets=_LATENCY_BUCKETS)
-        self.stage = Histogram("recserve_stage_seconds", "latency per recall route and stage", ["stage"],
-                               buckets=_STAGE_BUCKETS)
-        # a counter, not a histogram: divided by recserve_stage_seconds_count it is the mean
-        # batch size, at a fraction of the cost (a histogram observe costs several us, per stage)
-        self.candidates = Counter("recserve_stage_candidates", "candidates leaving each stage", ["stage"])
-        self.stage_status = Counter("recserve_stage_outcomes", "stage runs that did not end ok",
-                                    ["stage", "status"])
-        self.degraded = Counter("recserve_degraded_responses", "answers served degraded")
-        self.events = Counter("recserve_events", "reported events", ["result"])
-        self.reloads = Counter("recserve_bundle_reloads", "hot reload attempts", ["result"])
-        self.bundle = Gauge("recserve_bundle_info", "1 for the bundle version a worker serves", ["version"],
-                            multiprocess_mode="liveall")
-        self.store = Gauge("recserve_feature_store", "feature store counters: buffered events, fallbacks, ...",
-                           ["counter"], multiprocess_mode="liveall")
-        self.rss = Gauge("recserve_worker_rss_bytes", "resident memory of a worker", multiprocess_mode="liveall")
-        self._children: dict[str, tuple[Any, Any]] = {}
-
-    def observe(self, resp: Any) -> None:
-        for t in resp.trace:
-            if t.name not in self._children:      # labels() costs a lock and a dict per call
-                self._children[t.name] = (self.stage.labels(t.name), self.candidates.labels(t.name))
-            seconds, candidates = self._children[t.name]
-            seconds.observe(t.ms / 1000)
-            candidates.inc(t.count_out)
-            if t.status != "ok":
-                self.stage_status.labels(t.name, t.status).inc()
-        if resp.degraded:
-            self.degraded.inc()
-
-
 # ----------------------------------------------------------------------------- services
 
 _KINDS = {v: n.removeprefix("EVENT_KIND_").lower() for n, v in pb2.EventKind.items()
@@ -341,14 +319,11 @@ class RecServeRPCs(pb2_grpc.RecServeServicer):
         return self.w.call("ReportEvents", context, lambda: self._report(request, context))
 
     def _recommend(self, m: pb2.RecommendRequest, context: grpc.ServicerContext) -> pb2.RecommendResponse:
-        """Converts the proto and the client's deadline into a Request; the engine validates it."""
-        deadline_ms = None
-        remaining = context.time_remaining()
-        if remaining is not None and remaining < 1e6:   # no client deadline reads as ~forever
-            deadline_ms = remaining * 1000 - DEADLINE_MARGIN_MS
+        """Converts the proto and the deadline into a Request; the engine validates it."""
         resp = self.w.engine.recommend(Request(
             user_id=m.user_id, count=m.count, context=dict(m.context), exclude_item_ids=list(m.exclude_item_ids),
-            experiment=m.experiment, debug=m.debug, deadline_ms=deadline_ms, request_id=m.request_id))
+            experiment=m.experiment, debug=m.debug, deadline_ms=self.w.deadline_ms(context),
+            request_id=m.request_id))
         self.w.metrics.observe(resp)
         if not resp.request_id:       # created after the engine ran: stages seeded by it see what they saw before
             resp.request_id = new_request_id()

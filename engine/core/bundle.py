@@ -4,7 +4,8 @@ Layout of a bundle root:
     CURRENT                 name of the version folder to serve
     <version>/manifest.json version, config, schema, shapes, metrics, sha256 of every file
     <version>/models/       user_tower.onnx item_tower.onnx coarse_dnn.onnx fine.onnx coarse_trees.txt
-    <version>/tables/       *.npy id-embedding and item/user attribute tables (no pickles)
+    <version>/tables/       *.npy id-embedding and item/user attribute tables, the item-to-item
+                            neighbour table as CSR (i2i_indptr, i2i_indices, i2i_weights; no pickles)
     <version>/state/        *.npy feature state at the end of the log (seeds the feature store)
     <version>/index/        items.faiss
     <version>/config/       the config TOML it was built from and the stages' side files (whitelist,
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.errors import BundleError
-from engine.core.featurize import Tables
+from engine.core.featurize import I2ITable, Tables
 from engine.core.state import FeatureState
 
 MANIFEST = "manifest.json"
@@ -132,6 +133,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         "item_created", "user_id_emb", "user_profile")},
         profile_cardinality=tuple(schema["profile_cardinality"]),
         context_cardinality=tuple(schema["context_cardinality"]))
+    if "i2i" in manifest:
+        tables.i2i = I2ITable(*(arr(f"tables/i2i_{k}.npy") for k in ("indptr", "indices", "weights")),
+                              decay=float(manifest["i2i"]["decay"]))
     st = manifest["state"]
     state = FeatureState(**{k: arr(f"state/{k}.npy") for k in (
         "user_recent", "user_seen", "user_n_imp", "user_n_pos", "item_n_imp", "item_n_pos",

@@ -90,19 +90,45 @@ class Candidates:
 
 
 def merge(parts: list[Candidates]) -> Candidates:
-    """Union of route outputs: one row per item, OR of route bits, max guarantee, best recall score."""
+    """Union of route outputs: one row per item, OR of route bits, max guarantee, best recall score.
+
+    One stable (radix) sort of the item ids and a segmented reduction per column: ~25% cheaper
+    than np.unique's inverse plus a scatter (ufunc.at) per column (BENCHMARKS.md)."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return Candidates.empty()
     item = np.concatenate([p.item for p in parts])
-    routes = np.concatenate([p.routes for p in parts])
-    guar = np.concatenate([p.guaranteed for p in parts])
-    rec = np.concatenate([p.scores["recall"] for p in parts])
-    uniq, inv = np.unique(item, return_inverse=True)
-    out_routes = np.zeros(uniq.shape, np.uint8)
-    np.bitwise_or.at(out_routes, inv, routes)
-    out_guar = np.zeros(uniq.shape, np.int8)
-    np.maximum.at(out_guar, inv, guar)
-    out_rec = np.full(uniq.shape, -np.inf, np.float32)
-    np.maximum.at(out_rec, inv, rec)
-    return Candidates(uniq.astype(np.int32), out_routes, out_guar, {"recall": out_rec})
+    order = np.argsort(item, kind="stable")
+    ids = item[order]
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+
+    def reduce(ufunc: np.ufunc, column: list[np.ndarray]) -> np.ndarray:
+        return ufunc.reduceat(np.concatenate(column)[order], starts)
+
+    return Candidates(ids[starts], reduce(np.bitwise_or, [p.routes for p in parts]),
+                      reduce(np.maximum, [p.guaranteed for p in parts]),
+                      {"recall": reduce(np.maximum, [p.scores["recall"] for p in parts])})
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` largest scores, in no order; exact, ties broken arbitrarily.
+
+    On a long array (a route scoring a whole pool) a full argpartition moves every element;
+    instead, a threshold taken from a strided sample keeps ~2k survivors, and only those are
+    partitioned: 14x cheaper for k = 240 of 73k (BENCHMARKS.md). Every true top-k score is >=
+    the threshold whenever at least k survive, so the answer is the same; else it falls back.
+    """
+    n = score.shape[0]
+    if k <= 0:
+        return np.empty(0, np.intp)
+    if k >= n:
+        return np.arange(n)
+    if n >= 64 * k:
+        stride = n // (16 * k)
+        sample = score[::stride]
+        r = min(sample.size, 2 * k // stride + 16)     # expect ~2k survivors, never too few by chance
+        cand = np.flatnonzero(score >= np.partition(sample, sample.size - r)[sample.size - r])
+        if cand.size >= k:
+            return cand[np.argpartition(score[cand], cand.size - k)[cand.size - k:]]
+    return np.argpartition(score, n - k)[n - k:]
+

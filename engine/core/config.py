@@ -40,11 +40,19 @@ class DataConfig:
     valid_frac: float = 0.15           # validation: the last 15%; rankers train in between
     movielens_dir: str = ""            # source = movielens; empty: the `recserve data fetch` cache
     files_dir: str = ""                # source = files: interactions, items[, users] (.parquet|.csv); docs/data.md
+    split: str = "global"              # global: by time (the fractions above) | per_user: held_out per user
+    held_out: float = 0.2              # per_user: each user's latest share of interactions held out
 
     def check(self) -> None:
         _one_of("source", self.source, ("synthetic", "movielens", "files"))
         if self.source == "files" and not self.files_dir:
             raise _err("files_dir", "source = files needs the folder of interactions, items[, users]")
+        _one_of("split", self.split, ("global", "per_user"))
+        if not 0 < self.held_out < 1:
+            raise _err("held_out", f"must be in (0, 1), got {self.held_out}")
+        if self.split == "per_user" and self.source == "synthetic":
+            raise _err("split", "per_user needs a source without ground truth: a synthetic world is scored "
+                                "by its truth on the state at the end of the log")
         for k in ("n_users", "n_items", "n_categories", "n_authors", "latent_dim", "content_dim",
                   "impressions_per_user"):
             _positive(k, getattr(self, k))
@@ -121,6 +129,45 @@ class IndexConfig:
 
 
 @dataclass
+class I2IConfig:
+    """The item-to-item neighbour table (model_export.i2i) behind the recall_i2i route and the
+    rankers' i2i feature; built from the first task's positives of the training rows."""
+    method: str = "auto"               # auto | ease | cosine
+    neighbours: int = 200              # kept per item, largest |weight| first; 0: no table (i2i feature 0)
+    decay: float = 0.95                # the user's r-th most recent item weighs decay ** r
+    ease_lambda: float = 300.0         # EASE's L2 penalty
+    ease_max_items: int = 3000         # auto: EASE (a dense inverse) up to this catalog size, cosine above
+
+    def check(self) -> None:
+        _one_of("method", self.method, ("auto", "ease", "cosine"))
+        if self.neighbours < 0:
+            raise _err("neighbours", f"must be >= 0, got {self.neighbours}")
+        if not 0 < self.decay <= 1:
+            raise _err("decay", f"must be in (0, 1], got {self.decay}")
+        _positive("ease_lambda", self.ease_lambda)
+        _positive("ease_max_items", self.ease_max_items)
+
+
+@dataclass
+class ImplicitConfig:
+    """Ranker rows for data without impressions (model_export.implicit): per user, the items the
+    offline recall returns at the user's cut, labelled by the rank rows, plus sampled negatives."""
+    candidates: float = 1.0            # share of each user's recalled candidates kept as rows
+    uniform: float = 0.0               # uniform items the user never interacted with, per positive
+    popular: float = 0.0               # popularity^0.75-weighted such items, per positive
+    positives: str = "recalled"        # recalled | all: also the interactions recall missed
+
+    def check(self) -> None:
+        _unit("candidates", self.candidates)
+        for k in ("uniform", "popular"):
+            if getattr(self, k) < 0:
+                raise _err(k, "must be >= 0")
+        _one_of("positives", self.positives, ("recalled", "all"))
+        if self.candidates == 0 and self.uniform == 0 and self.popular == 0:
+            raise _err("candidates", "no negatives: keep candidates or sample uniform or popular items")
+
+
+@dataclass
 class ServingConfig:
     ort_threads: int = 1               # per worker: N workers x 1 thread fill 2 cores without contention
     faiss_threads: int = 1
@@ -130,9 +177,10 @@ class ServingConfig:
     default_count: int = 20
     max_count: int = 200
     max_excludes: int = 1000
-    deadline_ms: float = 100.0         # when the client sends none
+    deadline_ms: float = 100.0         # each call's budget from its arrival (queueing counts); a shorter client deadline wins
     on_deadline: str = "degrade"       # degrade: answer on coarse scores | error: DEADLINE_EXCEEDED
     max_inflight: int = 64             # per worker; beyond it RESOURCE_EXHAUSTED at once
+    max_queue_ms: float = 50.0         # admission: a call expected to wait longer for a worker is refused at once
     seen_window: int = 200             # recent impressions per user remembered as seen
     hot_half_life_hours: float = 24.0
     workers: int = 2
@@ -147,6 +195,8 @@ class ServingConfig:
             raise _err("default_count", f"{self.default_count} exceeds max_count={self.max_count}")
         if self.deadline_ms <= 0:
             raise _err("deadline_ms", "must be > 0")
+        if self.max_queue_ms <= 0:
+            raise _err("max_queue_ms", "must be > 0")
         if self.hot_half_life_hours <= 0:
             raise _err("hot_half_life_hours", "must be > 0")
         _one_of("on_deadline", self.on_deadline, ("degrade", "error"))
@@ -252,10 +302,13 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     log: LogConfig = field(default_factory=LogConfig)
     join: JoinConfig = field(default_factory=JoinConfig)
+    i2i: I2IConfig = field(default_factory=I2IConfig)
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
 
     # What a bundle is built from: its data, models and index, plus the serving keys that
     # shape the shipped feature state. Equal fingerprints mean the bundle can be reused.
-    BUILD_KEYS = ("data", "train", "index", "serving.seen_window", "serving.hot_half_life_hours")
+    BUILD_KEYS = ("data", "train", "index", "i2i", "implicit", "serving.seen_window",
+                  "serving.hot_half_life_hours")
 
     def fingerprint(self) -> str:
         """sha256 of the build keys' values (defaults included), so editing any of them rebuilds."""
@@ -300,8 +353,8 @@ def _files_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig,
-             "serving": ServingConfig, "pipeline": PipelineConfig, "ray": RayConfig,
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig, "i2i": I2IConfig,
+             "implicit": ImplicitConfig, "serving": ServingConfig, "pipeline": PipelineConfig, "ray": RayConfig,
              "log": LogConfig, "join": JoinConfig}
 
 
@@ -382,7 +435,7 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
     if any(e.share < 0 for e in exps.values()) or total > 1 + 1e-9:
         raise ConfigError(f"experiments: shares must be >= 0 and sum to <= 1 (sum {total:g})")
     cfg = Config(path, secs["data"], secs["train"], secs["index"], secs["serving"], pipe,
-                 stage_specs, exps, raw, secs["ray"], secs["log"], secs["join"])
+                 stage_specs, exps, raw, secs["ray"], secs["log"], secs["join"], secs["i2i"], secs["implicit"])
     registry.check_pipeline(cfg)
     for name, exp in exps.items():
         where = f"experiments.{name}.set"

@@ -21,7 +21,7 @@ class UserFeatures:
 
     index: int                  # row in the bundle's user tables, -1 for a new user
     profile: np.ndarray         # int32 [1, P]
-    recent: np.ndarray          # int32 [1, L] last positives, most recent first, -1 padded
+    recent: np.ndarray          # int32 [1, L] last positives of the first task, most recent first, -1 padded
     seen: np.ndarray            # int32 [S] recently impressed items
     n_imp: float
     n_pos: float
@@ -39,6 +39,7 @@ class RequestContext:
     experiment: str
     tables: featurize.Tables    # the serving bundle's, for the values computed on first use
     _ranker_user: np.ndarray | None = field(default=None, repr=False)
+    _i2i: featurize.I2IScores | None = field(default=None, repr=False)
 
     @property
     def ranker_user(self) -> np.ndarray:
@@ -48,6 +49,15 @@ class RequestContext:
             self._ranker_user = featurize.ranker_user_input(self.tables, self.user_e, self.user.profile,
                                                             self.context)
         return self._ranker_user
+
+    @property
+    def i2i(self) -> featurize.I2IScores:
+        """The user's i2i scores (the neighbours of their recent items, recency-weighted): the
+        recall_i2i route's candidates and the rankers' i2i feature, computed once per request.
+        Recall routes that read it run inline (on the request thread) before any stage."""
+        if self._i2i is None:
+            self._i2i = featurize.i2i_scores(self.tables.i2i, self.user.recent)
+        return self._i2i
 
     def remaining_ms(self) -> float:
         return (self.deadline - time.perf_counter()) * 1000.0

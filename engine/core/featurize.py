@@ -27,8 +27,51 @@ COARSE_FEATURES = (
     "content_sim",      # cosine of item content to the user's recent-content centroid
     "hour",
     "device",
+    "i2i_score",        # the item-to-item table's score of the item given the user's recent items
 )
 CTR_PRIOR_POS, CTR_PRIOR_IMP = 1.0, 20.0
+I2I_CHUNK = 1 << 22     # neighbour entries gathered per block when scoring many users offline
+
+
+@dataclass
+class I2ITable:
+    """Item-to-item neighbours as CSR (built by model_export.i2i): row j holds the items whose
+    score rises when a user interacted with j, and by how much."""
+
+    indptr: np.ndarray          # int64 [I + 1]
+    indices: np.ndarray         # int32 [nnz]
+    weights: np.ndarray         # float32 [nnz]
+    decay: float                # the user's r-th most recent item (r = 0: the latest) weighs decay ** r
+
+    @property
+    def n_items(self) -> int:
+        return len(self.indptr) - 1
+
+
+@dataclass
+class I2IScores:
+    """The i2i scores of one or more users: the recency-weighted union of the neighbours of each
+    user's recent items, as sorted keys (user row * n_items + item) and their summed weights."""
+
+    keys: np.ndarray            # int64, sorted
+    scores: np.ndarray          # float32
+    n_items: int
+
+    def lookup(self, items: np.ndarray, rows: np.ndarray | int = 0) -> np.ndarray:
+        """float32 scores of (row, item) pairs; 0 for an item no recent item neighbours."""
+        q = np.asarray(rows, np.int64) * self.n_items + items
+        if self.keys.size == 0:
+            return np.zeros(q.shape, np.float32)
+        at = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
+        return np.where(self.keys[at] == q, self.scores[at], np.float32(0)).astype(np.float32)
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """One user's (row 0) k best items with a positive score, best first, and their scores."""
+        pos = np.flatnonzero(self.scores > 0)
+        if pos.size > k:
+            pos = pos[np.argpartition(-self.scores[pos], k - 1)[:k]]
+        pos = pos[np.argsort(-self.scores[pos], kind="stable")]
+        return (self.keys[pos] % self.n_items).astype(np.int32), self.scores[pos]
 
 
 @dataclass
@@ -45,6 +88,7 @@ class Tables:
     user_profile: np.ndarray    # int32 [U, P]
     profile_cardinality: tuple[int, ...]
     context_cardinality: tuple[int, ...]
+    i2i: I2ITable | None = None     # None: the bundle has no table and every i2i score is 0
 
     @property
     def default_profile(self) -> np.ndarray:
@@ -86,14 +130,52 @@ def user_tower_dim(id_dim: int, content_dim: int, profile_card, context_card) ->
     return 2 * id_dim + content_dim + int(sum(profile_card)) + int(sum(context_card)) + 1
 
 
+def i2i_scores(table: I2ITable | None, recent: np.ndarray) -> I2IScores:
+    """The i2i scores of B users from their recent items [B, L] (most recent first, -1 padded):
+    sum over r of decay**r * row(recent[b, r]) of the table. Vectorised over every (user, recent
+    item, neighbour) entry, at most L x K per user (K: the table's width)."""
+    n_items = table.n_items if table is not None else 0
+    if table is None or recent.size == 0:
+        return I2IScores(np.empty(0, np.int64), np.empty(0, np.float32), n_items)
+    b, r = np.nonzero(recent >= 0)
+    j = recent[b, r]
+    start = table.indptr[j]
+    n = table.indptr[j + 1] - start
+    pos = np.repeat(start - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+    keys = np.repeat(b.astype(np.int64) * n_items, n) + table.indices[pos]
+    w = np.repeat(np.float32(table.decay) ** r.astype(np.float32), n) * table.weights[pos]
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return I2IScores(uniq, np.bincount(inv, weights=w, minlength=uniq.size).astype(np.float32), n_items)
+
+
+def i2i_pairs(table: I2ITable | None, recent: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """float32 [N] i2i scores of N (row, item) pairs, row indexing `recent` [B, L]: the offline
+    (training) form of `i2i_scores(...).lookup`, in blocks of users so memory stays bounded."""
+    out = np.zeros(items.shape, np.float32)
+    if table is None or items.size == 0:
+        return out
+    width = max(int(np.diff(table.indptr).max(initial=0)) * recent.shape[1], 1)
+    per = max(I2I_CHUNK // width, 1)
+    order = np.argsort(rows, kind="stable")
+    users = np.unique(rows)
+    for s in range(0, users.size, per):
+        block = users[s:s + per]
+        lo, hi = np.searchsorted(rows[order], [block[0], block[-1] + 1])
+        sel = order[lo:hi]
+        sc = i2i_scores(table, recent[block])
+        out[sel] = sc.lookup(items[sel], np.searchsorted(block, rows[sel]))
+    return out
+
+
 def coarse_features(t: Tables, items: np.ndarray, user_e: np.ndarray, item_e: np.ndarray,
                     recent: np.ndarray, user_n_imp: np.ndarray, user_n_pos: np.ndarray,
                     item_n_imp: np.ndarray, item_n_pos: np.ndarray, item_hot: np.ndarray,
-                    contexts: np.ndarray, now: float) -> np.ndarray:
+                    contexts: np.ndarray, now: float | np.ndarray, i2i: np.ndarray) -> np.ndarray:
     """Cheap features [N, len(COARSE_FEATURES)] for N (user, item) rows.
 
     User-side arguments are [N, ...] or [1, ...] (broadcast over one request's candidates).
-    `item_n_imp`, `item_n_pos`, `item_hot` are already gathered for `items`.
+    `item_n_imp`, `item_n_pos`, `item_hot` and `i2i` (the user's i2i score of each item,
+    `i2i_scores(...).lookup` or `i2i_pairs`) are already gathered for `items`.
     """
     n = items.shape[0]
     f = np.empty((n, len(COARSE_FEATURES)), np.float32)
@@ -117,6 +199,7 @@ def coarse_features(t: Tables, items: np.ndarray, user_e: np.ndarray, item_e: np
     ctx = np.broadcast_to(contexts, (n, contexts.shape[1]))
     f[:, 10] = ctx[:, 0]
     f[:, 11] = ctx[:, 1] if ctx.shape[1] > 1 else 0
+    f[:, 12] = i2i
     return f
 
 
