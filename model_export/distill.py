@@ -67,7 +67,8 @@ def cascade_samples(ds: Dataset, cfg: Config, tables: Tables, schema: dict, user
     bounds = np.searchsorted(rec.row, np.arange(states.users.size + 1))
     ok = np.flatnonzero(np.diff(bounds) > TOP)
     g, n_tasks = TOP + OTHERS, teacher.n_tasks
-    user_x = np.empty((ok.size, 0), np.float32)
+    du = tables.item_emb.shape[1] + sum(tables.profile_cardinality) + sum(tables.context_cardinality)
+    user_x = np.empty((ok.size, du), np.float32)
     item_x = np.empty((ok.size, g, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32)
     teach = np.empty((ok.size, g), np.float32)
     probs_out = np.empty((ok.size, g, n_tasks), np.float32)
@@ -79,8 +80,6 @@ def cascade_samples(ds: Dataset, cfg: Config, tables: Tables, schema: dict, user
                               np.zeros((at.size, n_tasks), np.float32))
         probs = predict(teacher, rows, tables)
         value = np.log(np.maximum(fusion(probs), 1e-12)).astype(np.float32)
-        if user_x.shape[1] == 0:
-            user_x = np.empty((ok.size, rows.user.shape[1]), np.float32)
         lo = 0
         for j, k in enumerate(ks, start=s):
             n = bounds[k + 1] - bounds[k]
