@@ -144,6 +144,8 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, {len(ds.log_user)} "
           f"{'interactions' if ds.implicit else 'impressions'}, tasks {ds.tasks}, {ds.split} split: "
           f"{ds.history_rows.size} history, {ds.rank.rows.size} rank, {ds.valid.rows.size} held-out rows")
+    if ds.implicit and tc.rank_cold_share > 0:
+        raise ConfigError("train.rank_cold_share: cold views re-featurize logged impressions; this data has none")
     if ds.split != "global" and not ds.implicit:
         raise ConfigError("data.split: per_user needs data without impressions (logged impressions are "
                           "featurised with one state per window)")
@@ -194,9 +196,6 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     train_tables = dataclasses.replace(tables, i2i=i2i_hist)
     schema = _schema(ds, cfg)
     if ds.implicit:
-        if tc.rank_cold_share > 0:
-            raise ConfigError("train.rank_cold_share: cold views re-featurize logged impressions; "
-                              "this data has none")
         got = [step("ranker rows", lambda: implicit_rows(ds, cfg, tbl, schema, user_emb, phase, rng))
                for tbl, phase in ((train_tables, ds.rank), (tables, ds.valid))]
         tr, va = (g.rows for g in got)
