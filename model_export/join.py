@@ -61,6 +61,7 @@ class JoinStats:
     corrections: int = 0        # rows re-emitted because a late positive arrived
     unmatched: int = 0          # events that found no impression
     duplicate_requests: int = 0  # a request_id served twice: the later list wins
+    resent: int = 0             # a list logged twice (a writer re-sent it after an unanswered write): read once
     lost_inputs: int = 0        # log partitions deleted or trimmed before they were read
     torn_tails: int = 0         # torn tails skipped in the log (writers killed mid-append)
     commits: int = 0
@@ -175,7 +176,11 @@ class Joiner:
                        {it: k for k, it in enumerate(items)}, np.zeros((len(items), len(EVENT_KINDS)), np.int8))
 
     def _register(self, s: _Served) -> None:
-        if s.request_id in self.by_request:
+        old = self.by_request.get(s.request_id)
+        if old is not None:
+            if old.t == s.t and old.items == s.items and old.user_id == s.user_id:
+                self.stats.resent += 1       # one record written twice (a re-send after an unanswered write)
+                return
             self.stats.duplicate_requests += 1
         self.by_request[s.request_id] = s
         for it in s.items:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 IDLE_S = 0.2     # pause when the log has nothing new
+RETRY_S = 1.0    # following: pause before resuming from the last commit when the log failed
 
 
 def add_join_args(p: argparse.ArgumentParser) -> None:
@@ -38,35 +39,56 @@ def run_join(args: argparse.Namespace) -> int:
     if not spec.startswith(("redis://", "rediss://", "unix://")) and not Path(spec, "impressions").is_dir():
         print(f"recserve join: {spec}: no sample log there (expected {spec}/impressions/)", file=sys.stderr)
         return 2
-    try:
-        out = JoinedWriter(args.out, int(cfg.join.segment_mb * 2**20))
-    except RuntimeError as e:
-        print(f"recserve join: {e}", file=sys.stderr)
-        return 1
-    consumer = f"{args.group}-1"
-    joiner = Joiner(cfg.join, open_reader(spec, "impressions", args.group, consumer),
-                    open_reader(spec, "events", args.group, consumer), out)
     gauges = _metrics(args.metrics_port) if args.metrics_port is not None else None
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
     print(f"join: {spec} -> {args.out} (window {cfg.join.window_s:g} s, late {cfg.join.late_s:g} s)", flush=True)
-    commits = joiner.stats.commits
-    try:
-        while not stop.is_set():
-            at_end = joiner.step()
-            if joiner.stats.commits != commits:
-                commits = joiner.stats.commits
-                _report(joiner, gauges)
-            if at_end:
-                if not args.follow:
-                    break
-                stop.wait(IDLE_S)
-    finally:
+    consumer = f"{args.group}-1"
+    while True:
+        try:
+            out = JoinedWriter(args.out, int(cfg.join.segment_mb * 2**20))
+        except RuntimeError as e:
+            print(f"recserve join: {e}", file=sys.stderr)
+            return 1
+        readers = []
+        try:
+            readers = [open_reader(spec, stream, args.group, consumer) for stream in ("impressions", "events")]
+            joiner = Joiner(cfg.join, *readers, out)       # resumes from the last commit
+            _follow(joiner, args.follow, stop, gauges)
+        except Exception as e:
+            # The log is unreachable (Redis restarting) or unreadable. A step cut short is never
+            # committed: the output is closed as it was at the last commit and, following, the
+            # joiner starts again from that commit (its cursors, its state) once the log answers.
+            out.close()
+            for r in readers:
+                r.close()
+            if not args.follow or stop.is_set():
+                raise
+            print(f"join: {type(e).__name__}: {e}; resuming from the last commit in {RETRY_S:g} s", file=sys.stderr,
+                  flush=True)
+            if stop.wait(RETRY_S):
+                return 1
+            continue
         joiner.commit()
         _report(joiner, gauges)
         out.close()
-    return 0
+        for r in readers:
+            r.close()
+        return 0
+
+
+def _follow(joiner, follow: bool, stop: threading.Event, gauges) -> None:
+    commits = joiner.stats.commits
+    while not stop.is_set():
+        at_end = joiner.step()
+        if joiner.stats.commits != commits:
+            commits = joiner.stats.commits
+            _report(joiner, gauges)
+        if at_end:
+            if not follow:
+                break
+            stop.wait(IDLE_S)
 
 
 def _report(joiner, gauges) -> None:

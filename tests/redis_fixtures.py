@@ -11,10 +11,10 @@ is down, so the tests can tell "users on the down shard" from "everybody".
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -200,6 +200,28 @@ def cluster(redis_cluster) -> LocalCluster:
     """The shared cluster, every master running and empty: each test starts from nothing."""
     redis_cluster.reset()
     return redis_cluster
+
+
+_dbs = itertools.count(1)
+
+
+@pytest.fixture
+def db(redis_server) -> int:
+    """A DB number of its own for each test (16 per server)."""
+    return next(_dbs) % 16
+
+
+@pytest.fixture(params=["redis", "rediscluster"])
+def store_url(request) -> str:
+    """A fresh standalone DB, or the (emptied) local cluster."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_server").url(request.getfixturevalue("db"))
+    return request.getfixturevalue("cluster").url()
+
+
+def user_state(store, bundle, user_id: str, index: int = -1):
+    """A user's state from a store, with the bundle's default profile."""
+    return store.user(user_id, index, bundle.tables.default_profile, bundle.tables.user_profile)
 
 
 def median_recommend_ms(engine, requests: int = 200, warmup: int = 30) -> float:

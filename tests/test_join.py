@@ -239,3 +239,20 @@ def test_recserve_join_follows_the_log_and_commits_on_sigterm(log, tmp_path):
     assert {(r["request_id"], r["item_id"]): r["label_click"] for r in rows(out)} == {
         ("early", "a"): 0, ("early", "b"): 0, ("late", "c"): 1}
     assert "join_rate" in stdout and "corrections 0" in stdout
+
+
+def test_a_list_logged_twice_is_joined_once(log, tmp_path):
+    """A writer that re-sends a record after an unanswered write (Redis went away mid-XADD) logs
+    the same list twice: it is joined once, and counted."""
+    clock = Clock(T0 + 1)
+    log.served("r1", "u1", ["a", "b"], T0)
+    log.served("r1", "u1", ["a", "b"], T0)            # the same record again
+    log.event("click", "u1", "a", T0 + 0.5, rid="r1")
+    j = joiner(log, tmp_path / "out", clock)
+    step(j, log)
+    clock.t = T0 + WINDOW + 2
+    step(j, log)
+    j.commit()
+    got = rows(tmp_path / "out")
+    assert sorted((r["item_id"], r["label_click"]) for r in got) == [("a", 1), ("b", 0)]
+    assert (j.stats.resent, j.stats.duplicate_requests) == (1, 0)

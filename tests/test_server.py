@@ -307,13 +307,13 @@ def test_overload_answers_resource_exhausted_at_once(tmp_path, tiny_config, tiny
         def hammer(i: int) -> None:
             with s.client(options=OWN_CONNECTION) as c:
                 for n in range(15):
-                    t0 = time.monotonic()
                     try:
                         c.recommend(f"u{i}-{n}", count=10)
                         code = grpc.StatusCode.OK
                     except grpc.RpcError as e:
                         code = e.code()
-                        assert time.monotonic() - t0 < 1.0, "an overloaded call must be refused at once"
+                        # refused by admission (the front, before any queue), not cut by a deadline
+                        assert e.details().startswith("overloaded:"), e.details()
                     with lock:
                         codes.append(code)
 

@@ -109,6 +109,7 @@ class RecServeDeployment:
 
     def __init__(self, config: str, overrides: list[str], bundle: str, feature_store: str, token: str | None,
                  fine: Any = None):
+        from engine.app.arms import board_for
         from engine.store.factory import store_factory
 
         cfg = load_config(config, overrides)
@@ -123,7 +124,7 @@ class RecServeDeployment:
                 fine.stats.remote().result(timeout_s=FINE_STARTUP_S)
                 remote = {"fine": _RemoteFine(fine)}
             return Service(cfg, Path(bundle), store_factory(feature_store, event_buffer=s.event_buffer), token,
-                           remote_models=remote)
+                           remote_models=remote, board=board_for(feature_store, None))
 
         # off Serve's event loop: waiting on a handle blocks
         with ThreadPoolExecutor(1) as ex:
@@ -147,6 +148,12 @@ class RecServeDeployment:
 
     def ReloadBundle(self, request: pb2.ReloadBundleRequest, grpc_context) -> pb2.ReloadBundleResponse:
         return self.svc.admin.ReloadBundle(request, _Context(grpc_context))
+
+    def SetArms(self, request: pb2.SetArmsRequest, grpc_context) -> pb2.ArmsResponse:
+        return self.svc.admin.SetArms(request, _Context(grpc_context))
+
+    def GetArms(self, request: pb2.GetArmsRequest, grpc_context) -> pb2.ArmsResponse:
+        return self.svc.admin.GetArms(request, _Context(grpc_context))
 
     def GetStatus(self, request: pb2.GetStatusRequest, grpc_context) -> pb2.GetStatusResponse:
         resp = self.svc.admin.GetStatus(request, _Context(grpc_context))

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import grpc
 
+from engine.app import arms as arms_board
 from engine.app.metrics import Metrics
 from engine.app.samplelog import SampleLog, log_dir, new_request_id
 from engine.core.bundle import MANIFEST
@@ -51,10 +52,12 @@ class Service:
     """One Engine and the RPCs over it (`rpcs`: RecServe, `admin`: Admin servicers)."""
 
     def __init__(self, cfg: Config, bundle: Path, make_store: Callable, token: str | None = None,
-                 worker_id: int = 0, fallback: str = "", remote_models: dict | None = None):
+                 worker_id: int = 0, fallback: str = "", remote_models: dict | None = None,
+                 board: arms_board.Board | None = None):
         """`bundle`: a bundle root holding CURRENT (followed) or one version folder (fixed);
         `fallback`: the version other processes serve, used if CURRENT names a broken one;
-        `remote_models`: see Engine."""
+        `remote_models`: see Engine; `board`: where the experiment arms are shared
+        (engine.app.arms; default: this process only)."""
         from engine.core.runner import Engine
 
         self.idx, self.token, self.started = worker_id, token, time.monotonic()
@@ -69,11 +72,13 @@ class Service:
         self.reloader.refused |= refused
         self.metrics.bundle.labels(self.engine.bundle_version).set(1)
         self.samples = _sample_log(cfg, bundle, worker_id, self.engine)
+        self.arms = arms_board.Follower(self.engine, cfg, board or arms_board.MemoryBoard())
         self.rpcs, self.admin = RecServeRPCs(self), AdminRPCs(self)
         self.tick()
 
     def tick(self) -> None:
         self.reloader.poll()
+        self.arms.poll()
         rss = _rss_bytes()
         self.metrics.rss.set(rss)
         for k, v in self.engine.store.stats().items():
@@ -85,6 +90,8 @@ class Service:
 
     def close(self) -> None:
         self.engine.close()
+        if hasattr(self.arms.board, "close"):
+            self.arms.board.close()
         if self.samples:
             self.samples.close()
 
@@ -377,6 +384,22 @@ class AdminRPCs(pb2_grpc.AdminServicer):
             msg = self.w.reloader.reload(request.path if request.HasField("path") else None)
             return pb2.ReloadBundleResponse(ok=True, version=self.w.engine.bundle_version, message=msg)
         return self.w.call("ReloadBundle", context, run)
+
+    def SetArms(self, request, context):
+        def run():
+            self.w.check_token(context)
+            code, msg, answer = arms_board.handle_set(self.w.arms, request, self.w.idx)
+            if code is not None:
+                raise _Abort(code, msg)
+            self.w.count("arms_set")
+            return answer
+        return self.w.call("SetArms", context, run)
+
+    def GetArms(self, request, context):
+        def run():
+            self.w.check_token(context)
+            return arms_board.to_proto(self.w.arms.arms, arms_board.describe(self.w.arms.arms), self.w.idx)
+        return self.w.call("GetArms", context, run)
 
     def GetStatus(self, request, context):
         def run():

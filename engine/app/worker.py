@@ -104,13 +104,14 @@ def setup_logging(tag: str) -> None:
 
 
 def _service(idx: int, opts: WorkerOptions, fallback: str) -> Service:
+    from engine.app.arms import board_for
     from engine.store.factory import store_factory
 
     cfg = load_config(opts.config, opts.overrides)
     s = cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays
     return Service(cfg, opts.bundle, store_factory(
         opts.feature_store, opts.store_dir, opts.state_dir, s.snapshot_s, idx == 0, s.event_buffer),
-        opts.token, idx, fallback)
+        opts.token, idx, fallback, board=board_for(opts.feature_store, opts.store_dir))
 
 
 def _serve(conn: Connection, svc: Service, stop: threading.Event, schedule: refresh.Schedule) -> None:

@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     from engine.app.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
     from model_export.join_cli import add_join_args, run_join
+    from model_export.stream.cli import add_train_args, run_train
+    from loadtest.simulate.cli import add_simulate_args, run_simulate
+    from engine.app.arms_cli import add_arms_args, main_arms
+    from engine.cli.tune import add_tune_args, run_tune
+    from loadtest.simulate.tune_run import add_simulate_tune_args, run_simulate_tune
 
     for name, help_text, add_args, run in (
         ("serve", "serve a bundle over gRPC (health, reflection, metrics, hot reload)", add_serve_args, serve),
@@ -79,11 +84,21 @@ def parser() -> argparse.ArgumentParser:
          main_events),
         ("reload", "load a bundle version on the server now and publish it in CURRENT", add_reload_args,
          main_reload),
+        ("arms", "show the experiment arms a server runs, or replace them (--file, --clear) without a restart",
+         add_arms_args, main_arms),
+        ("tune", "tune the fusion weights online: cross-entropy search over small traffic arms, promotion "
+         "to control behind a confidence check", add_tune_args, run_tune),
+        ("simulate-tune", "the tuner in the closed-loop simulator: control from poor weights, truth per round, "
+         "against an offline grid", add_simulate_tune_args, run_simulate_tune),
         ("eval", "offline quality report of a bundle against baselines (and the oracle or held-out positives)",
          add_eval_args, run_eval),
         ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),
         ("join", "join the sample log's impressions to their events: labelled samples with offsets", add_join_args,
          run_join),
+        ("train", "streaming trainer: joined samples -> validated bundle versions (--follow to keep going)",
+         add_train_args, run_train),
+        ("simulate", "closed loop: synthetic users against a frozen and a streaming arm, with a drift",
+         add_simulate_args, run_simulate),
     ):
         sp = sub.add_parser(name, help=help_text)
         add_args(sp)

@@ -277,6 +277,71 @@ class JoinConfig:
 
 
 @dataclass
+class StreamConfig:
+    """The streaming trainer (`recserve train --follow`, model_export.stream): joined samples
+    in, one pass through a small shuffle buffer, a validated bundle version out every so often."""
+    models: list[str] = field(default_factory=lambda: ["coarse_dnn", "fine", "id_embeddings"])
+    publish_rows: int = 20_000         # publish after this many newly trained samples ...
+    publish_s: float = 20.0            # ... or this many seconds, whichever comes first
+    min_rows: int = 1000               # never publish a version trained on fewer new samples
+    buffer_rows: int = 4096            # shuffle buffer: rows are shuffled within chunks this large, once
+    batch_size: int = 256
+    lr: float = 1e-3                   # Adam, dense rankers
+    emb_optimizer: str = "adam"        # the id-embedding rows (id_embeddings): "adam" (sparse) or "adagrad"
+    emb_lr: float = 3e-3               # their learning rate (the build's; Adagrad wants ~10x more)
+    holdout_rows: int = 2000           # freshest samples held out to validate a candidate (trained on next)
+    min_holdout_positives: int = 30    # and at least this many primary-task positives among them
+    auc_margin: float = 0.02           # refused when a model's AUC falls more than this below the serving one
+    keep_versions: int = 8             # streamed versions kept (with their checkpoints); the base is kept
+    poll_s: float = 0.5                # follow mode: wait this long when no new samples were committed
+
+    def check(self) -> None:
+        for m in self.models:
+            _one_of("models", m, ("coarse_dnn", "fine", "id_embeddings"))
+        _one_of("emb_optimizer", self.emb_optimizer, ("adam", "adagrad"))
+        if not self.models:
+            raise _err("models", "name at least one of coarse_dnn, fine, id_embeddings")
+        for k in ("publish_rows", "publish_s", "buffer_rows", "batch_size", "lr", "emb_lr", "holdout_rows",
+                  "keep_versions", "poll_s"):
+            _positive(k, getattr(self, k))
+        for k in ("min_rows", "min_holdout_positives", "auc_margin"):
+            if getattr(self, k) < 0:
+                raise _err(k, "must be >= 0")
+
+
+@dataclass
+class SimulateConfig:
+    """The closed-loop simulator (`recserve simulate`, loadtest.simulate): synthetic users of the
+    world against two servers, a frozen bundle and the one the streaming trainer publishes.
+
+    The time scale comes from the users: `active_users` are online (drawn by logged activity),
+    each asking for a list `user_rpm` times per simulated minute, and the machine serves `qps`
+    calls per wall second to each arm, so one simulated minute lasts
+    active_users * user_rpm / qps wall seconds (`minute_s`)."""
+    active_users: int = 200            # users online during the run
+    user_rpm: float = 2.0              # lists each asks for per simulated minute (one per 30 s of scrolling)
+    qps: float = 8.0                   # Recommend calls per wall second, the same users to both arms
+    drift_at: float = 0.4              # share of the run after which the world drifts (10 of 25 minutes)
+    threads: int = 4                   # simulated users in flight at once
+    count: int = 20                    # list length asked for
+    shift_share: float = 0.5           # users whose interests shift at the drift
+    launch_quality: float = 1.5        # quality the launched items (the world's cold items) gain at the drift
+    window_s: float = 10.0             # join window of the streaming loop (users answer within seconds)
+    commit_s: float = 1.0              # joiner commit period of the streaming loop
+    seed: int = 0
+
+    @property
+    def minute_s(self) -> float:
+        return self.active_users * self.user_rpm / self.qps
+
+    def check(self) -> None:
+        for k in ("active_users", "user_rpm", "qps", "threads", "count", "window_s", "commit_s"):
+            _positive(k, getattr(self, k))
+        for k in ("drift_at", "shift_share"):
+            _unit(k, getattr(self, k))
+
+
+@dataclass
 class PipelineConfig:
     recall: list[str] = field(default_factory=list)   # stage names run concurrently, then merged
     stages: list[str] = field(default_factory=list)   # stage names run in order on the merged batch
@@ -304,6 +369,9 @@ class Config:
     join: JoinConfig = field(default_factory=JoinConfig)
     i2i: I2IConfig = field(default_factory=I2IConfig)
     implicit: ImplicitConfig = field(default_factory=ImplicitConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    arms_salt: str = ""                      # prefixed to user ids when hashing to experiments (run-time arms)
 
     # What a bundle is built from: its data, models and index, plus the serving keys that
     # shape the shipped feature state. Equal fingerprints mean the bundle can be reused.
@@ -323,8 +391,9 @@ class Config:
 
     def experiment_for(self, user_id: str) -> str:
         """The experiment a user is in ("" = control): crc32 of the id over the shares in config
-        order, so every worker, replica and restart puts the same user in the same arm."""
-        u = zlib.crc32(user_id.encode()) / 2**32
+        order, so every worker, replica and restart puts the same user in the same arm. Arms
+        set at run time may carry a salt, so a new set of arms draws new users."""
+        u = zlib.crc32((self.arms_salt + user_id).encode()) / 2**32
         acc = 0.0
         for name, e in self.experiments.items():
             acc += e.share
@@ -355,7 +424,8 @@ def _files_digest(folder: Path) -> str:
 
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "index": IndexConfig, "i2i": I2IConfig,
              "implicit": ImplicitConfig, "serving": ServingConfig, "pipeline": PipelineConfig, "ray": RayConfig,
-             "log": LogConfig, "join": JoinConfig}
+             "log": LogConfig, "join": JoinConfig,
+             "stream": StreamConfig, "simulate": SimulateConfig}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -435,7 +505,8 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
     if any(e.share < 0 for e in exps.values()) or total > 1 + 1e-9:
         raise ConfigError(f"experiments: shares must be >= 0 and sum to <= 1 (sum {total:g})")
     cfg = Config(path, secs["data"], secs["train"], secs["index"], secs["serving"], pipe,
-                 stage_specs, exps, raw, secs["ray"], secs["log"], secs["join"], secs["i2i"], secs["implicit"])
+                 stage_specs, exps, raw, secs["ray"], secs["log"], secs["join"], secs["i2i"], secs["implicit"],
+                 secs["stream"], secs["simulate"])
     registry.check_pipeline(cfg)
     for name, exp in exps.items():
         where = f"experiments.{name}.set"

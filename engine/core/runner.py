@@ -57,6 +57,14 @@ class Pipeline:
     stages: list[Step]
 
 
+@dataclass(frozen=True)
+class _Arms:
+    """The config whose experiments assign users, with its pipelines: swapped as one reference
+    (Engine.set_arms), so a request never sees an arm's name without its pipeline."""
+    config: Config
+    pipelines: dict[str, Pipeline]
+
+
 class _Live:
     """Everything tied to one bundle version; replaced whole on swap."""
 
@@ -70,9 +78,30 @@ class _Live:
         self.fallback = np.argsort(-n_pos, kind="stable")[:1000].astype(np.int32)
         self.route_names = list(config.pipeline.recall)
         self._stages: dict[tuple, object] = {}
-        self.pipelines = {"": self._build(config)}
+        self.arms = self.build_arms(config)
+
+    @property
+    def pipelines(self) -> dict[str, Pipeline]:
+        return self.arms.pipelines
+
+    def build_arms(self, config: Config) -> _Arms:
+        pipelines = {"": self._build(config)}
         for name in config.experiments:
-            self.pipelines[name] = self._build(config.variant(name))
+            try:
+                pipelines[name] = self._build(config.variant(name))
+            except ConfigError as e:
+                raise ConfigError(f"experiments.{name}: {e}") from None
+        return _Arms(config, pipelines)
+
+    def prune(self) -> None:
+        """Close and forget the stage instances no pipeline of the serving arms uses (a
+        replaced arm's reranker); requests still running on them finish."""
+        used = {id(st.fn) for p in self.arms.pipelines.values() for st in (*p.recall, *p.stages)}
+        for key, fn in list(self._stages.items()):
+            if id(fn) not in used:
+                del self._stages[key]
+                if hasattr(fn, "close"):
+                    fn.close()
 
     def close(self) -> None:
         """Stop the stages' background work (refresh threads); in-flight requests still finish."""
@@ -161,8 +190,9 @@ class Engine:
         """What a request's stages would see (validated, experiment assigned, user hydrated),
         without running them: for tools that score items the way the stages do."""
         live = self._live
-        req = self._checked(req, live)
-        return self._hydrate(req, live, req.experiment or self.config.experiment_for(req.user_id),
+        arms = live.arms
+        req = self._checked(req, live, arms.config)
+        return self._hydrate(req, live, req.experiment or arms.config.experiment_for(req.user_id),
                              time.perf_counter())
 
     def recommend(self, req: Request, observer=None) -> Response:
@@ -170,10 +200,11 @@ class Engine:
         after the merge and after every stage: for tests and "why was X dropped?" debugging."""
         t0 = time.perf_counter()
         live = self._live  # one bundle for the whole request, even if a swap lands meanwhile
+        arms = live.arms   # and one set of arms
         s = self.config.serving
-        req = self._checked(req, live)
-        exp = req.experiment or self.config.experiment_for(req.user_id)
-        pipe = live.pipelines[exp]
+        req = self._checked(req, live, arms.config)
+        exp = req.experiment or arms.config.experiment_for(req.user_id)
+        pipe = arms.pipelines[exp]
         live.store.fell_back()  # reset: only this request's reads count
         ctx = self._hydrate(req, live, exp, t0)
         trace: list[StageTrace] = [StageTrace("hydrate", (time.perf_counter() - t0) * 1e3, 0, 1)]
@@ -248,6 +279,27 @@ class Engine:
                 old.store.close()
             log.info("bundle %s now serving (was %s)", bundle.version, old.bundle.version)
 
+    def set_arms(self, config: Config) -> None:
+        """Serve `config`'s experiments (and control's stage settings) from now on: `config` is
+        the loaded one with other arms (engine.core.arms.config_with_arms, already validated).
+        Stages an arm leaves alone are shared, new ones smoke-tested before anything changes;
+        on a fault keep the running arms and raise ConfigError (a stage refuses its settings
+        for this bundle) or BundleError (the smoke request failed)."""
+        with self._swap_lock:
+            live = self._live
+            try:
+                arms = live.build_arms(config)       # a stage's check against the bundle: ConfigError
+                self._smoke(live, arms)
+            except Exception as e:
+                live.prune()
+                if isinstance(e, ConfigError):
+                    raise
+                reason = str(e) if isinstance(e, BundleError) else f"smoke request failed: {e!r}"
+                raise BundleError(f"arms refused: {reason}") from None
+            live.arms = arms
+            self.config = config
+            live.prune()
+
     def close(self) -> None:
         """Stop background work; the feature store writes its last snapshot / flushes its buffer."""
         self._live.close()
@@ -255,10 +307,10 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request steps ----------------------------------------------------------------
-    def _checked(self, req: Request, live: _Live) -> Request:
+    def _checked(self, req: Request, live: _Live, config: Config | None = None) -> Request:
         """The request validated against the config and the serving bundle's context fields: a
         normalised copy (engine.core.validation)."""
-        return checked_request(req, self.config, live.bundle.manifest["schema"]["context_fields"],
+        return checked_request(req, config or live.arms.config, live.bundle.manifest["schema"]["context_fields"],
                                live.bundle.tables.context_cardinality)
 
     def _hydrate(self, req: Request, live: _Live, exp: str, t0: float) -> RequestContext:
@@ -331,12 +383,14 @@ class Engine:
                         routes, degraded, ctx.experiment, live.bundle.version, ctx.request.request_id, trace,
                         (time.perf_counter() - t0) * 1e3, _served_inputs(ctx, c))
 
-    def _smoke(self, live: _Live) -> None:
-        """One real request through every experiment's pipeline before a bundle serves; it also
-        holds every stage to its declaration: a stage writes all it declares and nothing else."""
-        for exp, pipe in live.pipelines.items():
+    def _smoke(self, live: _Live, arms: _Arms | None = None) -> None:
+        """One real request through every experiment's pipeline before a bundle (or a set of
+        arms) serves; it also holds every stage to its declaration: a stage writes all it
+        declares and nothing else."""
+        arms = arms or live.arms
+        for exp, pipe in arms.pipelines.items():
             req = self._checked(Request(user_id="__smoke__", count=min(5, self.config.serving.max_count),
-                                        deadline_ms=10_000), live)
+                                        deadline_ms=10_000), live, arms.config)
             ctx = self._hydrate(req, live, exp, time.perf_counter())
             c = merge([st.fn(ctx) for st in pipe.recall])
             for st in pipe.stages:

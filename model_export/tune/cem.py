@@ -1,0 +1,72 @@
+"""The search distribution over weight vectors: the cross-entropy method, or an evolution strategy.
+
+CEM: a diagonal Gaussian inside a box; each round's samples are ranked by reward, and the
+mean and spread move to those of the elites (smoothed, so one noisy round cannot throw the
+distribution away). The elites' spread is taken around the old mean, as CMA-ES's rank-mu update
+does: while the elites sit to one side the spread stays wide and the search keeps moving,
+instead of collapsing short of the optimum (plain CEM's known failure with few samples); it
+never falls below `min_std`, so the search keeps exploring as the world drifts.
+ES (`method = "es"`): the mean takes a step along the rank-weighted noise, the spread stays. Both are stateless between calls apart from `mean` and `std`, which the tuner's
+state file keeps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Search:
+    mean: np.ndarray
+    std: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    method: str = "cem"              # cem | es
+    elite_frac: float = 0.34         # cem: share of the round's samples the distribution refits on
+    smoothing: float = 0.7           # cem: weight of the elites' moments against the old ones
+    min_std: float = 0.05            # either: spread floor, in weight units
+    lr: float = 0.5                  # es: step of the mean, in units of the spread
+
+    def __post_init__(self) -> None:
+        if self.method not in ("cem", "es"):
+            raise ValueError(f"method: '{self.method}' is not one of cem, es")
+        for name in ("mean", "std", "lo", "hi"):
+            setattr(self, name, np.asarray(getattr(self, name), np.float64))
+        if not (self.mean.shape == self.std.shape == self.lo.shape == self.hi.shape):
+            raise ValueError("mean, std, lo and hi need one value per searched weight")
+        if np.any(self.lo >= self.hi):
+            raise ValueError("every bound needs lo < hi")
+        if not 0 < self.elite_frac <= 1 or not 0 < self.smoothing <= 1:
+            raise ValueError("elite_frac and smoothing must be in (0, 1]")
+        self.mean = np.clip(self.mean, self.lo, self.hi)
+        self.std = np.maximum(self.std, self.min_std)
+
+    def sample(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """[k, d] candidates. ES draws them in antithetic pairs (mean +- noise); both clip to the box."""
+        d = self.mean.size
+        if self.method == "es":
+            half = rng.standard_normal(((k + 1) // 2, d))
+            noise = np.concatenate([half, -half])[:k]
+        else:
+            noise = rng.standard_normal((k, d))
+        return np.clip(self.mean + self.std * noise, self.lo, self.hi)
+
+    def update(self, x: np.ndarray, reward: np.ndarray) -> None:
+        """Move the distribution toward the better of the candidates `x` [k, d] (`reward` [k])."""
+        x, reward = np.asarray(x, np.float64), np.asarray(reward, np.float64)
+        if self.method == "es":
+            ranks = np.argsort(np.argsort(reward)).astype(np.float64)
+            util = ranks / max(len(reward) - 1, 1) - 0.5          # centred ranks: scale-free
+            eps = (x - self.mean) / self.std
+            self.mean = np.clip(self.mean + self.lr * self.std * (util @ eps) / len(reward), self.lo, self.hi)
+            return
+        n_elite = max(1, int(np.ceil(self.elite_frac * len(reward))))
+        elite = x[np.argsort(-reward, kind="stable")[:n_elite]]
+        a = self.smoothing
+        spread = np.sqrt(((elite - self.mean) ** 2).mean(0))    # around the old mean: wide while moving
+        self.mean = np.clip(a * elite.mean(0) + (1 - a) * self.mean, self.lo, self.hi)
+        self.std = np.maximum(a * spread + (1 - a) * self.std, self.min_std)
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}

@@ -1,0 +1,224 @@
+"""The tuning loop: rounds of arms on a live server, scored from the joined samples.
+
+A round: sample K weight vectors, install them as arms `tune-r<round>-a<k>` sharing `share` of
+the traffic (control keeps the rest) under a fresh salt (new users per round), wait until every
+arm and control has `min_impressions` joined impressions (or `max_wait_s` passed), score each
+list (reward.py), refit the search (cem.py) on the arms' mean rewards, then:
+
+- promote: the best arm's weights become control's when its gain over control in the same round
+  clears a one-sided Welch lower bound at `confidence`, Bonferroni-corrected for picking the best
+  of K (winner's curse);
+- roll back: in the round after a promotion, control goes back to its previous weights if its
+  reward falls below the pre-promotion control's by a one-sided Welch upper bound < 0.
+
+Control's lists count from the round's start (SetArms answered + `settle_s`, the time every
+worker takes to follow); arms are named per round, so their rows cannot mix. The state file is
+saved at every step: a restarted tuner resumes the round in flight from its joined offset.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from model_export.joined import JoinedOffset, JoinedReader
+from model_export.tune.cem import Search
+from model_export.tune.reward import Lists, RewardSpec, list_rewards, welch
+from model_export.tune.state import Round, TuneState
+
+log = logging.getLogger("recserve.tune")
+
+
+@dataclass
+class TuneSettings:
+    search: dict[str, tuple[float, float]] = field(default_factory=lambda: {"like": (0.0, 3.0), "finish": (0.0, 3.0)})
+    fixed: dict[str, float] = field(default_factory=lambda: {"click": 1.0})   # weights not searched
+    init: dict[str, float] = field(default_factory=dict)    # start of the search mean (default: mid-box)
+    init_std: float = 0.25                 # start of the spread, as a share of each weight's box
+    stage: str = "rerank"                  # the rerank stage whose weights are tuned
+    arms: int = 6                          # K
+    share: float = 0.10                    # total traffic share of the arms
+    min_impressions: int = 2000            # joined impressions per arm (and control) before scoring
+    max_wait_s: float = 600.0              # score the round with what arrived by then
+    confidence: float = 0.95
+    reward: RewardSpec = field(default_factory=RewardSpec)
+    method: str = "cem"
+    elite_frac: float = 0.34
+    min_std: float = 0.05
+    settle_s: float = 2.0                  # after SetArms, before control's lists count
+    poll_s: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.search:
+            raise ValueError("search: name at least one weight to tune")
+        if set(self.search) & set(self.fixed):
+            raise ValueError(f"{sorted(set(self.search) & set(self.fixed))}: both searched and fixed")
+        if self.arms < 2:
+            raise ValueError("arms: at least 2 (the elites are a share of them)")
+        if not 0 < self.share < 1:
+            raise ValueError("share: the arms' total traffic share, in (0, 1)")
+        if not 0.5 < self.confidence < 1:
+            raise ValueError("confidence: in (0.5, 1)")
+        if self.min_impressions < 1:
+            raise ValueError("min_impressions: at least 1")
+        if self.init_std <= 0:
+            raise ValueError("init_std: > 0 (a share of each weight's box)")
+
+
+class Tuner:
+    """`arms_api` is engine.app.client.RecServeClient-like: set_arms(arms, control, salt=...)."""
+
+    def __init__(self, s: TuneSettings, arms_api: Any, joined: Path, state_path: Path,
+                 on_round: Callable[[dict], None] | None = None):
+        s.check()
+        self.s, self.api, self.reader, self.path = s, arms_api, JoinedReader(joined), Path(state_path)
+        self.on_round = on_round
+        self.key = f"stage.{s.stage}.weights"
+        names = list(s.search)
+        lo = np.array([s.search[n][0] for n in names])
+        hi = np.array([s.search[n][1] for n in names])
+        st = TuneState.load(self.path)
+        if st is not None and st.names != names:
+            raise ValueError(f"{self.path}: tunes {st.names}, not {names}: another tuning run's state")
+        if st is None:
+            mean = np.array([s.init.get(n, (lo[i] + hi[i]) / 2) for i, n in enumerate(names)])
+            st = TuneState(search={"mean": mean.tolist(), "std": (s.init_std * (hi - lo)).tolist()}, names=names)
+            st.offset = self._end().to_json()      # rows served before the tuner started do not count
+        self.state = st
+        self.search = Search(np.array(st.search["mean"]), np.array(st.search["std"]), lo, hi, s.method,
+                             s.elite_frac, min_std=s.min_std)
+        self.rows: list[Lists] = []
+        self.state.save(self.path)
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, rounds: int = 0, stop: Callable[[], bool] = lambda: False) -> None:
+        """`rounds` more rounds (0: until `stop()`)."""
+        done = 0
+        while not stop() and (rounds == 0 or done < rounds):
+            if self.step(stop) is not None:
+                done += 1
+
+    def step(self, stop: Callable[[], bool] = lambda: False) -> dict | None:
+        """One round: install (or resume) its arms, collect, score, update. None if stopped first."""
+        if self.state.current is None:
+            self._install()
+        cur = self.state.current
+        deadline = time.time() + self.s.max_wait_s
+        counts: dict[str, int] = {}
+        while True:
+            self._read(cur)
+            lists = Lists.concat(self.rows)
+            counts = {n: int(lists.impressions[lists.experiment == n].sum()) for n in ["", *cur.names]}
+            if min(counts.values()) >= self.s.min_impressions or time.time() >= deadline:
+                break
+            if stop():
+                return None
+            time.sleep(self.s.poll_s)
+        return self._score(cur, lists)
+
+    # -- steps -------------------------------------------------------------------------
+    def weights(self, x: np.ndarray) -> dict[str, float]:
+        return {**self.s.fixed, **{n: round(float(v), 4) for n, v in zip(self.state.names, x)}}
+
+    def _control_set(self) -> dict[str, Any]:
+        return {self.key: self.state.control} if self.state.control is not None else {}
+
+    def _install(self) -> None:
+        st = self.state
+        rng = np.random.default_rng([self.s.seed, st.round])
+        x = self.search.sample(self.s.arms, rng)
+        names = [f"tune-r{st.round}-a{k}" for k in range(self.s.arms)]
+        salt = f"tune-{self.s.seed}-r{st.round}"
+        share = self.s.share / self.s.arms
+        self.api.set_arms([(n, share, {self.key: self.weights(xk)}) for n, xk in zip(names, x)],
+                          self._control_set(), salt=salt)
+        st.current = Round(st.round, names, x.tolist(), salt, time.time() + self.s.settle_s, dict(st.offset))
+        self.rows = []
+        st.save(self.path)
+        log.info("tune: round %d: %d arms installed, %.1f%% of traffic each", st.round, self.s.arms, 100 * share)
+
+    def _read(self, cur: Round) -> None:
+        """New joined commits: this round's arms' lists and control's since the round started."""
+        names = set(cur.names)
+        after = JoinedOffset.from_json(self.state.offset if self.rows else cur.offset)
+        for table, commit in self.reader.read(after):
+            lists = list_rewards(table, self.s.reward)
+            keep = np.fromiter((e in names for e in lists.experiment), bool, len(lists.experiment))
+            keep |= (lists.experiment == "") & (lists.time >= cur.start)
+            self.rows.append(lists.select(keep))
+            self.state.offset = commit.offset.to_json()
+
+    def _score(self, cur: Round, lists: Lists) -> dict:
+        st = self.state
+        ctl = lists.reward[lists.experiment == ""]
+        per_arm = [lists.reward[lists.experiment == n] for n in cur.names]
+        x = np.array(cur.x)
+        means = np.array([a.mean() if a.size else np.nan for a in per_arm])
+        usable = np.isfinite(means)
+        if usable.sum() >= 2:
+            self.search.update(x[usable], means[usable])
+        rec: dict[str, Any] = {
+            "round": cur.number, "start": cur.start, "end": time.time(), "salt": cur.salt,
+            "control": {"weights": st.control, "reward": _mean(ctl), "lists": int(ctl.size),
+                        "impressions": int(lists.impressions[lists.experiment == ""].sum())},
+            "arms": [{"name": n, "weights": self.weights(xk), "reward": _mean(a), "lists": int(a.size),
+                      "impressions": int(lists.impressions[lists.experiment == n].sum())}
+                     for n, xk, a in zip(cur.names, x, per_arm)],
+            "mean": dict(zip(st.names, self.search.mean.round(4).tolist())),
+            "std": dict(zip(st.names, self.search.std.round(4).tolist())),
+            "exploration_share": float(lists.impressions[lists.experiment != ""].sum()
+                                       / max(lists.impressions.sum(), 1)),
+        }
+        rec["decision"] = self._decide(cur, ctl, per_arm, means, x, rec)
+        st.search = self.search.to_json()
+        st.history.append(rec)
+        st.current, st.round = None, cur.number + 1
+        self.rows = []
+        st.save(self.path)
+        log.info(line(rec))
+        if self.on_round:
+            self.on_round(rec)
+        return rec
+
+    def _decide(self, cur: Round, ctl: np.ndarray, per_arm: list, means: np.ndarray, x: np.ndarray,
+                rec: dict) -> str:
+        st, s = self.state, self.s
+        if st.check is not None and st.check_round == cur.number:      # the round after a promotion
+            c = welch(ctl, np.array(st.check), s.confidence)
+            rec["rollback_check"] = {"gain": c.gain, "upper": c.upper}
+            if c.upper < 0:
+                st.control, st.previous, st.check = st.previous, None, None
+                return f"rolled back: control lost {c.gain:+.4f} (upper bound {c.upper:+.4f})"
+            st.check = None
+        if not np.isfinite(means).any():
+            return "no arm had lists"
+        best = int(np.nanargmax(means))
+        c = welch(per_arm[best], ctl, 1 - (1 - s.confidence) / len(per_arm))
+        rec["best"] = {"name": cur.names[best], "gain": c.gain, "lower": c.lower}
+        if c.lower > 0:
+            st.previous, st.control = st.control, self.weights(x[best])
+            st.check, st.check_round = [round(float(v), 6) for v in ctl], cur.number + 1
+            return f"promoted {cur.names[best]}"
+        return "kept control"
+
+    def _end(self) -> JoinedOffset:
+        c = self.reader.last_commit()
+        return c.offset if c else JoinedOffset()
+
+
+def line(rec: dict) -> str:
+    """The per-round log line."""
+    c, b = rec["control"], rec.get("best", {})
+    best = f"best {b['name']} {b['gain']:+.4f} (lower {b['lower']:+.4f})" if b else "no best"
+    mean = " ".join(f"{k}={v:.2f}+-{rec['std'][k]:.2f}" for k, v in rec["mean"].items())
+    return (f"tune: round {rec['round']}: control {c['reward']:.4f} ({c['lists']} lists), {best}: {rec['decision']}; "
+            f"mean {mean}; exploration {100 * rec['exploration_share']:.1f}% of impressions")
+
+
+def _mean(a: np.ndarray) -> float:
+    return float(a.mean()) if a.size else float("nan")

@@ -1,0 +1,167 @@
+"""The tuner's parts against known answers: the search converges on a synthetic reward's optimum,
+rewards are computed per list from joined rows (corrections replace negatives, positions
+discounted), and a tuner loop over a real joined folder, fed by a synthetic world whose best
+weights are known, moves control there, promotes only past the confidence bound, and resumes the
+round in flight after a restart."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.store.samplelog import records
+from model_export.joined import JoinedWriter
+from model_export.tune.cem import Search
+from model_export.tune.reward import RewardSpec, list_rewards, welch
+from model_export.tune.state import TuneState
+from model_export.tune.tuner import Tuner, TuneSettings
+
+OPT = np.array([1.2, 0.4])
+
+
+def quadratic(x: np.ndarray) -> np.ndarray:
+    return 1.0 - ((x - OPT) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("method", ["cem", "es"])
+def test_the_search_converges_on_a_noisy_quadratic(method):
+    rng = np.random.default_rng(3)
+    spread = 0.75 if method == "cem" else 0.2        # ES keeps its spread: a fine one to end close
+    s = Search([2.5, 2.5], [spread, spread], [0.0, 0.0], [3.0, 3.0], method=method, min_std=0.02)
+    for _ in range(80):
+        x = s.sample(8, rng)
+        s.update(x, quadratic(x) + rng.normal(0, 0.02, len(x)))
+    assert np.abs(s.mean - OPT).max() < 0.15, s.mean
+    if method == "cem":
+        assert s.std.max() < 0.2
+
+
+def test_samples_stay_in_the_box_and_bad_settings_are_refused():
+    s = Search([0.1, 2.9], [5.0, 5.0], [0.0, 0.0], [3.0, 3.0])
+    x = s.sample(200, np.random.default_rng(0))
+    assert x.min() >= 0 and x.max() <= 3
+    with pytest.raises(ValueError, match="lo < hi"):
+        Search([1.0], [1.0], [2.0], [1.0])
+    with pytest.raises(ValueError, match="method"):
+        Search([1.0], [1.0], [0.0], [2.0], method="sgd")
+
+
+def _joined(rows: list[dict]) -> pa.Table:
+    cols = {f.name: [] for f in records.JOINED}
+    for r in rows:
+        for f in records.JOINED:
+            cols[f.name].append(r.get(f.name, _default(f.type)))
+    return pa.table(cols, schema=records.JOINED)
+
+
+def _default(t: pa.DataType):
+    if pa.types.is_list(t) or pa.types.is_map(t):
+        return []
+    if pa.types.is_string(t):
+        return ""
+    if pa.types.is_boolean(t):
+        return False
+    return 0
+
+
+def test_rewards_are_per_list_discounted_and_corrections_replace_negatives():
+    rows = [dict(request_id="r1", item_id="a", position=0, experiment="x", time=5.0, label_click=1, label_like=1),
+            dict(request_id="r1", item_id="b", position=1, experiment="x", time=5.0),
+            dict(request_id="r2", item_id="a", position=0, experiment="", time=6.0),
+            dict(request_id="r2", item_id="c", position=1, experiment="", time=6.0),
+            dict(request_id="r2", item_id="c", position=1, experiment="", time=6.0, label_click=1, correction=True)]
+    lists = list_rewards(_joined(rows), RewardSpec({"click": 1.0, "like": 0.5}))
+    got = dict(zip(lists.experiment, zip(lists.reward, lists.impressions)))
+    assert got["x"][1] == 2 and got["x"][0] == pytest.approx(1.5 / 2)
+    assert got[""][1] == 2 and got[""][0] == pytest.approx(1 / np.log2(3) / 2)
+    flat = list_rewards(_joined(rows), RewardSpec({"click": 1.0}, discount="none"))
+    assert dict(zip(flat.experiment, flat.reward))[""] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no label column"):
+        list_rewards(_joined(rows), RewardSpec({"share": 1.0}))
+
+
+def test_welch_bounds_bracket_the_gain():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 1, 4000), rng.normal(0.9, 1, 4000)
+    c = welch(a, b, 0.95)
+    assert c.lower < 0.1 < c.upper and c.lower > 0
+    assert welch(b, a, 0.95).upper < 0
+
+
+class World:
+    """A synthetic server: lists whose click rate is a known function of the weights they were
+    ranked with, written to a real joined folder commit by commit; users hash to arms by salt."""
+
+    def __init__(self, out, seed: int = 0, lists_per_tick: int = 400):
+        self.w = JoinedWriter(out)
+        self.rng = np.random.default_rng(seed)
+        self.arms, self.control, self.salt = [], {}, ""
+        self.n, self.per_tick, self.installs = 0, lists_per_tick, 0
+
+    def set_arms(self, arms, control, salt=""):
+        self.arms, self.control, self.salt = list(arms), dict(control), salt
+        self.installs += 1
+
+    def p(self, weights: dict) -> float:
+        x = np.array([weights.get("like", 0.0), weights.get("finish", 0.0)])
+        return float(0.05 + 0.25 * np.exp(-((x - OPT) ** 2).sum() / 2))
+
+    def tick(self) -> bool:
+        rows = []
+        for _ in range(self.per_tick):
+            self.n += 1
+            user = f"u{self.rng.integers(100000)}"
+            h, acc, exp = zlib.crc32((self.salt + user).encode()) / 2**32, 0.0, ""
+            weights = self.control.get("stage.rerank.weights", {"click": 1.0})
+            for name, share, st in self.arms:
+                acc += share
+                if h < acc:
+                    exp, weights = name, st["stage.rerank.weights"]
+                    break
+            clicks = self.rng.random(4) < self.p(weights)
+            rows += [dict(request_id=f"q{self.n}", item_id=f"i{k}", position=k, experiment=exp, time=1e10,
+                          label_click=int(c)) for k, c in enumerate(clicks)]
+        for batch in _joined(rows).to_batches():
+            self.w.write(batch)
+        self.w.commit({}, {}, {}, 0.0)
+        return False
+
+
+def _settings(**kw) -> TuneSettings:
+    base = dict(arms=6, share=0.3, min_impressions=600, max_wait_s=60, poll_s=0.0, settle_s=0.0,
+                reward=RewardSpec({"click": 1.0}, discount="none"), init={"like": 2.2, "finish": 2.2})
+    return TuneSettings(**{**base, **kw})
+
+
+def test_the_tuner_moves_control_to_the_optimum_and_resumes_after_a_restart(tmp_path):
+    world = World(tmp_path / "joined")
+    state = tmp_path / "tune.json"
+    t = Tuner(_settings(), world, tmp_path / "joined", state)
+    t._install()                                     # a round in flight ...
+    installed = [n for n, _, _ in world.arms]
+    del t                                            # ... and the tuner killed before scoring it
+    t = Tuner(_settings(), world, tmp_path / "joined", state)
+    assert t.state.current is not None and t.state.current.names == installed
+    first = t.step(stop=world.tick)
+    assert world.installs == 1 and [a["name"] for a in first["arms"]] == installed   # resumed, not resampled
+    t.run(rounds=24, stop=world.tick)
+    st = TuneState.load(state)
+    assert st.round == 25 and len(st.history) == 25
+    assert np.abs(np.array(st.search["mean"]) - OPT).max() < 0.35, st.search
+    promoted = [h for h in st.history if h["decision"].startswith("promoted")]
+    assert promoted and st.control is not None
+    assert world.p(st.control) > 0.9 * world.p(dict(zip(["like", "finish"], OPT))), st.control
+    for h in promoted:                               # every promotion cleared its bound
+        assert h["best"]["lower"] > 0
+    assert all(h["exploration_share"] < 0.3 + 0.05 for h in st.history)
+    t2 = Tuner(_settings(), world, tmp_path / "joined", state)   # a restart between rounds keeps everything
+    assert t2.state.round == 25 and t2.state.control == st.control and np.allclose(t2.search.mean, st.search["mean"])
+
+
+def test_a_state_file_of_other_weights_is_refused(tmp_path):
+    world = World(tmp_path / "joined")
+    Tuner(_settings(), world, tmp_path / "joined", tmp_path / "s.json")
+    with pytest.raises(ValueError, match="another tuning run"):
+        Tuner(_settings(search={"like": (0.0, 1.0)}), world, tmp_path / "joined", tmp_path / "s.json")
