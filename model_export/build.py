@@ -30,7 +30,7 @@ from engine.core.featurize import (COARSE_FEATURES, I2ITable, Tables, item_tower
                                    user_tower_input)
 from engine.core.state import FeatureState, snapshot
 from indexes import build_index, measure_recall, tune_nprobe
-from model_export import cascade, train
+from model_export import cascade, cold_rows, distill, train
 from model_export.bundle_writer import BundleWriter
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
@@ -39,6 +39,7 @@ from model_export.i2i import build_table
 from model_export.implicit import implicit_rows
 from model_export.models import save_checkpoints
 from model_export.progress import bar
+from stages.rerank_beam import fuse
 
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
 RECALL_MARGIN = 0.005       # tuned on other queries than it is reported on: aim a little higher
@@ -143,6 +144,8 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     print(f"data {ds.name}: {ds.n_users} users, {ds.n_items} items, {len(ds.log_user)} "
           f"{'interactions' if ds.implicit else 'impressions'}, tasks {ds.tasks}, {ds.split} split: "
           f"{ds.history_rows.size} history, {ds.rank.rows.size} rank, {ds.valid.rows.size} held-out rows")
+    if ds.implicit and tc.rank_cold_share > 0:
+        raise ConfigError("train.rank_cold_share: cold views re-featurize logged impressions; this data has none")
     if ds.split != "global" and not ds.implicit:
         raise ConfigError("data.split: per_user needs data without impressions (logged impressions are "
                           "featurised with one state per window)")
@@ -191,8 +194,8 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     # rankers: rows of the rank part (each user's state at its cut, the i2i table of the history
     # rows) and of the held-out part (state at its cut, the served i2i table)
     train_tables = dataclasses.replace(tables, i2i=i2i_hist)
+    schema = _schema(ds, cfg)
     if ds.implicit:
-        schema = _schema(ds, cfg)
         got = [step("ranker rows", lambda: implicit_rows(ds, cfg, tbl, schema, user_emb, phase, rng))
                for tbl, phase in ((train_tables, ds.rank), (tables, ds.valid))]
         tr, va = (g.rows for g in got)
@@ -205,12 +208,23 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
         tr = step("ranker features", lambda: train.ranker_rows(ds, train_tables, rank_rows, st_hist, user_emb,
                                                                "train"))
         va = step("ranker features", lambda: train.ranker_rows(ds, tables, valid_rows, st_valid, user_emb, "valid"))
-    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(tr, va, ds.tasks[0], tc))
+        if tc.rank_cold_share > 0:
+            cold_tables = cold_rows.content_only(train_tables, tt.tables, lambda x: item_sess.run(None, {"x": x})[0])
+            step("cold rows", lambda: cold_rows.mask_history(ds, tr, rank_rows, cold_tables, st_hist, user_emb,
+                                                             tc.rank_cold_share, rng))
+    # the fine ranker first: with distillation it teaches the coarse stages
+    fine, metrics["fine"] = step("fine ranker", lambda: train.fit_fine(tr, va, tables, ds.tasks, tc))
+    teach = step("cascade samples", lambda: distill.cascade_samples(
+        ds, cfg, train_tables, schema, user_emb, ds.rank, fine, _fusion(cfg, ds.tasks), tc.distill_users, rng)) \
+        if tc.distill_weight > 0 else None
+    booster, metrics["coarse_trees"] = step("coarse trees", lambda: train.fit_gbdt(
+        tr, va, ds.tasks[0], tc, teach.soft_rows() if teach is not None else None))
     booster.save_model(str(w.path("models/coarse_trees.txt")))
     models["coarse_trees"] = {"file": "models/coarse_trees.txt", "inputs": list(COARSE_FEATURES), "outputs": ["p"],
                               "trees": booster.num_trees(), "leaves": tc.gbdt_leaves}
-    dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, ds.tasks[0], tc))
-    fine, metrics["fine"] = step("fine ranker", lambda: train.fit_fine(tr, va, tables, ds.tasks, tc))
+    aux = (lambda model: distill.Listwise(model, teach, len(tr.user), tc)) if teach is not None else None
+    dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, ds.tasks[0], tc,
+                                                                                  aux))
     n = min(PARITY_ROWS, len(va.user))
     seq, mask = sequence_input(tables, va.recent[:n])
     cases = {"coarse_dnn": [{"user": va.user[:1], "item": va.item[:n]}, {"user": va.user[:n], "item": va.item[:n]}],
@@ -252,6 +266,14 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
         "step_seconds": step.seconds,
     }
     return manifest, {"two_tower": tt.model, "coarse_dnn": dnn, "fine": fine}
+
+
+def _fusion(cfg: Config, tasks: tuple[str, ...]) -> distill.Fusion:
+    """The served rerank's fusion of task probabilities; without a rerank stage, the first task."""
+    rerank = next((cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam"), None)
+    if rerank is None:
+        return lambda probs: probs[:, 0]
+    return lambda probs: fuse({t: probs[:, j] for j, t in enumerate(tasks)}, rerank.weights, rerank.fusion, rerank.eps)
 
 
 class _Steps:

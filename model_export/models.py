@@ -60,18 +60,24 @@ class TwoTower(nn.Module):
         self.kwargs = dict(n_users=n_users, n_items=n_items, n_categories=n_categories, n_authors=n_authors,
                            id_dim=id_dim, embed_dim=embed_dim, profile_cardinality=list(profile_cardinality),
                            context_cardinality=list(context_cardinality), content_dim=content_dim)
-        self.user_id, self.item_id = nn.Embedding(n_users, id_dim), nn.Embedding(n_items, id_dim)
+        # sparse gradients: a step touches a few thousand of up to 1M rows (SparseAdam in train._train_loop)
+        self.user_id, self.item_id = nn.Embedding(n_users, id_dim, sparse=True), nn.Embedding(n_items, id_dim, sparse=True)
         self.category, self.author = nn.Embedding(n_categories, CAT_DIM), nn.Embedding(n_authors, AUTHOR_DIM)
         for e in (self.user_id, self.item_id, self.category, self.author):
             nn.init.normal_(e.weight, std=0.05)
-        self.user_tower = Tower(user_tower_dim(id_dim, profile_cardinality, context_cardinality), embed_dim)
+        self.user_tower = Tower(user_tower_dim(id_dim, content_dim, profile_cardinality, context_cardinality),
+                                embed_dim)
         self.item_tower = Tower(id_dim + CAT_DIM + AUTHOR_DIM + content_dim, embed_dim)
 
-    def user_input(self, users: Tensor, keep_id: Tensor, onehots: Tensor, recent: Tensor) -> Tensor:
-        """= featurize.user_tower_input: [uid * keep, one_hot(profile), one_hot(context), pooled history, has_hist]."""
+    def user_input(self, users: Tensor, keep_id: Tensor, onehots: Tensor, recent: Tensor, content: Tensor) -> Tensor:
+        """= featurize.user_tower_input: [uid * keep, one_hot(profile), one_hot(context), pooled history ids,
+        pooled history content, has_hist]; `content` is the catalog's [I, C] content table."""
         mask = (recent >= 0).float()
-        pooled = (self.item_id(recent.clamp_min(0)) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-        return torch.cat([self.user_id(users) * keep_id[:, None], onehots, pooled, mask[:, :1]], 1)
+        count = mask.sum(1, keepdim=True).clamp_min(1)
+        ids = recent.clamp_min(0)
+        pooled = (self.item_id(ids) * mask[..., None]).sum(1) / count
+        pooled_content = (content[ids] * mask[..., None]).sum(1) / count
+        return torch.cat([self.user_id(users) * keep_id[:, None], onehots, pooled, pooled_content, mask[:, :1]], 1)
 
     def item_input(self, items: Tensor, keep_id: Tensor, category: Tensor, author: Tensor,
                    content: Tensor) -> Tensor:

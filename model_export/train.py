@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -53,7 +54,11 @@ def _train_loop(model: nn.Module, n_rows: int, epochs: int, cfg: TrainConfig, de
     """Adam over shuffled mini-batches with a progress bar; prints the validation metric per epoch.
 
     `select`: keep the weights of the epoch with the highest `evaluate()[select]` (early stopping)."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)   # one kernel: 6x faster on CPU
+    sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
+    opts = [torch.optim.Adam(dense, lr=cfg.lr, fused=True)]   # one kernel: 6x faster on CPU
+    if sparse:   # lazy Adam on the rows a batch touched: a dense step over a 1M-row table costs ~0.25 s
+        opts.append(torch.optim.SparseAdam(sparse, lr=cfg.lr))
     rng = np.random.default_rng(cfg.seed)
     metrics: dict[str, float] = {}
     best: tuple[float, int, dict[str, Tensor]] | None = None
@@ -64,9 +69,11 @@ def _train_loop(model: nn.Module, n_rows: int, epochs: int, cfg: TrainConfig, de
         total = 0.0
         for k, s in enumerate(batches, 1):
             loss = loss_fn(np.sort(perm[s:s + cfg.batch_size]))
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss.backward()
-            opt.step()
+            for opt in opts:
+                opt.step()
             total += loss.item()
             if k % 20 == 0:
                 batches.set_postfix(loss=f"{total / k:.4f}")
@@ -93,7 +100,13 @@ class TwoTowerFit:
 
 
 def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: FeatureState) -> TwoTowerFit:
-    """In-batch sampled softmax over history-window positives with logQ correction and id dropout.
+    """Sampled softmax over history-window positives with mixed negatives (Yang et al. 2020, MNS):
+    the other positives of the batch plus `tt_uniform_negatives` items drawn uniformly from the
+    whole catalog, logQ-corrected for that mixed proposal, with id dropout.
+
+    In-batch negatives alone are all items somebody clicked: the long tail of never-clicked
+    items is never pushed away and crowds the top of an exact search over a large catalog. A
+    uniform negative keeps its id row only if the item has one at serving (trained positives).
 
     Keeps the epoch with the best recall@100 on the ranker window (`state`: as of t_history), which
     the two-tower model never trains on, so the validation window stays untouched for reporting."""
@@ -103,7 +116,9 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
     # positives only: the history strictly before a positive is the earlier positives
     recent = torch.from_numpy(recent_before(users, items, np.ones(rows.size, bool), cfg.recent_len)).long()
     freq = np.bincount(items, minlength=ds.n_items)
-    log_q = torch.from_numpy(np.log(freq[items] / rows.size).astype(np.float32))
+    n_uni = cfg.tt_uniform_negatives
+    # expected draws of item j per batch under the mixed proposal: B * p_j + U / n_items
+    expected = torch.from_numpy((cfg.batch_size * freq / rows.size + n_uni / ds.n_items).astype(np.float32))
     content_t = torch.from_numpy(content)
     cat_t, auth_t = torch.from_numpy(ds.item_category).long(), torch.from_numpy(ds.item_author).long()
     users_t, items_t = torch.from_numpy(users).long(), torch.from_numpy(items).long()
@@ -113,16 +128,20 @@ def fit_two_tower(ds: Dataset, content: np.ndarray, cfg: TrainConfig, state: Fea
     seen = [np.bincount(x, minlength=n) > 0 for x, n in ((users, ds.n_users), (items, ds.n_items),
                                                            (ds.item_category[items], ds.n_categories),
                                                            (ds.item_author[items], ds.n_authors))]
+    has_id = torch.from_numpy(seen[1])
 
     def loss_fn(b: np.ndarray) -> Tensor:
         u, i = users_t[b], items_t[b]
+        cand = torch.cat([i, torch.randint(ds.n_items, (n_uni,))])
+        keep = ((torch.rand(cand.numel()) >= drop) & has_id[cand]).float()
         onehots = torch.from_numpy(np.concatenate([one_hot(ds.user_profile[users[b]], ds.profile_cardinality),
                                                    one_hot(ds.log_context[rows[b]], ds.context_cardinality)], 1))
-        ue = model.user_tower(model.user_input(u, (torch.rand(b.size) >= drop).float(), onehots, recent[b]))
-        ve = model.item_tower(model.item_input(i, (torch.rand(b.size) >= drop).float(), cat_t[i], auth_t[i],
-                                               content_t[i]))
-        logits = ue @ ve.T / cfg.tt_temperature - log_q[b][None, :]
-        same = (i[None, :] == i[:, None]) & ~torch.eye(b.size, dtype=torch.bool)   # repeats are not negatives
+        ue = model.user_tower(model.user_input(u, (torch.rand(b.size) >= drop).float(), onehots, recent[b],
+                                                 content_t))
+        ve = model.item_tower(model.item_input(cand, keep, cat_t[cand], auth_t[cand], content_t[cand]))
+        logits = ue @ ve.T / cfg.tt_temperature - cfg.tt_logq * expected[cand].log()[None, :]
+        same = i[:, None] == cand[None, :]                  # the row's item elsewhere is not a negative
+        same[:, :b.size] &= ~torch.eye(b.size, dtype=torch.bool)
         return F.cross_entropy(logits.masked_fill(same, -1e9), torch.arange(b.size))
 
     def torch_fn(tower: nn.Module) -> EmbedFn:
@@ -246,11 +265,23 @@ def candidate_rows(ds: Dataset, tables: Tables, states: UserStates, row: np.ndar
 
 # ---------------------------------------------------------------- coarse phase 1 (LightGBM)
 
-def fit_gbdt(train: RankerRows, valid: RankerRows, task: str, cfg: TrainConfig) -> tuple[lgb.Booster, dict[str, float]]:
-    """Binary LightGBM on the cheap features for the first task; trees x leaves is a serving latency budget."""
-    params = {"objective": "binary", "num_leaves": cfg.gbdt_leaves, "learning_rate": cfg.gbdt_lr,
-              "num_threads": TRAIN_THREADS, "seed": cfg.seed, "verbose": -1, "deterministic": True}
-    data = lgb.Dataset(train.coarse, np.ascontiguousarray(train.labels[:, 0]), feature_name=list(COARSE_FEATURES))
+def fit_gbdt(train: RankerRows, valid: RankerRows, task: str, cfg: TrainConfig,
+             soft: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[lgb.Booster, dict[str, float]]:
+    """LightGBM on the cheap features for the first task; trees x leaves is a serving latency budget.
+
+    With `soft` (coarse features, soft labels in [0, 1]: distill.Cascade.soft_rows) and a
+    `distill_weight`, those rows join the logged ones weighted `distill_weight` (cross-entropy
+    objective, the same log loss on 0/1 labels): the trees then learn the fine ranker's view of
+    the candidates they cut at serving, not only of logged impressions."""
+    soft = soft if cfg.distill_weight > 0 else None
+    params = {"objective": "binary" if soft is None else "cross_entropy", "num_leaves": cfg.gbdt_leaves,
+              "learning_rate": cfg.gbdt_lr, "num_threads": TRAIN_THREADS, "seed": cfg.seed, "verbose": -1,
+              "deterministic": True}
+    x, y, w = train.coarse, np.ascontiguousarray(train.labels[:, 0]), None
+    if soft is not None:
+        x, y = np.concatenate([x, soft[0]]), np.concatenate([y, soft[1]])
+        w = np.r_[np.ones(len(train.labels)), np.full(len(soft[1]), cfg.distill_weight)]
+    data = lgb.Dataset(x, y, weight=w, feature_name=list(COARSE_FEATURES))
     with bar(total=cfg.gbdt_trees, desc="coarse trees", unit="tree") as trees:
         booster = lgb.train(params, data, num_boost_round=cfg.gbdt_trees, callbacks=[lambda env: trees.update(1)])
     metrics = {f"auc_{task}": auc(valid.labels[:, 0], booster.predict(valid.coarse, num_threads=TRAIN_THREADS))}
@@ -274,19 +305,34 @@ def predict(model: nn.Module, rows: RankerRows, tables: Tables | None = None, ch
                                for s in range(0, len(rows.user), chunk)])
 
 
-def fit_coarse_dnn(train: RankerRows, valid: RankerRows, embed_dim: int, task: str,
-                   cfg: TrainConfig) -> tuple[CoarseDNN, dict[str, float]]:
-    """The first task's probability from the user row broadcast over candidate rows."""
+class AuxLoss(Protocol):
+    """A second loss term of the coarse DNN (distill.Listwise) and its own validation metrics."""
+
+    def loss(self) -> Tensor: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+def fit_coarse_dnn(train: RankerRows, valid: RankerRows, embed_dim: int, task: str, cfg: TrainConfig,
+                   aux: Callable[[CoarseDNN], AuxLoss] | None = None) -> tuple[CoarseDNN, dict[str, float]]:
+    """The first task's probability from the user row broadcast over candidate rows.
+
+    `aux(model)`: a term added to each batch's loss, e.g. distill.Listwise (a few training
+    users' recalled candidates ordered as the fine ranker orders them)."""
     model = CoarseDNN(train.user.shape[1], train.item.shape[1], embed_dim, cfg.dnn_hidden,
                       train.item.mean(0), train.item.std(0))
     y = torch.from_numpy(train.labels[:, 0])
+    extra = aux(model) if aux is not None else None
 
     def loss_fn(b: np.ndarray) -> Tensor:
-        return F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b)), y[b])
+        loss = F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b)), y[b])
+        return loss if extra is None else loss + extra.loss()
 
-    metrics = _train_loop(model, len(train.user), cfg.dnn_epochs, cfg, "coarse dnn", loss_fn,
-                          lambda: {f"auc_{task}": auc(valid.labels[:, 0], predict(model, valid))})
-    return model, metrics
+    def evaluate() -> dict[str, float]:
+        out = {f"auc_{task}": auc(valid.labels[:, 0], predict(model, valid))}
+        return out if extra is None else {**out, **extra.metrics()}
+
+    return model, _train_loop(model, len(train.user), cfg.dnn_epochs, cfg, "coarse dnn", loss_fn, evaluate)
 
 
 def fit_fine(train: RankerRows, valid: RankerRows, tables: Tables, tasks: tuple[str, ...],

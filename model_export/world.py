@@ -28,6 +28,7 @@ CLICK_TASTE, CLICK_QUALITY, CLICK_AFFINITY, CLICK_BIAS = 0.9, 0.5, 0.3, -2.4
 LIKE_QUALITY, LIKE_TASTE, LIKE_BIAS = 1.0, 0.5, -2.2
 FINISH_AFFINITY, FINISH_QUALITY, FINISH_TASTE, FINISH_BIAS = 0.4, 0.4, 0.8, 0.3
 AFFINITY_FLOOR = 0.02          # log affinity is taken of (1-f)*aff + f/K: no -inf categories
+ITEM_QUALITY_NOISE = 0.5       # std of an item's quality around its author's
 
 # Logging policy.
 EXPLORE_SHARE, POPULAR_SHARE = 0.10, 0.45    # the rest is taste-based
@@ -45,7 +46,8 @@ class WorldTruth:
     """The oracle. Conditional logits per task from user taste, item quality and category affinity."""
 
     def __init__(self, user_latent: np.ndarray, user_affinity: np.ndarray, item_latent: np.ndarray,
-                 finish_projection: np.ndarray, item_quality: np.ndarray, item_category: np.ndarray):
+                 finish_projection: np.ndarray, item_quality: np.ndarray, item_category: np.ndarray,
+                 author_quality: np.ndarray | None = None):
         k = user_affinity.shape[1]
         scale = np.float32(1 / np.sqrt(user_latent.shape[1]))
         self.user_latent = user_latent
@@ -53,6 +55,7 @@ class WorldTruth:
         self.item_latent = item_latent * scale
         self.item_finish = (item_latent @ finish_projection).astype(np.float32) * scale
         self.item_quality = item_quality
+        self.author_quality = author_quality    # per item: its author's quality, all an item's author tells
         self.item_category = item_category
 
     def conditional(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -89,15 +92,21 @@ class WorldTruth:
         return _sigmoid(np.stack([click, like, finish], axis=1)).astype(np.float32)
 
 
-def make_world(cfg: DataConfig) -> Dataset:
-    """Build users, items and the logged feed; same cfg.seed -> byte-identical arrays."""
+def world_parts(cfg: DataConfig) -> tuple[dict, dict, WorldTruth, np.random.Generator]:
+    """The users, items and truth of the world for cfg.seed, and the generator the log draws from."""
     rng_cat, rng_users, rng_items, rng_log = (np.random.default_rng(s)
                                               for s in np.random.SeedSequence(cfg.seed).spawn(4))
     centroids, cat_weight = _categories(rng_cat, cfg)
     users = _users(rng_users, cfg, centroids, cat_weight)
     items = _items(rng_items, cfg, centroids, cat_weight)
     truth = WorldTruth(users["latent"], users["affinity"], items["latent"], items["finish_projection"],
-                       items["quality"], items["category"])
+                       items["quality"], items["category"], items["author_quality"])
+    return users, items, truth, rng_log
+
+
+def make_world(cfg: DataConfig) -> Dataset:
+    """Build users, items and the logged feed; same cfg.seed -> byte-identical arrays."""
+    users, items, truth, rng_log = world_parts(cfg)
     log = _log(rng_log, cfg, users, items, truth)
     days = float(cfg.days)
     return Dataset(
@@ -149,7 +158,7 @@ def _items(rng: np.random.Generator, cfg: DataConfig, centroids: np.ndarray,
     author = _pick(author_cum, rng.random(n) * author_cum[-1])
     category = np.where(rng.random(n) < 0.85, home[author], rng.choice(k, n, p=cat_weight))
     latent = (centroids[category] + author_offset[author] + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
-    quality = (author_quality[author] + 0.5 * rng.standard_normal(n)).astype(np.float32)
+    quality = (author_quality[author] + ITEM_QUALITY_NOISE * rng.standard_normal(n)).astype(np.float32)
     rank = np.argsort(np.argsort(-(0.5 * quality + rng.standard_normal(n))))
     popularity = 1 / (rank + 1.0) ** 0.9
     content = latent @ rng.standard_normal((d, cfg.content_dim)) / np.sqrt(d)
@@ -161,7 +170,7 @@ def _items(rng: np.random.Generator, cfg: DataConfig, centroids: np.ndarray,
     created = np.where(rng.random(n) < PREEXISTING_SHARE, -3 * days * rng.random(n), days * rng.random(n))
     created = np.where(cold, days - min(COLD_WINDOW, days) * rng.random(n), created)
     return {"category": category.astype(np.int32), "author": author.astype(np.int32), "latent": latent,
-            "quality": quality, "popularity": popularity, "content": content, "cold": cold,
+            "quality": quality, "author_quality": author_quality[author].astype(np.float32), "popularity": popularity, "content": content, "cold": cold,
             "created": created.astype(np.float32), "finish_projection": finish_projection}
 
 
@@ -227,35 +236,50 @@ def _taste_slots(rng: np.random.Generator, cfg: DataConfig, users: dict, items: 
                  sess: np.ndarray) -> np.ndarray:
     """Items for the taste slots: per session, the top by noisy true score among candidates drawn
     from the user's favourite categories (2/3) and by popularity (1/3)."""
-    n_cat, m = cfg.n_categories, TASTE_CANDIDATES
+    m = TASTE_CANDIDATES
     taste = source == 2
     rank = np.cumsum(taste) - taste                        # taste slots before this one...
     rank = rank - np.concatenate([[0], np.cumsum(taste)])[start][sess]   # ...within its session
     k_sess = np.bincount(sess[taste], minlength=len(s_user))
-    # Category sampling by inverse CDF over every user's affinity row at once.
-    aff_cum = np.cumsum(users["affinity"], axis=1)
-    aff_cum[:, -1] = 1.0
-    aff_flat = (aff_cum + np.arange(cfg.n_users)[:, None]).ravel()
-    by_cat = np.argsort(items["category"], kind="stable")
-    weight_cum = np.cumsum((np.sqrt(items["popularity"]) * ~items["cold"])[by_cat])
-    bounds = np.concatenate([[0], weight_cum])[np.searchsorted(items["category"][by_cat], np.arange(n_cat + 1))]
-    pop_cum = np.cumsum(items["popularity"] * ~items["cold"])
-
+    sampler = TasteCandidates(cfg, users, items, truth)
     chosen = np.empty((len(s_user), int(k_sess.max(initial=0))), np.int64)
     for s in _blocks(len(s_user), "logging policy", _CHUNK // m):
-        u = np.repeat(s_user[s], m)
-        r = rng.random(len(u))
-        cat = np.minimum(np.searchsorted(aff_flat, u + r, side="right") - u * n_cat, n_cat - 1)
-        w = bounds[cat] + rng.random(len(u)) * (bounds[cat + 1] - bounds[cat])
-        cand = by_cat[_pick(weight_cum, w)]
-        by_pop = rng.random(len(u)) < 1 / 3
-        cand[by_pop] = _pick(pop_cum, rng.random(by_pop.sum()) * pop_cum[-1])
-        score = truth.click_logit(u, cand) + POLICY_NOISE * rng.standard_normal(len(u))
-        score[(items["created"][cand] > np.repeat(s_time[s], m)) | items["cold"][cand]] = -np.inf
+        cand, score = sampler.draw(rng, np.repeat(s_user[s], m), np.repeat(s_time[s], m))
         cand, score = cand.reshape(-1, m), score.reshape(-1, m)
         top = np.argsort(-score, axis=1, kind="stable")[:, :chosen.shape[1]]
         chosen[s] = np.take_along_axis(cand, top, axis=1)
     return chosen[sess[taste], rank[taste]]
+
+
+class TasteCandidates:
+    """The logging policy's taste-slot candidates: drawn from the user's favourite categories (2/3,
+    by sqrt popularity within the category) and by popularity (1/3), scored by the noisy true click
+    logit (-inf for items not created yet or cold). Also what model_export.world_bounds simulates."""
+
+    def __init__(self, cfg: DataConfig, users: dict, items: dict, truth: WorldTruth):
+        self.n_cat, self.truth, self.items = cfg.n_categories, truth, items
+        # category sampling by inverse CDF over every user's affinity row at once
+        aff_cum = np.cumsum(users["affinity"], axis=1)
+        aff_cum[:, -1] = 1.0
+        self.aff_flat = (aff_cum + np.arange(cfg.n_users)[:, None]).ravel()
+        self.by_cat = np.argsort(items["category"], kind="stable")
+        self.weight_cum = np.cumsum((np.sqrt(items["popularity"]) * ~items["cold"])[self.by_cat])
+        self.bounds = np.concatenate([[0], self.weight_cum])[np.searchsorted(items["category"][self.by_cat],
+                                                                             np.arange(self.n_cat + 1))]
+        self.pop_cum = np.cumsum(items["popularity"] * ~items["cold"])
+
+    def draw(self, rng: np.random.Generator, u: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One candidate per entry of `u` (users) at times `t`, and its policy score."""
+        n_cat = self.n_cat
+        r = rng.random(len(u))
+        cat = np.minimum(np.searchsorted(self.aff_flat, u + r, side="right") - u * n_cat, n_cat - 1)
+        w = self.bounds[cat] + rng.random(len(u)) * (self.bounds[cat + 1] - self.bounds[cat])
+        cand = self.by_cat[_pick(self.weight_cum, w)]
+        by_pop = rng.random(len(u)) < 1 / 3
+        cand[by_pop] = _pick(self.pop_cum, rng.random(by_pop.sum()) * self.pop_cum[-1])
+        score = self.truth.click_logit(u, cand) + POLICY_NOISE * rng.standard_normal(len(u))
+        score[(self.items["created"][cand] > t) | self.items["cold"][cand]] = -np.inf
+        return cand, score
 
 
 def _pick(cum: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -110,7 +110,7 @@ def test_featurize_matches_torch_inputs(bundle, torch_models):
     assert 0 < keep.sum() < keep.size                  # cold items exist and have zero id rows
     with torch.no_grad():
         got = tt.user_input(torch.from_numpy(users), torch.ones(users.size), torch.from_numpy(onehots),
-                            torch.from_numpy(recent).long()).numpy()
+                            torch.from_numpy(recent).long(), torch.from_numpy(np.array(t.item_content))).numpy()
         got_i = tt.item_input(torch.from_numpy(items), torch.from_numpy(keep),
                               torch.from_numpy(np.array(t.item_category)).long(),
                               torch.from_numpy(np.array(t.item_author)).long(),

@@ -161,6 +161,13 @@ def test_split_i2i_and_implicit_keys_are_checked():
     ImplicitConfig(candidates=0.0, uniform=20.0, positives="all").check()
 
 
+def test_cold_views_are_refused_on_data_without_impressions(ml_dir, tmp_path):
+    from engine.core.errors import ConfigError
+    (tmp_path / "ml.toml").write_text(CONFIG.format(dir=ml_dir).replace("[train]\n", "[train]\nrank_cold_share = 0.2\n"))
+    with pytest.raises(ConfigError, match="rank_cold_share"):
+        build_bundle(load_config(tmp_path / "ml.toml"), tmp_path / "bundles")
+
+
 @pytest.fixture(scope="module")
 def small_bundle(ml_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("cfg")

@@ -73,6 +73,8 @@ class TrainConfig:
     tt_epochs: int = 3
     tt_temperature: float = 0.05
     tt_id_dropout: float = 0.3         # masks item ids in training so cold items embed from content
+    tt_uniform_negatives: int = 1024   # extra negatives per batch drawn uniformly from the catalog (MNS)
+    tt_logq: float = 1.0               # weight of the logQ correction of the sampled softmax
     gbdt_trees: int = 40
     gbdt_leaves: int = 15
     gbdt_lr: float = 0.15
@@ -83,6 +85,9 @@ class TrainConfig:
     fine_tower_hidden: list[int] = field(default_factory=lambda: [32])
     fine_epochs: int = 4
     max_rank_rows: int = 0             # 0: all ranker-window impressions; else a sample
+    rank_cold_share: float = 0.0       # ranker rows re-featurized as cold items (no id row, no counters)
+    distill_weight: float = 0.0        # coarse DNN: weight of the listwise loss towards the fine ranker (0: off)
+    distill_users: int = 2000          # training users whose offline recall the fine ranker scores
     parity_tol: float = 1e-4
 
     def check(self) -> None:
@@ -98,6 +103,12 @@ class TrainConfig:
         if len(self.dnn_hidden) > 2:
             raise _err("dnn_hidden", "coarse phase 2 is shallow: 1 or 2 hidden layers")
         _unit("tt_id_dropout", self.tt_id_dropout)
+        _unit("tt_logq", self.tt_logq)
+        _unit("rank_cold_share", self.rank_cold_share)
+        if self.distill_weight < 0 or self.distill_users < 1:
+            raise _err("distill_weight", "distill_weight must be >= 0 and distill_users >= 1")
+        if self.tt_uniform_negatives < 0:
+            raise _err("tt_uniform_negatives", "must be >= 0")
 
 
 @dataclass

@@ -115,16 +115,19 @@ def pooled(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def user_tower_input(t: Tables, users: np.ndarray, profiles: np.ndarray, contexts: np.ndarray,
                      recent: np.ndarray) -> np.ndarray:
-    """Dense user-tower input [B, Du]: id embedding (zeros for new users), profile, context, history."""
+    """Dense user-tower input [B, Du]: id embedding (zeros for new users), profile, context, history
+    (mean id embedding and mean content of the recent positives: the content mean still says
+    something when those items are too new to have id rows)."""
     uid = np.where((users >= 0)[:, None], t.user_id_emb[np.maximum(users, 0)], 0.0)
     has_hist = (recent[:, :1] >= 0).astype(np.float32)
     return np.concatenate([uid, one_hot(profiles, t.profile_cardinality),
                            one_hot(contexts, t.context_cardinality),
-                           pooled(t.item_id_emb, recent), has_hist], axis=1).astype(np.float32)
+                           pooled(t.item_id_emb, recent), pooled(t.item_content, recent), has_hist],
+                          axis=1).astype(np.float32)
 
 
-def user_tower_dim(id_dim: int, profile_card, context_card) -> int:
-    return 2 * id_dim + int(sum(profile_card)) + int(sum(context_card)) + 1
+def user_tower_dim(id_dim: int, content_dim: int, profile_card, context_card) -> int:
+    return 2 * id_dim + content_dim + int(sum(profile_card)) + int(sum(context_card)) + 1
 
 
 def i2i_scores(table: I2ITable | None, recent: np.ndarray) -> I2IScores:

@@ -1,0 +1,117 @@
+"""What a synthetic world allows: reference lists that know the ground truth, for targets a model
+may not be able to reach.
+
+    python -m model_export.world_bounds --config configs/large.toml retrieval
+    python -m model_export.world_bounds --config configs/cold.toml cold
+
+retrieval: recall@k of the validation window's positives (the users and metric of the build's
+two-tower validation, `train.two_tower_recall`) for the most-popular list, for popularity x the
+true click probability, and for the logging policy's own exposure x the true click probability:
+the ranking by how likely the log is to hold a positive of that item for that user, which no
+model of the log can beat by much.
+
+cold: the share of cold items (no impressions at the end of the log) in the oracle's top 20 of
+the eligible catalog against an *informed* oracle that knows every user's and item's true latent
+but, for a cold item, only its author's quality (its own quality noise averaged out): what the
+best possible content-and-author model of a cold item would give it.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from engine.core.config import load_config
+from engine.core.state import snapshot
+from model_export.progress import bar
+from model_export.world import (EXPLORE_SHARE, ITEM_QUALITY_NOISE, POPULAR_SHARE, SESSION_LEN, TASKS,
+                                TASTE_CANDIDATES, TasteCandidates, WorldTruth, _unconditional, make_world,
+                                world_parts)
+from stages.rerank_beam import fuse
+
+COUNT = 20
+DISCOUNT = 1.0 / np.log2(np.arange(COUNT) + 2.0)
+
+
+def retrieval(cfg_path: str, k: int = 100, n_users: int = 300, sessions: int = 3000, seed: int = 0) -> dict:
+    cfg = load_config(cfg_path)
+    users, items, truth, _ = world_parts(cfg.data)
+    ds = make_world(cfg.data)
+    v = ds.window(ds.t_valid, ds.t_end)
+    v = v[ds.log_labels[v, 0] > 0]
+    before = np.bincount(ds.log_item[ds.window(0, ds.t_valid)][ds.log_labels[ds.window(0, ds.t_valid), 0] > 0],
+                         minlength=ds.n_items).astype(np.float64)
+    all_users = np.unique(ds.log_user[v])
+    # the build's two-tower validation sample (seed 0, up to 1000 users), first n_users of it
+    picked = np.sort(np.random.default_rng(0).permutation(all_users.size)[:1000])[:n_users]
+    sampler, rng = TasteCandidates(cfg.data, users, items, truth), np.random.default_rng(seed)
+    servable = ~items["cold"]
+    pop = items["popularity"] * servable
+    taste_slots = (1 - EXPLORE_SHARE - POPULAR_SHARE) * (sum(SESSION_LEN) / 2 - 0.5)
+    per_taste = max(1, round(taste_slots))
+    got: dict[str, list[float]] = {"popular": [], "popular x true click": [], "policy exposure x true click": []}
+    for u in bar(all_users[picked], desc="retrieval bound", unit="user"):
+        mine = np.unique(ds.log_item[v][ds.log_user[v] == u])
+        p_click = truth.user_probs(int(u))[:, 0]
+        cand, score = sampler.draw(rng, np.full(sessions * TASTE_CANDIDATES, u),
+                                   np.full(sessions * TASTE_CANDIDATES, ds.t_end))
+        cand, score = cand.reshape(sessions, -1), score.reshape(sessions, -1)
+        shown = np.take_along_axis(cand, np.argsort(-score, 1)[:, :per_taste], 1).ravel()
+        exposure = (EXPLORE_SHARE * servable / servable.sum() + POPULAR_SHARE * pop / pop.sum()
+                    + (1 - EXPLORE_SHARE - POPULAR_SHARE) * np.bincount(shown, minlength=ds.n_items) / shown.size)
+        for name, s in zip(got, (before, pop * p_click, exposure * p_click)):
+            top = np.argpartition(-s, k)[:k]
+            got[name].append(float(np.isin(mine, top).mean()))
+    out = {f"{name} recall@{k}": float(np.mean(r)) for name, r in got.items()}
+    return {"users": int(picked.size), **out}
+
+
+def cold(cfg_path: str, n_users: int = 100, draws: int = 16, seed: int = 0) -> dict:
+    cfg = load_config(cfg_path)
+    ds = make_world(cfg.data)
+    truth: WorldTruth = ds.truth
+    st = snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, ds.t_end,
+                  cfg.train.recent_len, cfg.serving.seen_window, 1.0)
+    is_cold = st.item_n_imp == 0
+    rerank = next(cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
+    rng = np.random.default_rng(seed)
+    v = ds.window(ds.t_valid, ds.t_end)
+    users = rng.choice(np.unique(ds.log_user[v]), min(n_users, np.unique(ds.log_user[v]).size), replace=False)
+    got: dict[str, list[tuple[float, float]]] = {"oracle": [], "informed oracle": []}
+    for u in bar(users, desc="cold bound", unit="user"):
+        ul = truth.user_latent[u]
+        taste, finish, log_aff = truth.item_latent @ ul, truth.item_finish @ ul, truth.user_log_aff[u, truth.item_category]
+        seen = st.user_seen[u]
+        eligible = np.ones(ds.n_items, bool)
+        eligible[seen[seen >= 0]] = False
+
+        def value(quality: np.ndarray) -> np.ndarray:
+            p = _unconditional(truth._conditional(taste, finish, quality, log_aff))
+            return fuse({t: p[:, j] for j, t in enumerate(TASKS)}, rerank.weights, rerank.fusion, rerank.eps)
+
+        true = value(truth.item_quality)
+        expected = np.mean([value(truth.author_quality + ITEM_QUALITY_NOISE * rng.standard_normal(ds.n_items))
+                            for _ in range(draws)], axis=0)
+        for name, s in (("oracle", true), ("informed oracle", np.where(is_cold, expected, true))):
+            s = np.where(eligible, s, -np.inf)
+            top = np.argsort(-s)[:COUNT]
+            got[name].append((float(is_cold[top].mean()), float(true[top] @ DISCOUNT)))
+    return {"users": int(users.size), "eligible cold share": float(is_cold.mean()),
+            **{f"{name} {m}": float(np.mean([r[j] for r in rows]))
+               for name, rows in got.items() for j, m in enumerate(("cold share", "utility"))}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--users", type=int, default=None)
+    p.add_argument("what", choices=("retrieval", "cold"))
+    a = p.parse_args()
+    fn = retrieval if a.what == "retrieval" else cold
+    out = fn(a.config, **({"n_users": a.users} if a.users else {}))
+    for key, val in out.items():
+        print(f"{key}: {val:.4f}" if isinstance(val, float) else f"{key}: {val}")
+
+
+if __name__ == "__main__":
+    main()
