@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from engine.core.config import DataConfig
+from engine.core.sections import DataConfig
 from model_export.dataset import Dataset
 from model_export.movielens import default_movielens_dir, load_movielens
 from model_export.world import make_world

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.core.config import Config, TrainConfig
+from engine.core.config import Config
+
+from engine.core.sections import TrainConfig
 from engine.core.featurize import COARSE_FEATURES, Tables
 from indexes import AnnIndex
 from model_export import cascade

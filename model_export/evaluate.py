@@ -25,7 +25,8 @@ import numpy as np
 from engine.core import featurize
 from engine.core.bundle import Bundle, load_bundle
 from engine.core.candidates import Candidates
-from engine.core.config import Config, DataConfig, apply_overrides, load_config, parse_config
+from engine.core.config import Config, apply_overrides, load_config, parse_config
+from engine.core.sections import DataConfig
 from engine.core.context import RequestContext
 from engine.core.features import ResolvedEvent
 from engine.core.refresh import RefreshedRoute

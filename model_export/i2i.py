@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from engine.core.config import I2IConfig
+from engine.core.sections import I2IConfig
 from engine.core.featurize import I2ITable
 
 

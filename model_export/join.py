@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from engine.core.config import JoinConfig
+from engine.core.sections import JoinConfig
 from engine.core.request import EVENT_KINDS
 from engine.store.samplelog import records
 from engine.store.samplelog.source import LogReader

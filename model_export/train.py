@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.core.config import TrainConfig
+from engine.core.sections import TrainConfig
 from engine.core.featurize import (COARSE_FEATURES, I2ITable, Tables, coarse_features, i2i_pairs, item_tower_input, one_hot,
                                    ranker_item_input, ranker_user_input, sequence_input, user_tower_input)
 from engine.core.state import FeatureState, recent_before

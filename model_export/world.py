@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from engine.core.config import DataConfig
+from engine.core.sections import DataConfig
 from model_export.dataset import Dataset
 from model_export.progress import bar
 

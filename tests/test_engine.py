@@ -310,7 +310,7 @@ def test_swap_refuses_a_bad_bundle_and_keeps_serving(engine, tiny_bundle, tmp_pa
 
 def test_compiled_trees_match_lightgbm(tiny_bundle):
     """lleaves (served) and LightGBM's own predict agree on real coarse features."""
-    from engine.core.config import ServingConfig
+    from engine.core.sections import ServingConfig
     from engine.core.models import Models
 
     b = load_bundle(tiny_bundle)

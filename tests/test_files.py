@@ -11,7 +11,9 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
 
-from engine.core.config import DataConfig, load_config
+from engine.core.config import load_config
+
+from engine.core.sections import DataConfig
 from model_export.data import load_dataset
 from model_export.files import DataFileError, load_files
 from model_export.files_export import export_dataset

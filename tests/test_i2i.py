@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.core.config import I2IConfig
+from engine.core.sections import I2IConfig
 from engine.core.featurize import i2i_pairs, i2i_scores
 from model_export import i2i
 

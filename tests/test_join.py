@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from engine.core.config import JoinConfig
+from engine.core.sections import JoinConfig
 from engine.store.samplelog import records
 from engine.store.samplelog.raw import raw_record
 from engine.store.samplelog.covering import CoveringWriter

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.core.config import DataConfig
+from engine.core.sections import DataConfig
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
 from model_export.movielens import GENRES, fetch_movielens_100k, load_movielens

@@ -94,7 +94,7 @@ def test_a_failing_log_never_fails_the_call(tmp_path):
     on, the failures are counted."""
     import shutil
 
-    from engine.core.config import LogConfig
+    from engine.core.sections import LogConfig
     from engine.core.request import Event, Response, ServedInputs
 
     n = 3
@@ -249,7 +249,7 @@ def test_redis_streams_backend_and_fail_open(redis_server, tiny_bundle, tiny_con
 
 @pytest.mark.redis
 def test_the_joiner_reads_redis_streams_exactly_once(redis_server, tmp_path):  # noqa: F811
-    from engine.core.config import JoinConfig
+    from engine.core.sections import JoinConfig
     from engine.store.samplelog.streams import StreamWriter
 
     url = redis_server.url(0) + "?prefix=t-join"

@@ -45,7 +45,8 @@ def test_bounds_serve_the_drifted_world_with_each_perfect_update(tiny_bundle, ti
     the base bundle, and every variant is scored over the same users with the launched items
     traced through the funnel."""
     from engine.core.bundle import load_bundle
-    from engine.core.config import DataConfig, load_config
+    from engine.core.config import load_config
+    from engine.core.sections import DataConfig
     from loadtest.simulate.bounds import bounds
     from loadtest.simulate.world import SimWorld
     from model_export.data import load_dataset

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from engine.core.bundle import load_bundle
-from engine.core.config import DataConfig, load_config
+from engine.core.config import load_config
+from engine.core.sections import DataConfig
 from engine.core.runner import Engine
 from engine.core.state import snapshot
 from engine.store.embedded import EmbeddedStore
@@ -146,7 +147,7 @@ def test_global_split_is_the_time_windows(ml_dir):
 
 
 def test_split_i2i_and_implicit_keys_are_checked():
-    from engine.core.config import I2IConfig, ImplicitConfig
+    from engine.core.sections import I2IConfig, ImplicitConfig
     from engine.core.errors import ConfigError
     for cfg, match in ((DataConfig(split="per_user"), "per_user needs a source without ground truth"),
                        (DataConfig(source="movielens", split="by_item"), "split"),

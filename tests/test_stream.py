@@ -21,7 +21,8 @@ from redis_fixtures import RedisServer, redis_server_binary
 from test_store_durability import _Serve
 
 from engine.core.bundle import CURRENT, load_bundle, resolve
-from engine.core.config import DataConfig, load_config
+from engine.core.config import load_config
+from engine.core.sections import DataConfig
 from loadtest.simulate.arms import arm_root
 from loadtest.simulate.driver import KINDS
 from loadtest.simulate.world import SimWorld

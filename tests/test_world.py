@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engine.core.config import DataConfig
+from engine.core.sections import DataConfig
 from model_export.dataset import Dataset
 from model_export.world import COLD_WINDOW, _categories, _items, make_world
 

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from engine.core.config import LogConfig
+from engine.core.sections import LogConfig
 from engine.core.request import Event, Response
 from engine.store.samplelog import records
 from engine.store.samplelog.covering import CoveringWriter

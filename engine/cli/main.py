@@ -25,7 +25,8 @@ def _data_fetch(args) -> int:
 
 
 def _data_export(args) -> int:
-    from engine.core.config import DataConfig, load_config
+    from engine.core.config import load_config
+    from engine.core.sections import DataConfig
     from model_export.data import load_dataset
     from model_export.files_export import export_dataset
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from engine.core.bundle import Bundle
 from engine.core.errors import BundleError
-from engine.core.config import ServingConfig
+from engine.core.sections import ServingConfig
 from indexes import load_index
 
 ONNX_MODELS = ("user_tower", "coarse_dnn", "fine")

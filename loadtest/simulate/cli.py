@@ -38,7 +38,8 @@ def add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 def run_simulate(args: argparse.Namespace) -> int:
     from engine.core.bundle import load_bundle
-    from engine.core.config import DataConfig, load_config
+    from engine.core.config import load_config
+    from engine.core.sections import DataConfig
     from loadtest.simulate.arms import start_arm
     from loadtest.simulate.driver import Driver
     from loadtest.simulate.plot import plot

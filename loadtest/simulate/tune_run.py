@@ -64,7 +64,8 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
     from model_export.tune.args import settings
     from engine.core.arms import toml_value
     from engine.core.bundle import load_bundle
-    from engine.core.config import DataConfig, load_config
+    from engine.core.config import load_config
+    from engine.core.sections import DataConfig
     from loadtest.simulate.arms import _spawn, arm_root
     from loadtest.simulate.driver import Driver
     from loadtest.simulate.tune_truth import TruthJudge, truth_params

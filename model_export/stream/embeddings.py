@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.core.bundle import Bundle
-from engine.core.config import StreamConfig
+from engine.core.sections import StreamConfig
 from engine.core.featurize import Tables, item_tower_input, pooled
 from indexes.faiss_index import FaissIndex
 from model_export.bundle_writer import BundleWriter

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.core.config import StreamConfig
+from engine.core.sections import StreamConfig
 from model_export.export import ort_session
 from model_export.models import load_checkpoints
 from model_export.stream.samples import Samples
