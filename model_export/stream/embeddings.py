@@ -98,7 +98,7 @@ class EmbeddingLearner:
         i = torch.from_numpy(s.item_index[b]).long()
         onehots = torch.from_numpy(s.rows.user[b, self.embed_dim:])      # user_x = [user_e, profile, context]
         ue = self.tt.user_tower(self.tt.user_input(u.clamp_min(0), (u >= 0).float(), onehots,
-                                                   torch.from_numpy(s.rows.recent[b]).long()))
+                                                   torch.from_numpy(s.rows.recent[b]).long(), self.content))
         ve = self.tt.item_tower(self.tt.item_input(i, torch.ones(b.size), self.category[i], self.author[i],
                                                    self.content[i]))
         return ue, ve
@@ -209,7 +209,8 @@ class EmbeddingLearner:
         context one-hots are the logged user row's tail: featurize.ranker_user_input)."""
         recent = s.rows.recent[rows]
         x = np.concatenate([user_id_emb[s.user_index[rows]], s.rows.user[rows, self.embed_dim:],
-                            pooled(item_id_emb, recent), (recent[:, :1] >= 0).astype(np.float32)], 1)
+                            pooled(item_id_emb, recent), pooled(self.content.numpy(), recent),
+                            (recent[:, :1] >= 0).astype(np.float32)], 1)
         with torch.no_grad():
             return self.tt.user_tower(torch.from_numpy(x.astype(np.float32))).numpy()
 
