@@ -94,8 +94,7 @@ class TrainConfig:
         _unit("rank_cold_share", self.rank_cold_share)
         if self.distill_weight < 0 or self.distill_users < 1:
             raise _err("distill_weight", "distill_weight must be >= 0 and distill_users >= 1")
-        if self.tt_uniform_negatives < 0:
-            raise _err("tt_uniform_negatives", "must be >= 0")
+        _non_negative("tt_uniform_negatives", self.tt_uniform_negatives)
 
 
 @dataclass
@@ -127,8 +126,7 @@ class I2IConfig:
 
     def check(self) -> None:
         _one_of("method", self.method, ("auto", "ease", "cosine"))
-        if self.neighbours < 0:
-            raise _err("neighbours", f"must be >= 0, got {self.neighbours}")
+        _non_negative("neighbours", self.neighbours)
         if not 0 < self.decay <= 1:
             raise _err("decay", f"must be in (0, 1], got {self.decay}")
         _positive("ease_lambda", self.ease_lambda)
@@ -147,8 +145,7 @@ class ImplicitConfig:
     def check(self) -> None:
         _unit("candidates", self.candidates)
         for k in ("uniform", "popular"):
-            if getattr(self, k) < 0:
-                raise _err(k, "must be >= 0")
+            _non_negative(k, getattr(self, k))
         _one_of("positives", self.positives, ("recalled", "all"))
         if self.candidates == 0 and self.uniform == 0 and self.popular == 0:
             raise _err("candidates", "no negatives: keep candidates or sample uniform or popular items")
@@ -208,8 +205,7 @@ class RayConfig:
         for k in ("max_ongoing_requests", "max_queued_requests", "fine_replicas", "fine_max_batch"):
             _positive(k, getattr(self, k))
         for k in ("num_cpus", "fine_num_cpus", "fine_batch_wait_ms"):
-            if getattr(self, k) < 0:
-                raise _err(k, "must be >= 0")
+            _non_negative(k, getattr(self, k))
         if self.target_ongoing_requests <= 0:
             raise _err("target_ongoing_requests", "must be > 0")
 
@@ -237,8 +233,7 @@ class LogConfig:
         for k in ("segment_mb", "segment_s", "batch_ms", "stream_maxlen", "buffer"):
             _positive(k, getattr(self, k))
         for k in ("fsync_s", "retain_hours", "retain_gb"):
-            if getattr(self, k) < 0:
-                raise _err(k, "must be >= 0")
+            _non_negative(k, getattr(self, k))
 
 
 @dataclass
@@ -255,8 +250,7 @@ class JoinConfig:
         for k in ("window_s", "commit_s", "segment_mb"):
             _positive(k, getattr(self, k))
         for k in ("late_s", "skew_s"):
-            if getattr(self, k) < 0:
-                raise _err(k, "must be >= 0")
+            _non_negative(k, getattr(self, k))
         for kind in self.positive_kinds:
             _one_of("positive_kinds", kind, EVENT_KINDS)
         if not self.positive_kinds:
@@ -292,8 +286,7 @@ class StreamConfig:
                   "keep_versions", "poll_s"):
             _positive(k, getattr(self, k))
         for k in ("min_rows", "min_holdout_positives", "auc_margin"):
-            if getattr(self, k) < 0:
-                raise _err(k, "must be >= 0")
+            _non_negative(k, getattr(self, k))
 
 
 @dataclass
@@ -334,6 +327,11 @@ def _err(key: str, msg: str) -> ConfigError:
 def _positive(key: str, v) -> None:
     if v <= 0:
         raise _err(key, f"must be > 0, got {v}")
+
+
+def _non_negative(key: str, v) -> None:
+    if v < 0:
+        raise _err(key, f"must be >= 0, got {v}")
 
 
 def _unit(key: str, v) -> None:
