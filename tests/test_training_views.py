@@ -11,7 +11,7 @@ import torch
 
 from engine.core.bundle import load_bundle
 from engine.core.config import load_config
-from engine.core.featurize import COARSE_FEATURES, CTR_PRIOR_IMP, CTR_PRIOR_POS, coarse_features, sequence_input
+from engine.core.featurize import COARSE_FEATURES, CTR_PRIOR_IMP, CTR_PRIOR_POS, sequence_input
 from engine.core.state import snapshot
 from model_export import cascade, cold_rows, distill, train
 from model_export.data import load_dataset
@@ -63,13 +63,19 @@ def test_content_only_embeds_like_an_item_without_id_row(world):
     assert cold.item_id_emb is world.tables.item_id_emb          # user towers still pool the id rows
 
 
-def test_masked_rows_look_like_a_new_item_at_serving(world):
-    rows = world.rank_rows[:400]
+def _masked(world, n: int, share: float, seed: int):
+    """The first n rank rows as built (real) and with a share of them given the cold view."""
+    rows = world.rank_rows[:n]
     real = train.ranker_rows(world.ds, world.tables, rows, world.st, world.user_emb, "real")
     view = train.ranker_rows(world.ds, world.tables, rows, world.st, world.user_emb, "view")
     cold = cold_rows.content_only(world.tables, world.tt_tables, world.item_emb)
-    picked = cold_rows.mask_history(world.ds, view, rows, cold, world.st, world.user_emb, 1.0,
-                                    np.random.default_rng(0))
+    picked = cold_rows.mask_history(world.ds, view, rows, cold, world.st, world.user_emb, share,
+                                    np.random.default_rng(seed))
+    return rows, real, view, cold, picked
+
+
+def test_masked_rows_look_like_a_new_item_at_serving(world):
+    rows, real, view, cold, picked = _masked(world, 400, 1.0, 0)
     assert picked.size == rows.size
     d = world.tables.item_emb.shape[1]
     items = world.ds.log_item[rows]
@@ -87,12 +93,7 @@ def test_masked_rows_look_like_a_new_item_at_serving(world):
 
 
 def test_mask_history_replaces_the_drawn_share_only(world):
-    rows = world.rank_rows[:500]
-    real = train.ranker_rows(world.ds, world.tables, rows, world.st, world.user_emb, "real")
-    view = train.ranker_rows(world.ds, world.tables, rows, world.st, world.user_emb, "view")
-    cold = cold_rows.content_only(world.tables, world.tt_tables, world.item_emb)
-    picked = cold_rows.mask_history(world.ds, view, rows, cold, world.st, world.user_emb, 0.3,
-                                    np.random.default_rng(1))
+    rows, real, view, cold, picked = _masked(world, 500, 0.3, 1)
     assert picked.size == 150 and np.unique(picked).size == 150
     other = np.setdiff1d(np.arange(rows.size), picked)
     np.testing.assert_array_equal(view.item[other], real.item[other])
