@@ -15,6 +15,7 @@ from test_samplelog import read_all
 from engine.cli.arms import read_arms_file
 from engine.core.arms import ArmSpec, Arms, config_with_arms
 from engine.core.config import load_config
+from engine.core.pipelines import CAP_BURST
 from engine.store.samplelog.source import SegmentLog
 
 pytestmark = pytest.mark.slow
@@ -132,13 +133,29 @@ def test_every_worker_converges_and_responses_and_the_log_name_the_arm(server, t
     assert all(got[rid] == exp for rid, exp in served.items())
 
 
+def test_a_capped_arm_never_serves_more_than_its_share(server, tiny_config):
+    """Users drawn by activity can put far more lists in an arm than its hash share; a capped arm
+    serves at most share * lists (+ CAP_BURST per worker) and its other users get control."""
+    with server.client() as c:
+        r = c.set_arms([("explore", 0.1, WEIGHTS, True)], salt="cap-1")
+    assert [(a.name, a.cap) for a in r.arms] == [("explore", True)]
+    wait_for(lambda: {s.version for s in _every_worker(server, lambda c: c.arms()).values()} == {r.version},
+             timeout=10, what="every worker on the capped arm")
+    cfg = config_with_arms(load_config(tiny_config), Arms(0, (ArmSpec("explore", 0.1, WEIGHTS, True),), {}, "cap-1"))
+    heavy = [u for u in (f"user-{k}" for k in range(3000)) if cfg.experiment_for(u) == "explore"][:30]
+    answers = _concurrent_recommends(server, heavy * 8)      # every list from a user hashed to the arm
+    served = sum(resp.experiment == "explore" for _, resp in answers)
+    assert {resp.experiment for _, resp in answers} == {"", "explore"}
+    assert 0 < served <= 0.1 * len(answers) + CAP_BURST * WORKERS, served
+
+
 def test_the_cli_file_format_is_the_config_format(tmp_path):
     f = tmp_path / "arms.toml"
     f.write_text('salt = "r7"\n[experiments.a]\nshare = 0.05\n'
-                 'set = { "stage.rerank.weights" = { click = 1.0, like = 0.3 } }\n'
+                 'set = { "stage.rerank.weights" = { click = 1.0, like = 0.3 } }\ncap = true\n'
                  '[control]\n"stage.rerank.fusion" = "sum"\n')
     a = read_arms_file(f)
-    assert a.arms == (ArmSpec("a", 0.05, {"stage.rerank.weights": {"click": 1.0, "like": 0.3}}),)
+    assert a.arms == (ArmSpec("a", 0.05, {"stage.rerank.weights": {"click": 1.0, "like": 0.3}}, True),)
     assert a.control == {"stage.rerank.fusion": "sum"} and a.salt == "r7"
     f.write_text("[arms.a]\nshare = 0.1\n")
     with pytest.raises(ValueError, match="unknown table 'arms'"):

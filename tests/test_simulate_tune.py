@@ -10,6 +10,8 @@ import sys
 import pytest
 from helpers import REPO
 
+from engine.core.pipelines import CAP_BURST
+
 pytestmark = pytest.mark.slow
 
 
@@ -24,7 +26,7 @@ def test_a_short_tune_run_moves_control_toward_better_weights(tiny_bundle, tiny_
          "--bundle", str(tiny_bundle), "--rounds", "5", "--arms", "2", "--share", "0.5", "--min-impressions", "3000",
          "--confidence", "0.8", "--start", "click=1,like=3,finish=3", "--search", "like=0:0.5,finish=0:0.5",
          "--grid", "0,0.5,3", "--judge-users", "60", "--set", "simulate.active_users=2000",
-         "--set", "simulate.qps=15", "--set", "simulate.window_s=3"],
+         "--set", "simulate.qps=40", "--set", "simulate.window_s=3"],
         cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout + run.stderr
     r = json.loads((out / "tune_sim.json").read_text())
@@ -33,7 +35,8 @@ def test_a_short_tune_run_moves_control_toward_better_weights(tiny_bundle, tiny_
     assert any(x["decision"].startswith("promoted") for x in r["rounds"]), run.stdout
     assert r["rounds"][-1]["after_round_truth"] > r["start_truth"]
     assert r["rounds"][-1]["after_round_weights"]["like"] <= 0.5
-    assert all(x["exploration_share_lists"] < 0.5 + 0.1 for x in r["rounds"])   # hash shares, 2000 users
+    # capped arms: at most their share of each worker's lists, + CAP_BURST lists per arm and worker
+    assert all(x["exploration_share_lists"] <= 0.5 + 2 * 2 * CAP_BURST / x["lists"] for x in r["rounds"]), r["rounds"]
     state = json.loads((out / "tune.json").read_text())
     assert state["round"] == 5 and len(state["history"]) == 5
     assert (out / "tune_sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -199,14 +199,14 @@ def handle_set(f: Follower, m: pb2.SetArmsRequest, worker_id: int
 
 
 def describe(a: Arms) -> str:
-    arms = ", ".join(f"{x.name} {x.share:g}" for x in a.arms) or "none"
+    arms = ", ".join(f"{x.name} {x.share:g}" + (" capped" if x.cap else "") for x in a.arms) or "none"
     return f"arms {arms}" + (f"; control {a.control}" if a.control else "") + (f"; salt {a.salt!r}" if a.salt else "")
 
 
 def from_proto(m: pb2.SetArmsRequest) -> Arms:
     """The request's arms with their TOML values parsed; ConfigError names a bad one."""
-    arms = tuple(ArmSpec(a.name, a.share, {k: parse_value(f"arms.{a.name}.set.{k}", v) for k, v in a.set.items()})
-                 for a in m.arms)
+    arms = tuple(ArmSpec(a.name, a.share, {k: parse_value(f"arms.{a.name}.set.{k}", v) for k, v in a.set.items()},
+                         a.cap) for a in m.arms)
     return Arms(0, arms, {k: parse_value(f"control.{k}", v) for k, v in m.control.items()}, m.salt)
 
 
@@ -214,7 +214,7 @@ def to_proto(a: Arms, message: str = "", worker_id: int = 0) -> pb2.ArmsResponse
     try:
         return pb2.ArmsResponse(
             version=a.version, message=message, worker_id=worker_id,
-            arms=[pb2.Arm(name=x.name, share=x.share, set={k: toml_value(v) for k, v in x.set.items()})
+            arms=[pb2.Arm(name=x.name, share=x.share, set={k: toml_value(v) for k, v in x.set.items()}, cap=x.cap)
                   for x in a.arms],
             control={k: toml_value(v) for k, v in a.control.items()}, salt=a.salt)
     except ConfigError as e:   # a config file's value TOML cannot carry back (never from SetArms)

@@ -69,17 +69,18 @@ class RecServeClient:
         """The experiment arms the worker reached serves (Admin.GetArms)."""
         return self._admin.GetArms(pb2.GetArmsRequest(), timeout=timeout or self.timeout, metadata=self.metadata)
 
-    def set_arms(self, arms: Iterable[tuple[str, float, Mapping[str, Any]]], control: Mapping[str, Any] | None = None,
+    def set_arms(self, arms: Iterable[tuple], control: Mapping[str, Any] | None = None,
                  expect_version: int | None = None, salt: str = "",
                  timeout: float | None = None) -> pb2.ArmsResponse:
-        """Replace the arms: (name, share, {dotted key: value}) in hash order, and control's stage.*
-        overrides; values are Python values (sent as TOML text). A refusal raises
+        """Replace the arms: (name, share, {dotted key: value}[, cap]) in hash order, and control's
+        stage.* overrides; values are Python values (sent as TOML text); a true `cap` makes the
+        arm's share a hard traffic bound (Experiment.cap). A refusal raises
         grpc.RpcError: INVALID_ARGUMENT with the validator's reason, FAILED_PRECONDITION for a
         stale expect_version or an arm that fails its smoke request."""
         from engine.core.arms import toml_value as text
 
-        req = pb2.SetArmsRequest(arms=[pb2.Arm(name=n, share=sh, set={k: text(v) for k, v in st.items()})
-                                       for n, sh, st in arms],
+        req = pb2.SetArmsRequest(arms=[pb2.Arm(name=n, share=sh, set={k: text(v) for k, v in st.items()},
+                                               cap=bool(cap and cap[0])) for n, sh, st, *cap in arms],
                                  control={k: text(v) for k, v in (control or {}).items()}, salt=salt)
         if expect_version is not None:
             req.expect_version = expect_version

@@ -15,6 +15,7 @@ ignore SIGINT and let the supervisor drain them.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -89,6 +90,7 @@ def worker_main(idx: int, opts: WorkerOptions, fallback: str, conn: Connection) 
     except Exception as e:    # noqa: BLE001 - reported as the server's one-line startup error
         conn.send(("error", one_line(e)))
         sys.exit(1)
+    gc.freeze()   # what the engine loaded stays out of later collections (a full one: 16 ms on the 1M bundle)
     conn.send(("ready", svc.reloader.current, svc.engine.bundle_version))
     try:
         _serve(conn, svc, stop, schedule)

@@ -5,6 +5,7 @@ The file uses the config's own format, so arms tried in a config move to a live 
     [experiments.wide_beam]              # hash order = file order
     share = 0.05
     set = { "stage.rerank.beam_width" = 8 }
+    cap = true                           # optional: never more than 5% of lists (else: hash share)
 
     [control]                            # optional: control's own overrides (stage.* keys)
     "stage.rerank.weights" = { click = 1.0, like = 0.3 }
@@ -48,9 +49,11 @@ def read_arms_file(path: Path) -> Arms:
         raise ValueError(f"{path}: salt: a string")
     arms = []
     for name, body in raw.get("experiments", {}).items():
-        if not isinstance(body, dict) or set(body) - {"share", "set"}:
-            raise ValueError(f"{path}: experiments.{name}: a table of share and set")
-        arms.append(ArmSpec(name, body.get("share", 0.0), dict(body.get("set", {}))))
+        if not isinstance(body, dict) or set(body) - {"share", "set", "cap"}:
+            raise ValueError(f"{path}: experiments.{name}: a table of share, set and cap")
+        if not isinstance(body.get("cap", False), bool):
+            raise ValueError(f"{path}: experiments.{name}.cap: true or false")
+        arms.append(ArmSpec(name, body.get("share", 0.0), dict(body.get("set", {})), body.get("cap", False)))
     return Arms(0, tuple(arms), dict(raw.get("control", {})), raw.get("salt", ""))
 
 
@@ -58,7 +61,7 @@ def format_arms(r) -> str:
     lines = [f"arms version {r.version} (worker {r.worker_id})" + (f", salt {r.salt!r}" if r.salt else "")]
     for k, v in sorted(r.control.items()):
         lines.append(f"  control  {k} = {v}")
-    lines += [f"  {a.name}  share {a.share:g}" + "".join(f"\n      {k} = {v}" for k, v in sorted(a.set.items()))
+    lines += [f"  {a.name}  share {a.share:g}" + (" (capped)" if a.cap else "") + "".join(f"\n      {k} = {v}" for k, v in sorted(a.set.items()))
               for a in r.arms]
     if not r.arms:
         lines.append("  no arms: all traffic to control")
@@ -76,7 +79,7 @@ def main_arms(args: argparse.Namespace) -> int:
             if new is None:
                 r = c.arms()
             else:
-                r = c.set_arms([(a.name, a.share, a.set) for a in new.arms], new.control, args.expect_version,
+                r = c.set_arms([(a.name, a.share, a.set, a.cap) for a in new.arms], new.control, args.expect_version,
                                new.salt)
         except grpc.RpcError as e:
             return _rpc_failed("arms", e)

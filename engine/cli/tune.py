@@ -27,7 +27,11 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", type=floats, default="click=1", help="weights held fixed")
     p.add_argument("--init", type=floats, default="", help="start of the search mean (default: mid-box)")
     p.add_argument("--init-std", type=float, default=0.25, help="start of the spread, as a share of the box")
-    p.add_argument("--min-std", type=float, default=0.05, help="floor of the spread, in weight units")
+    p.add_argument("--min-std", type=float, default=0.05, help="floor of the spread, in search coordinates")
+    p.add_argument("--scale", choices=("log", "linear"), default="log",
+                   help="search log(weight + 5%% of the box) (weights act as ratios) or the weights themselves")
+    p.add_argument("--surrogate", action=argparse.BooleanOptionalAction, default=True,
+                   help="recentre the search on a quadratic fitted to every round's arm-vs-control gains")
     p.add_argument("--stage", default="rerank", help="the rerank stage whose weights are tuned")
     p.add_argument("--arms", type=int, default=6, help="arms per round")
     p.add_argument("--share", type=float, default=0.10, help="total traffic share of the arms")

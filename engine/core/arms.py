@@ -26,6 +26,7 @@ class ArmSpec:
     name: str
     share: float
     set: dict[str, Any] = field(default_factory=dict)    # dotted key -> value, as in [experiments.X].set
+    cap: bool = False                                    # a hard traffic bound (Experiment.cap)
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,14 @@ class Arms:
 
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "control": self.control, "salt": self.salt,
-                           "arms": [{"name": a.name, "share": a.share, "set": a.set} for a in self.arms]},
+                           "arms": [{"name": a.name, "share": a.share, "set": a.set, "cap": a.cap} for a in self.arms]},
                           separators=(",", ":"), sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Arms":
         d = json.loads(text)
-        return cls(int(d["version"]), tuple(ArmSpec(a["name"], float(a["share"]), dict(a["set"])) for a in d["arms"]),
+        return cls(int(d["version"]), tuple(ArmSpec(a["name"], float(a["share"]), dict(a["set"]), bool(a.get("cap", False)))
+                                         for a in d["arms"]),
                    dict(d.get("control", {})), str(d.get("salt", "")))
 
     def with_version(self, version: int) -> "Arms":
@@ -56,7 +58,7 @@ class Arms:
 
 def from_config(cfg: Config) -> Arms:
     """The arms a config file declares (version 0)."""
-    return Arms(0, tuple(ArmSpec(n, e.share, dict(e.set)) for n, e in cfg.experiments.items()), {})
+    return Arms(0, tuple(ArmSpec(n, e.share, dict(e.set), e.cap) for n, e in cfg.experiments.items()), {})
 
 
 def config_with_arms(base: Config, arms: Arms) -> Config:
@@ -75,7 +77,7 @@ def config_with_arms(base: Config, arms: Arms) -> Config:
         if not math.isfinite(a.share):
             raise ConfigError(f"arms.{a.name}.share: must be a finite number, got {a.share}")
     raw = apply_overrides(base.raw, arms.control, "control")
-    raw["experiments"] = {a.name: {"share": a.share, "set": a.set} for a in arms.arms}
+    raw["experiments"] = {a.name: {"share": a.share, "set": a.set, "cap": a.cap} for a in arms.arms}
     if len(arms.salt) > 64:
         raise ConfigError("salt: at most 64 characters")
     try:

@@ -34,6 +34,7 @@ class PipelineConfig:
 class Experiment:
     share: float = 0.0                                # traffic share by stable user hash
     set: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, e.g. "stage.rerank.beam_width"
+    cap: bool = False     # exploratory: never more than `share` of a worker's lists (over it, control serves)
 
 
 @dataclass

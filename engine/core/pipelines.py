@@ -5,7 +5,8 @@ mixes two versions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -38,12 +39,41 @@ class Pipeline:
     stages: list[Step]
 
 
-@dataclass(frozen=True)
+CAP_BURST = 4.0   # lists a capped arm may run ahead of its share in any window of a worker's lists
+
+
+@dataclass
 class Arms:
     """The config whose experiments assign users, with its pipelines: swapped as one reference
-    (Engine.set_arms), so a request never sees an arm's name without its pipeline."""
+    (Engine.set_arms), so a request never sees an arm's name without its pipeline.
+
+    A capped experiment (`cap`, every arm set at run time) is a hard traffic bound, not only a
+    hash share: users drawn by activity put more or fewer lists than `share` in an arm, so
+    each capped arm has a token bucket that every list of this worker fills by `share` (up to
+    CAP_BURST) and each of the arm's lists empties by one; a user hashed to an arm whose bucket
+    is empty gets control. In any window of W lists an arm serves at most share * W + CAP_BURST
+    of them, per worker and so in total."""
     config: Config
     pipelines: dict[str, Pipeline]
+    _tokens: dict[str, float] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._tokens = {n: 1.0 for n, e in self.config.experiments.items() if e.cap}
+
+    def assign(self, user_id: str) -> str:
+        """The arm serving this user's list now ("" = control); counts the list against caps."""
+        exp = self.config.experiment_for(user_id)
+        if not self._tokens:
+            return exp
+        with self._lock:
+            for name, t in self._tokens.items():
+                self._tokens[name] = min(CAP_BURST, t + self.config.experiments[name].share)
+            if exp in self._tokens:
+                if self._tokens[exp] < 1.0:
+                    return ""
+                self._tokens[exp] -= 1.0
+        return exp
 
 
 class Live:

@@ -105,7 +105,7 @@ class Engine:
         arms = live.arms   # and one set of arms
         s = self.config.serving
         req = self._checked(req, live, arms.config)
-        exp = req.experiment or arms.config.experiment_for(req.user_id)
+        exp = req.experiment or arms.assign(req.user_id)
         pipe = arms.pipelines[exp]
         live.store.fell_back()  # reset: only this request's reads count
         ctx = self._hydrate(req, live, exp, t0)

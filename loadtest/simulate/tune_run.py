@@ -47,7 +47,10 @@ def add_simulate_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed", type=_floats, default="click=1")
     p.add_argument("--grid", default="0,0.25,0.5,1,2,3", help="values of each searched weight in the offline grid")
     p.add_argument("--init-std", type=float, default=0.25, help="start of the search spread, share of the box")
-    p.add_argument("--min-std", type=float, default=0.05, help="floor of the search spread, in weight units")
+    p.add_argument("--min-std", type=float, default=0.05, help="floor of the search spread, in search coordinates")
+    p.add_argument("--scale", choices=("log", "linear"), default="log", help="the search's scale (recserve tune)")
+    p.add_argument("--surrogate", action=argparse.BooleanOptionalAction, default=True,
+                   help="recentre the search on a surface fitted to every round (recserve tune)")
     p.add_argument("--arms", type=int, default=4)
     p.add_argument("--share", type=float, default=0.2, help="total traffic share of the tuner's arms")
     p.add_argument("--min-impressions", type=int, default=1000)
@@ -143,7 +146,8 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
             search=args.search, fixed=args.fixed, init={}, init_std=args.init_std, stage=stage, arms=args.arms,
             share=args.share,
             min_impressions=args.min_impressions, max_wait=max(60.0, 0.5 * wall), confidence=args.confidence,
-            reward=args.reward, discount="log2", method="cem", min_std=args.min_std, seed=sc.seed))
+            reward=args.reward, discount="log2", method="cem", min_std=args.min_std, scale=args.scale,
+            surrogate=args.surrogate, seed=sc.seed))
         client = RecServeClient(server.target, timeout=30.0)
 
         def on_round(rec: dict) -> None:
@@ -183,7 +187,8 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
         "grid": grid, "start_truth": start_utility, "target": args.target,
         "tuner": {"arms": args.arms, "share": args.share, "min_impressions": args.min_impressions,
                   "confidence": args.confidence, "search": args.search, "fixed": args.fixed,
-                  "init_std": args.init_std, "min_std": args.min_std},
+                  "init_std": args.init_std, "min_std": args.min_std, "scale": args.scale,
+                  "surrogate": args.surrogate},
         "rounds": rounds,
         "reached": None if reached is None else {"round": reached["round"], "minutes": reached["minutes"],
                                                  "weights": reached["after_round_weights"],

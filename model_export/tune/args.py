@@ -43,4 +43,5 @@ def settings(args: argparse.Namespace):
                         stage=args.stage, arms=args.arms,
                         share=args.share, min_impressions=args.min_impressions, max_wait_s=args.max_wait,
                         confidence=args.confidence, reward=RewardSpec(args.reward, args.discount),
-                        method=args.method, min_std=args.min_std, seed=args.seed)
+                        method=args.method, min_std=args.min_std, scale=args.scale,
+                        surrogate=args.surrogate, seed=args.seed)

@@ -1,9 +1,11 @@
 """The tuning loop: rounds of arms on a live server, scored from the joined samples.
 
 A round: sample K weight vectors, install them as arms `tune-r<round>-a<k>` sharing `share` of
-the traffic (control keeps the rest) under a fresh salt (new users per round), wait until every
+the traffic as capped arms (Experiment.cap: never more than their share of lists; control keeps
+the rest) under a fresh salt (new users per round), wait until every
 arm and control has `min_impressions` joined impressions (or `max_wait_s` passed), score each
-list (reward.py), refit the search (cem.py) on the arms' mean rewards, then:
+list (reward.py), refit the search (cem.py) on the arms' mean rewards and recentre it on a
+surface fitted to every round's arm-vs-control gains (surrogate.py), then:
 
 - promote: the best arm's weights become control's when its gain over control in the same round
   clears a one-sided Welch lower bound at `confidence`, Bonferroni-corrected for picking the best
@@ -26,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from model_export.joined import JoinedOffset, JoinedReader
+from model_export.tune import surrogate
 from model_export.tune.cem import Search
 from model_export.tune.reward import Lists, RewardSpec, list_rewards, welch
 from model_export.tune.state import Round, TuneState
@@ -39,6 +42,8 @@ class TuneSettings:
     fixed: dict[str, float] = field(default_factory=lambda: {"click": 1.0})   # weights not searched
     init: dict[str, float] = field(default_factory=dict)    # start of the search mean (default: mid-box)
     init_std: float = 0.25                 # start of the spread, as a share of each weight's box
+    scale: str = "log"                     # search log(w + eps) or the weights themselves (cem.py)
+    surrogate: bool = True                 # recentre the search on a surface fitted to every round (surrogate.py)
     stage: str = "rerank"                  # the rerank stage whose weights are tuned
     arms: int = 6                          # K
     share: float = 0.10                    # total traffic share of the arms
@@ -66,6 +71,8 @@ class TuneSettings:
             raise ValueError("confidence: in (0.5, 1)")
         if self.min_impressions < 1:
             raise ValueError("min_impressions: at least 1")
+        if self.scale not in ("linear", "log"):
+            raise ValueError(f"scale: '{self.scale}' is not one of linear, log")
         if self.init_std <= 0:
             raise ValueError("init_std: > 0 (a share of each weight's box)")
 
@@ -83,15 +90,17 @@ class Tuner:
         lo = np.array([s.search[n][0] for n in names])
         hi = np.array([s.search[n][1] for n in names])
         st = TuneState.load(self.path)
+        kw = dict(method=s.method, elite_frac=s.elite_frac, min_std=s.min_std, scale=s.scale)
         if st is not None and st.names != names:
             raise ValueError(f"{self.path}: tunes {st.names}, not {names}: another tuning run's state")
+        if st is not None and st.search.get("scale", "linear") != s.scale:
+            raise ValueError(f"{self.path}: searched on the {st.search.get('scale', 'linear')} scale, not {s.scale}")
         if st is None:
-            mean = np.array([s.init.get(n, (lo[i] + hi[i]) / 2) for i, n in enumerate(names)])
-            st = TuneState(search={"mean": mean.tolist(), "std": (s.init_std * (hi - lo)).tolist()}, names=names)
+            init = np.array([s.init.get(n, (lo[i] + hi[i]) / 2) for i, n in enumerate(names)])
+            st = TuneState(search=Search.start(init, s.init_std, lo, hi, **kw).to_json(), names=names)
             st.offset = self._end().to_json()      # rows served before the tuner started do not count
         self.state = st
-        self.search = Search(np.array(st.search["mean"]), np.array(st.search["std"]), lo, hi, s.method,
-                             s.elite_frac, min_std=s.min_std)
+        self.search = Search(np.array(st.search["mean"]), np.array(st.search["std"]), lo, hi, **kw)
         self.rows: list[Lists] = []
         self.state.save(self.path)
 
@@ -135,7 +144,7 @@ class Tuner:
         names = [f"tune-r{st.round}-a{k}" for k in range(self.s.arms)]
         salt = f"tune-{self.s.seed}-r{st.round}"
         share = self.s.share / self.s.arms
-        self.api.set_arms([(n, share, {self.key: self.weights(xk)}) for n, xk in zip(names, x)],
+        self.api.set_arms([(n, share, {self.key: self.weights(xk)}, True) for n, xk in zip(names, x)],
                           self._control_set(), salt=salt)
         st.current = Round(st.round, names, x.tolist(), salt, time.time() + self.s.settle_s, dict(st.offset))
         self.rows = []
@@ -169,8 +178,12 @@ class Tuner:
             "arms": [{"name": n, "weights": self.weights(xk), "reward": _mean(a), "lists": int(a.size),
                       "impressions": int(lists.impressions[lists.experiment == n].sum())}
                      for n, xk, a in zip(cur.names, x, per_arm)],
-            "mean": dict(zip(st.names, self.search.mean.round(4).tolist())),
-            "std": dict(zip(st.names, self.search.std.round(4).tolist())),
+        }
+        if self.s.surrogate:
+            rec["surrogate_points"] = self._recentre([*st.history, rec])
+        rec |= {
+            "mean": dict(zip(st.names, self.search.centre.round(4).tolist())),   # weights
+            "std": dict(zip(st.names, self.search.std.round(4).tolist())),       # search coordinates
             "exploration_share": float(lists.impressions[lists.experiment != ""].sum()
                                        / max(lists.impressions.sum(), 1)),
         }
@@ -184,6 +197,24 @@ class Tuner:
         if self.on_round:
             self.on_round(rec)
         return rec
+
+    def _recentre(self, history: list[dict]) -> int:
+        """Move the search mean to the argmax of the surrogate over every round's arm-vs-control
+        gains (surrogate.py); the number of points it was fitted on (0: too few yet)."""
+        z, gain, weight = [], [], []
+        for rec in history:
+            c = rec["control"]
+            for a in rec["arms"]:
+                if a["lists"] and c["lists"]:
+                    z.append(self.search.coords(np.array([a["weights"][n] for n in self.state.names])))
+                    gain.append(a["reward"] - c["reward"])
+                    weight.append(1.0 / (1.0 / a["lists"] + 1.0 / c["lists"]))
+        beta = surrogate.fit(np.array(z).reshape(len(z), -1), np.array(gain), np.array(weight))
+        if beta is None:
+            return 0
+        sr = self.search
+        sr.mean = surrogate.propose(beta, sr.mean, sr.std, sr.zlo, sr.zhi)
+        return len(z)
 
     def _decide(self, cur: Round, ctl: np.ndarray, per_arm: list, means: np.ndarray, x: np.ndarray,
                 rec: dict) -> str:
