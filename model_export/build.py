@@ -26,15 +26,14 @@ import torch
 from engine.core.bundle import MANIFEST, current_version, resolve
 from engine.core.errors import BundleError, ConfigError
 from engine.core.config import Config
-from engine.core.featurize import (COARSE_FEATURES, I2ITable, Tables, item_tower_input, sequence_input,
-                                   user_tower_input)
+from engine.core.featurize import COARSE_FEATURES, I2ITable, Tables, item_tower_input, user_tower_input
 from engine.core.state import FeatureState, snapshot
 from indexes import build_index, measure_recall, tune_nprobe
 from model_export import cascade, cold_rows, distill, train
 from model_export.bundle_writer import BundleWriter
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
-from model_export.export import export_checked, ort_session
+from model_export.export import PARITY_ROWS, export_checked, ort_session, parity_cases
 from model_export.i2i import build_table
 from model_export.implicit import implicit_rows
 from model_export.models import save_checkpoints
@@ -43,7 +42,6 @@ from stages.rerank_beam import fuse
 
 RECALL_TARGET = 0.95        # IVF indexes: smallest nprobe reaching this recall@recall_k vs exact search
 RECALL_MARGIN = 0.005       # tuned on other queries than it is reported on: aim a little higher
-PARITY_ROWS = 256           # candidates (N) in the parity cases
 RECORDED_SECTIONS = ("data", "train", "index", "i2i", "implicit", "serving")   # raw config kept in the manifest
 CONFIG_DIR = "config"       # the bundle's copy of its config file and the stages' side files
 
@@ -225,12 +223,7 @@ def _build(cfg: Config, w: BundleWriter, fingerprint: str) -> tuple[dict[str, An
     aux = (lambda model: distill.Listwise(model, teach, len(tr.user), tc)) if teach is not None else None
     dnn, metrics["coarse_dnn"] = step("coarse dnn", lambda: train.fit_coarse_dnn(tr, va, tc.embed_dim, ds.tasks[0], tc,
                                                                                   aux))
-    n = min(PARITY_ROWS, len(va.user))
-    seq, mask = sequence_input(tables, va.recent[:n])
-    cases = {"coarse_dnn": [{"user": va.user[:1], "item": va.item[:n]}, {"user": va.user[:n], "item": va.item[:n]}],
-             "fine": [{"user": va.user[:1], "item": va.item[:n], "seq": seq[:1], "seq_mask": mask[:1]},
-                      {"user": va.user[:1], "item": va.item[:n], "seq": seq[:1] * 0, "seq_mask": mask[:1] * 0},
-                      {"user": va.user[:n], "item": va.item[:n], "seq": seq, "seq_mask": mask}]}
+    cases = {name: parity_cases(name, va, tables) for name in ("coarse_dnn", "fine")}
     for name, model in (("coarse_dnn", dnn), ("fine", fine)):
         models[name] = _onnx_entry(name, model, step(f"export {name}", lambda: export_checked(
             name, model, w.path(f"models/{name}.onnx"), cases[name], tc.parity_tol)))

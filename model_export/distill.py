@@ -23,7 +23,7 @@ from torch import Tensor
 from engine.core.config import Config
 
 from engine.core.sections import TrainConfig
-from engine.core.featurize import COARSE_FEATURES, Tables
+from engine.core.featurize import COARSE_FEATURES, Tables, ranker_user_dim
 from indexes import AnnIndex
 from model_export import cascade
 from model_export.dataset import Dataset, Phase
@@ -69,7 +69,7 @@ def cascade_samples(ds: Dataset, cfg: Config, tables: Tables, schema: dict, user
     bounds = np.searchsorted(rec.row, np.arange(states.users.size + 1))
     ok = np.flatnonzero(np.diff(bounds) > TOP)
     g, n_tasks = TOP + OTHERS, teacher.n_tasks
-    du = tables.item_emb.shape[1] + sum(tables.profile_cardinality) + sum(tables.context_cardinality)
+    du = ranker_user_dim(tables.item_emb.shape[1], tables.profile_cardinality, tables.context_cardinality)
     user_x = np.empty((ok.size, du), np.float32)
     item_x = np.empty((ok.size, g, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32)
     teach = np.empty((ok.size, g), np.float32)

@@ -8,15 +8,35 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
 
+from engine.core.featurize import Tables, sequence_input
+
+if TYPE_CHECKING:
+    from model_export.train import RankerRows
+
 OPSET = 17
+PARITY_ROWS = 256           # candidates (N) in the parity cases
 _BATCH_AXIS = {"x": "B", "user": "Bu", "item": "N", "seq": "Bs", "seq_mask": "Bs",
                "emb": "B", "p": "N", "probs": "N"}
+
+
+def parity_cases(name: str, rows: "RankerRows", tables: Tables) -> list[dict[str, np.ndarray]]:
+    """The shapes a ranker is checked in: what the server feeds (one user row broadcast over N
+    candidates, an empty history) and the training shapes."""
+    n = min(PARITY_ROWS, len(rows.user))
+    u, i = rows.user[:n], rows.item[:n]
+    if name == "coarse_dnn":
+        return [{"user": u[:1], "item": i}, {"user": u, "item": i}]
+    seq, mask = sequence_input(tables, rows.recent[:n])
+    return [{"user": u[:1], "item": i, "seq": seq[:1], "seq_mask": mask[:1]},
+            {"user": u[:1], "item": i, "seq": seq[:1] * 0, "seq_mask": mask[:1] * 0},
+            {"user": u, "item": i, "seq": seq, "seq_mask": mask}]
 
 
 class ParityError(RuntimeError):

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from engine.core.sections import TrainConfig
 from engine.core.featurize import (COARSE_FEATURES, I2ITable, Tables, coarse_features, i2i_pairs, item_tower_input, one_hot,
-                                   ranker_item_input, ranker_user_input, sequence_input, user_tower_input)
+                                   ranker_item_input, ranker_user_dim, ranker_user_input, sequence_input,
+                                   user_tower_input)
 from engine.core.state import FeatureState, recent_before
 from indexes import exact_ids
 from model_export.cascade import UserStates
@@ -223,7 +224,7 @@ def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureSta
                 desc: str, chunk: int = 65536) -> RankerRows:
     """Featurize logged impressions with `state` (frozen at the window start), `now` = impression time."""
     n = rows.size
-    du = tables.item_emb.shape[1] + sum(tables.profile_cardinality) + sum(tables.context_cardinality)
+    du = ranker_user_dim(tables.item_emb.shape[1], tables.profile_cardinality, tables.context_cardinality)
     out = RankerRows(np.empty((n, du), np.float32),
                      np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
                      state.user_recent[ds.log_user[rows]], ds.log_labels[rows].astype(np.float32))
@@ -247,7 +248,7 @@ def candidate_rows(ds: Dataset, tables: Tables, states: UserStates, row: np.ndar
     indexes `states` (model_export.cascade), `item_stats` [N, 3] are the items' impressions,
     positives and hot score in the user's state, `labels` [N, T]."""
     n = row.size
-    du = tables.item_emb.shape[1] + sum(tables.profile_cardinality) + sum(tables.context_cardinality)
+    du = ranker_user_dim(tables.item_emb.shape[1], tables.profile_cardinality, tables.context_cardinality)
     out = RankerRows(np.empty((n, du), np.float32),
                      np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
                      states.recent[row], labels)

@@ -91,7 +91,7 @@ def test_bad_updates_are_refused_whole_and_the_running_arms_keep_serving(server)
         {(before.version, tuple(a.name for a in before.arms))}
 
 
-def test_every_worker_converges_and_responses_and_the_log_name_the_arm(server, tiny_config, tmp_path):
+def test_every_worker_converges_and_responses_and_the_log_name_the_arm(server, tiny_config):
     cfg = load_config(tiny_config)
     with server.client() as c:
         v0 = c.arms().version

@@ -17,6 +17,7 @@ import pytest
 from helpers import wait_for
 import redis
 from redis_fixtures import cluster, median_recommend_ms, redis_cluster, redis_server  # noqa: F401 - fixtures
+from redis_fixtures import user_state
 
 from engine.core.config import load_config
 from engine.core.runner import Engine
@@ -29,10 +30,6 @@ from engine.store.redis.keys import IMP, META, META_SLOT, user_key, user_slot
 from test_store import bundle  # noqa: F401 - module fixture reused
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-def _user(store, bundle, user_id: str, index: int = -1):
-    return store.user(user_id, index, bundle.tables.default_profile, bundle.tables.user_profile)
 
 
 def _port_of_user(cluster, user_id: str) -> int:
@@ -122,8 +119,8 @@ def test_events_through_one_store_visible_through_another(cluster, bundle):
             (a if lo % 100 else b).apply(events[lo:lo + 50])
             emb.apply(events[lo:lo + 50])
         for u, uid in users:
-            assert _same(_user(a, bundle, uid, u), _user(emb, bundle, uid, u)), uid
-            assert _same(_user(b, bundle, uid, u), _user(emb, bundle, uid, u)), uid
+            assert _same(user_state(a, bundle, uid, u), user_state(emb, bundle, uid, u)), uid
+            assert _same(user_state(b, bundle, uid, u), user_state(emb, bundle, uid, u)), uid
         items = np.unique([e.item for e in events]).astype(np.int32)
 
         def mirrored(store) -> bool:   # a's batches reach b's mirror through the log, within its tail period
@@ -161,21 +158,21 @@ def test_lost_replies_are_applied_once(cluster, bundle):
     there = next(f"guest-{i}" for i in range(1000) if _port_of_user(cluster, f"guest-{i}") != meta.port)
     before = int(meta.client().hget(IMP, 11) or 0)
     try:
-        _user(store, bundle, here)                       # a connection to the shard exists: the batch is sent
+        user_state(store, bundle, here)                       # a connection to the shard exists: the batch is sent
         meta.pause()
         # returns while the shard is still frozen (it stays so until resumed below): not waiting on it
         returns_while_down(lambda: store.apply([ResolvedEvent("impression", -1, u, 11, store.clock.days())
                                                 for u in (here, there, here)]))
         assert store.stats()["buffered"] == 3 and store.stats()["nodes_down"] == 1
-        assert _user(store, bundle, there).seen[0] == -1 and not store.fell_back()   # live shard; the batch
+        assert user_state(store, bundle, there).seen[0] == -1 and not store.fell_back()   # live shard; the batch
         #                                                     waits for the item shard (nothing sent without it)
-        assert _user(store, bundle, here).n_imp == 0 and store.fell_back()   # frozen shard: bundle state
+        assert user_state(store, bundle, here).n_imp == 0 and store.fell_back()   # frozen shard: bundle state
         time.sleep(0.3)                                                  # several flush attempts time out too
         meta.resume()
         wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="buffer flushed")
         assert int(meta.client().hget(IMP, 11)) == before + 3
         assert [int(x) for x in meta.client().lrange(user_key(here) + "seen", 0, -1)] == [11, 11]
-        assert _user(store, bundle, there).seen[:2].tolist() == [11, -1]
+        assert user_state(store, bundle, there).seen[:2].tolist() == [11, -1]
         # Usually a retry finds its call already applied (stats "duplicates"); on a loaded machine the
         # frozen shard may drop the timed-out connection's calls unread instead: either way the
         # counters and lists above hold each event once, which is what this test is for.
@@ -203,7 +200,7 @@ def test_shard_down_fails_open_then_repaired(cluster, bundle, tiny_config):
         victim.stop()
         resp = returns_while_down(lambda: engine.recommend(Request(user_id=down[0][1], count=20)))
         assert resp.degraded and len(resp.item_ids) == 20
-        assert _same(_user(store, bundle, down[0][1], down[0][0]),
+        assert _same(user_state(store, bundle, down[0][1], down[0][0]),
                      state_user(bundle.state.arrays(), down[0][0], bundle.tables.user_profile[down[0][0]]))
         again = engine.recommend(Request(user_id=live[1], count=20))       # other shards: live, not degraded
         assert not again.degraded and not set(again.item_ids) & set(live_items)
@@ -216,13 +213,13 @@ def test_shard_down_fails_open_then_repaired(cluster, bundle, tiny_config):
         cluster.wait_ok()
         wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="shard repaired and flushed")
         u, uid = down[0]
-        seen = _user(store, bundle, uid, u).seen
+        seen = user_state(store, bundle, uid, u).seen
         assert seen[:3].tolist() == [items.index(x) for x in reversed(hidden)]       # replayed in order ...
         assert np.array_equal(seen[3:], bundle.state.user_seen[u][:-3])            # ... on the re-seeded state
         v, vid = down[1]
-        assert _same(_user(store, bundle, vid, v), state_user(bundle.state.arrays(), v, bundle.tables.user_profile[v]))
+        assert _same(user_state(store, bundle, vid, v), state_user(bundle.state.arrays(), v, bundle.tables.user_profile[v]))
         assert int(meta.client().hget(IMP, items.index(hidden[0]))) == imp          # counted once
-        assert _user(store, bundle, live[1], live[0]).seen[0] == items.index(live_items[-1])   # live state kept
+        assert user_state(store, bundle, live[1], live[0]).seen[0] == items.index(live_items[-1])   # live state kept
         final = engine.recommend(Request(user_id=uid, count=20))
         assert not final.degraded and not set(final.item_ids) & set(hidden)
     finally:
@@ -246,7 +243,7 @@ def test_item_shard_restarted_empty_reseeds_everything(cluster, bundle):
         meta.start()
         cluster.wait_ok()
         wait_for(lambda: store.stats()["up"] and not store.stats()["buffered"], what="re-seeded and flushed")
-        assert _user(store, bundle, other).seen[:2].tolist() == [4, -1]   # before the restart: gone with the DB
+        assert user_state(store, bundle, other).seen[:2].tolist() == [4, -1]   # before the restart: gone with the DB
         assert int(meta.client().hget(IMP, 4)) == int(bundle.state.item_n_imp[4]) + 1
         assert user_slot(other) != META_SLOT
     finally:

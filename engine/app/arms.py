@@ -38,11 +38,15 @@ FILE = "arms.json"
 class StaleVersion(Exception):
     """SetArms named an expect_version that is no longer the one serving."""
 
+    def __init__(self, expect: int, now: int):
+        super().__init__(f"expect_version {expect}, but version {now} serves")
+
 
 class Board(Protocol):
     def read(self) -> Arms | None: ...
     def publish(self, arms: Arms, expect: int | None) -> Arms:
         """Store `arms` under the next version (returned); StaleVersion unless `expect` is None or current."""
+    def close(self) -> None: ...
 
 
 class MemoryBoard:
@@ -57,9 +61,12 @@ class MemoryBoard:
         with self._lock:
             now = self._arms.version if self._arms else 0
             if expect is not None and expect != now:
-                raise StaleVersion(f"expect_version {expect}, but version {now} serves")
+                raise StaleVersion(expect, now)
             self._arms = arms.with_version(now + 1)
             return self._arms
+
+    def close(self) -> None:
+        pass
 
 
 class FileBoard:
@@ -80,10 +87,13 @@ class FileBoard:
             cur = self.read()
             now = cur.version if cur else 0
             if expect is not None and expect != now:
-                raise StaleVersion(f"expect_version {expect}, but version {now} serves")
+                raise StaleVersion(expect, now)
             out = arms.with_version(now + 1)
             write_atomic(self.path, out.to_json())
             return out
+
+    def close(self) -> None:
+        pass
 
 
 _PUBLISH = """
@@ -116,7 +126,7 @@ class RedisBoard:
         body = arms.with_version(0).to_json()
         got, now = self._client().eval(_PUBLISH, 1, REDIS_KEY, body, "" if expect is None else str(expect))
         if int(got) < 0:
-            raise StaleVersion(f"expect_version {expect}, but version {now} serves")
+            raise StaleVersion(expect, now)
         return arms.with_version(int(got))
 
     def close(self) -> None:
@@ -170,7 +180,7 @@ class Follower:
         with self.lock:
             now = self.board.read()
             if expect is not None and expect != (now.version if now else 0):
-                raise StaleVersion(f"expect_version {expect}, but version {now.version if now else 0} serves")
+                raise StaleVersion(expect, now.version if now else 0)
             old = self.engine.config
             self.engine.set_arms(cfg)
             try:

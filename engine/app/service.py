@@ -90,8 +90,7 @@ class Service:
 
     def close(self) -> None:
         self.engine.close()
-        if hasattr(self.arms.board, "close"):
-            self.arms.board.close()
+        self.arms.board.close()
         if self.samples:
             self.samples.close()
 

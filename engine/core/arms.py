@@ -39,7 +39,7 @@ class Arms:
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "control": self.control, "salt": self.salt,
                            "arms": [{"name": a.name, "share": a.share, "set": a.set, "cap": a.cap} for a in self.arms]},
-                          separators=(",", ":"), sort_keys=False)
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Arms":
@@ -50,10 +50,6 @@ class Arms:
 
     def with_version(self, version: int) -> "Arms":
         return Arms(version, self.arms, self.control, self.salt)
-
-    @property
-    def exploration_share(self) -> float:
-        return sum(a.share for a in self.arms)
 
 
 def from_config(cfg: Config) -> Arms:

@@ -210,6 +210,11 @@ def ranker_user_input(t: Tables, user_e: np.ndarray, profiles: np.ndarray,
                            one_hot(contexts, t.context_cardinality)], axis=1).astype(np.float32)
 
 
+def ranker_user_dim(embed_dim: int, profile_card, context_card) -> int:
+    """Width of `ranker_user_input`'s rows."""
+    return embed_dim + int(sum(profile_card)) + int(sum(context_card))
+
+
 def ranker_item_input(item_e: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     """Item side [N, d + F]: the shared item embedding and the cheap features (the graph normalises)."""
     return np.concatenate([item_e, coarse], axis=1).astype(np.float32)

@@ -47,7 +47,7 @@ class Arms:
     """The config whose experiments assign users, with its pipelines: swapped as one reference
     (Engine.set_arms), so a request never sees an arm's name without its pipeline.
 
-    A capped experiment (`cap`, every arm set at run time) is a hard traffic bound, not only a
+    A capped experiment (`cap`; every arm `recserve tune` installs) is a hard traffic bound, not a
     hash share: users drawn by activity put more or fewer lists than `share` in an arm, so
     each capped arm has a token bucket that every list of this worker fills by `share` (up to
     CAP_BURST) and each of the arm's lists empties by one; a user hashed to an arm whose bucket
@@ -55,17 +55,27 @@ class Arms:
     of them, per worker and so in total."""
     config: Config
     pipelines: dict[str, Pipeline]
-    _tokens: dict[str, float] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _tokens: dict[str, float] = field(init=False, repr=False)     # capped arm -> its bucket
+    _shares: dict[str, float] = field(init=False, repr=False)     # capped arm -> its share
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._tokens = {n: 1.0 for n, e in self.config.experiments.items() if e.cap}
+        self._shares = {n: e.share for n, e in self.config.experiments.items() if e.cap}
+        self._tokens = dict.fromkeys(self._shares, 1.0)
 
     def assign(self, user_id: str) -> str:
         """The arm serving this user's list now ("" = control); counts the list against caps."""
         exp = self.config.experiment_for(user_id)
         if not self._tokens:
             return exp
+        with self._lock:
+            for name, share in self._shares.items():
+                self._tokens[name] = min(CAP_BURST, self._tokens[name] + share)
+            if exp in self._tokens:
+                if self._tokens[exp] < 1.0:
+                    return ""
+                self._tokens[exp] -= 1.0
+        return exp
         with self._lock:
             for name, t in self._tokens.items():
                 self._tokens[name] = min(CAP_BURST, t + self.config.experiments[name].share)

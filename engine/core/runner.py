@@ -43,7 +43,6 @@ class Engine:
         `smoke=False` skips the smoke request (tests of deliberately broken pipelines)."""
         if (make_store is None) == (store is None):
             raise TypeError("Engine needs exactly one of make_store and store")
-        self.config = config
         self._make_store = make_store
         self._external_store = store is not None
         self._pool = ThreadPoolExecutor(config.serving.route_threads, thread_name_prefix="recall")
@@ -61,6 +60,11 @@ class Engine:
                 raise
 
     # -- public API -------------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        """The config serving now: the loaded one with the live arms (Engine.set_arms)."""
+        return self._live.arms.config
+
     @property
     def bundle_version(self) -> str:
         return self._live.bundle.version
@@ -199,7 +203,6 @@ class Engine:
                 reason = str(e) if isinstance(e, BundleError) else f"smoke request failed: {e!r}"
                 raise BundleError(f"arms refused: {reason}") from None
             live.arms = arms
-            self.config = config
             live.prune()
 
     def close(self) -> None:
@@ -209,10 +212,10 @@ class Engine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request steps ----------------------------------------------------------------
-    def _checked(self, req: Request, live: Live, config: Config | None = None) -> Request:
+    def _checked(self, req: Request, live: Live, config: Config) -> Request:
         """The request validated against the config and the serving bundle's context fields: a
         normalised copy (engine.core.validation)."""
-        return checked_request(req, config or live.arms.config, live.bundle.manifest["schema"]["context_fields"],
+        return checked_request(req, config, live.bundle.manifest["schema"]["context_fields"],
                                live.bundle.tables.context_cardinality)
 
     def _hydrate(self, req: Request, live: Live, exp: str, t0: float) -> RequestContext:

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.target import REPO, Server
-
-CHECKPOINTS = "checkpoints"
+from model_export.stream.publish import CHECKPOINTS
 
 
 def link_tree(src: Path, dst: Path) -> None:

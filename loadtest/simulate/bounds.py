@@ -23,7 +23,7 @@ from engine.core.config import Config
 from engine.core.request import Request
 from engine.core.runner import Engine
 from engine.store.embedded import EmbeddedStore
-from loadtest.simulate.world import SimWorld, scores
+from loadtest.simulate.world import SimWorld, scores, unseen
 from model_export.cascade import StoppedClock
 from model_export.evaluate import DEADLINE_MS
 
@@ -78,10 +78,8 @@ def _serve(cfg: Config, bundle: Bundle, world: SimWorld, users: np.ndarray) -> d
             ctx = world.context(int(u), rng)
             r = engine.recommend(Request(str(ds.user_ids[u]), 20, ctx, deadline_ms=DEADLINE_MS),
                                  observer=lambda name, c: funnel[name].append(int(launched[c.item].sum())))
-            seen = np.asarray(bundle.state.user_seen[u])
-            mask = np.ones(ds.n_items, bool)
-            mask[seen[seen >= 0]] = False
-            got.append(scores(world.value(int(u)), np.array([index[i] for i in r.item_ids]), np.flatnonzero(mask))[:3])
+            eligible = unseen(np.asarray(bundle.state.user_seen[u]), ds.n_items)
+            got.append(scores(world.value(int(u)), np.array([index[i] for i in r.item_ids]), eligible)[:3])
     finally:
         engine.close()
     util, oracle, uniform = (np.mean([g[k] for g in got]) for k in range(3))

@@ -21,6 +21,11 @@ import numpy as np
 BUILD_SECTIONS = ("data", "train", "index")
 
 
+def build_keys(sets: list[str]) -> list[str]:
+    """The --set overrides that would change the bundle (the simulator serves a built one)."""
+    return [s for s in sets if s.split("=", 1)[0].split(".", 1)[0].strip() in BUILD_SECTIONS]
+
+
 def add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path,
                    help="the world and serving config; its [simulate], [stream] and [join] apply")
@@ -49,7 +54,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from model_export.build import build_bundle
     from model_export.data import load_dataset
 
-    bad = [s for s in args.set if s.split("=", 1)[0].split(".", 1)[0].strip() in BUILD_SECTIONS]
+    bad = build_keys(args.set)
     if bad:
         print(f"recserve simulate: --set {bad[0]}: a build key; edit the config instead", file=sys.stderr)
         return 2

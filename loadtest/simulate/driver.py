@@ -16,8 +16,7 @@ import numpy as np
 
 from engine.app.client import RecServeClient
 from loadtest.simulate.world import Seen, SimWorld, scores
-
-KINDS = ("click", "like", "finish")
+from model_export.world import TASKS
 
 
 @dataclass(slots=True)
@@ -48,7 +47,7 @@ class Driver:
 
     def __init__(self, world: SimWorld, targets: list[str], seen: list[Seen], item_ids: np.ndarray,
                  qps: float, threads: int, count: int, seed: int):
-        self.world, self.seen, self.item_ids = world, seen, item_ids
+        self.world, self.seen = world, seen
         self.index = {str(i): k for k, i in enumerate(item_ids)}
         self.targets, self.qps, self.n_threads, self.count, self.seed = targets, qps, threads, count, seed
         self.records: list[Served] = []
@@ -120,7 +119,7 @@ class Driver:
         events = [{"kind": "impression", "user_id": uid, "item_id": i.item_id, "request_id": r.request_id}
                   for i in r.items]
         events += [{"kind": kind, "user_id": uid, "item_id": r.items[p].item_id, "request_id": r.request_id}
-                   for k, kind in enumerate(KINDS) for p in np.flatnonzero(labels[:, k])]
+                   for k, kind in enumerate(TASKS) for p in np.flatnonzero(labels[:, k])]
         acked = 0.0
         try:
             if events and c.report_events(events).accepted == len(events):

@@ -52,8 +52,7 @@ def freshness(records: list[Served], where: dict[str, tuple[str, int]], entries:
     """[(acknowledged at, freshness s, events)] and counts of the events that are not (yet) fresh."""
     published = sorted((e for e in entries if e["event"] == "published"), key=lambda e: e["seq"])
     throughs = [_offset(e["through"]) for e in published]
-    skipped = [(_offset(s["after"]), _offset(s["through"])) for e in entries if e["event"] == "refused"
-               for s in [e]]
+    skipped = [(_offset(e["after"]), _offset(e["through"])) for e in entries if e["event"] == "refused"]
     out, missing = [], defaultdict(int)
     for r in records:
         if not r.acked:
@@ -86,7 +85,8 @@ def _weighted_pct(values: np.ndarray, weights: np.ndarray, q: float) -> float:
     return float(values[order][np.searchsorted(cum, q / 100 * cum[-1])])
 
 
-def _norm(rs: list[Served]) -> float:
+def utility_norm(rs: list[Served]) -> float:
+    """Oracle-normalised true utility of served lists (0: a uniform list, 1: the oracle's)."""
     if not rs:
         return float("nan")
     u, o, r = (np.mean([getattr(x, f) for x in rs]) for f in ("utility", "oracle", "uniform"))
@@ -117,9 +117,9 @@ def summarise(records: list[Served], arms: list[str], t0: float, minute_s: float
         row: dict[str, Any] = {"minute": m, "drifted": m >= drift_minute}
         for a, name in enumerate(arms):
             rs = by_minute[(a, m)]
-            row[name] = {"requests": len(rs), "qps": len(rs) / minute_s, "utility_norm": _norm(rs),
-                         "utility_norm_shifted": _norm([x for x in rs if x.shifted]),
-                         "utility_norm_unshifted": _norm([x for x in rs if not x.shifted]),
+            row[name] = {"requests": len(rs), "qps": len(rs) / minute_s, "utility_norm": utility_norm(rs),
+                         "utility_norm_shifted": utility_norm([x for x in rs if x.shifted]),
+                         "utility_norm_unshifted": utility_norm([x for x in rs if not x.shifted]),
                          "launched_per_list": float(np.mean([x.launched for x in rs])) if rs else float("nan"),
                          "oracle_launched_per_list": float(np.mean([x.oracle_launched for x in rs])) if rs
                          else float("nan"),
@@ -130,7 +130,7 @@ def summarise(records: list[Served], arms: list[str], t0: float, minute_s: float
                 row[name]["version"] = max(set(vs), key=vs.count)
         lo, hi = t0 + m * minute_s, t0 + (m + 1) * minute_s
         if s_arm is not None:
-            sel = (f_t >= lo) & (f_t < hi) if f_t.size else np.zeros(0, bool)
+            sel = (f_t >= lo) & (f_t < hi)
             row["streaming"]["freshness_p50_s"] = _weighted_pct(f_s[sel], f_w[sel], 50) if sel.any() else None
             row["streaming"].update(_join_rates(commits, lo, hi))
         if len(arms) == 2:

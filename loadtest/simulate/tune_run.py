@@ -23,10 +23,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-BUILD_SECTIONS = ("data", "train", "index")
-
 
 class _Done(Exception):
     """Raised from the driver's tick to end its run when the tuner has finished."""
@@ -70,7 +66,9 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
     from engine.core.config import load_config
     from engine.core.sections import DataConfig
     from loadtest.simulate.arms import _spawn, arm_root
+    from loadtest.simulate.cli import build_keys
     from loadtest.simulate.driver import Driver
+    from loadtest.simulate.report import utility_norm
     from loadtest.simulate.tune_truth import TruthJudge, truth_params
     from loadtest.simulate.world import Seen, SimWorld
     from loadtest.target import Server
@@ -79,7 +77,7 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
     from model_export.tune.plot import plot
     from model_export.tune.tuner import Tuner, line
 
-    if any(s.split("=", 1)[0].split(".", 1)[0].strip() in BUILD_SECTIONS for s in args.set):
+    if build_keys(args.set):
         print("recserve simulate-tune: --set of a build key; edit the config instead", file=sys.stderr)
         return 2
     if args.out.exists() and any(args.out.iterdir()):
@@ -159,7 +157,7 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
                 "round": rec["round"], "minutes": (rec["end"] - t_run) / sc.minute_s,
                 "control_weights": weights, "control_truth": judge.utility(weights),
                 "after_round_weights": now_weights, "after_round_truth": judge.utility(now_weights),
-                "control_online_utility": _norm(ctl), "lists": len(served),
+                "control_online_utility": utility_norm(ctl), "lists": len(served),
                 "exploration_share_lists": 1 - len(ctl) / max(len(served), 1), "decision": rec["decision"]})
             r = rounds[-1]
             print(f"{line(rec)}\nsimulate-tune: round {rec['round']} at minute {r['minutes']:.1f}: control "
@@ -202,10 +200,3 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
           f"{report['reached']}")
     return 0
 
-
-def _norm(records: list) -> float:
-    """Oracle-normalised true utility of served lists (the simulator's per-minute figure)."""
-    if not records:
-        return float("nan")
-    u, o, m = (np.sum([getattr(r, k) for r in records]) for k in ("utility", "oracle", "uniform"))
-    return float((u - m) / (o - m))

@@ -21,7 +21,7 @@ from engine.core.config import Config, apply_overrides, parse_config
 from engine.core.request import Request
 from engine.core.runner import Engine
 from engine.store.embedded import EmbeddedStore
-from loadtest.simulate.world import SimWorld, scores
+from loadtest.simulate.world import SimWorld, scores, unseen
 from model_export.cascade import StoppedClock
 from model_export.evaluate import DEADLINE_MS
 from stages.rerank_beam import Params as RerankParams
@@ -47,12 +47,7 @@ class TruthJudge:
         self.users = world.active[rng.permutation(world.active.size)[:users]]
         self.contexts = [world.context(int(u), rng) for u in self.users]
         self.index = {str(i): k for k, i in enumerate(bundle.item_ids)}
-        self.eligible = []
-        for u in self.users:
-            seen = np.asarray(bundle.state.user_seen[u])
-            mask = np.ones(world.ds.n_items, bool)
-            mask[seen[seen >= 0]] = False
-            self.eligible.append(np.flatnonzero(mask))
+        self.eligible = [unseen(np.asarray(bundle.state.user_seen[u]), world.ds.n_items) for u in self.users]
 
     def utility(self, weights: dict[str, float]) -> float:
         """Oracle-normalised true utility of the sample's lists under these control weights."""

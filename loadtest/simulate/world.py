@@ -104,6 +104,13 @@ class SimWorld:
         return np.stack([click, click & (rng.random(n) < p[:, 1]), click & (rng.random(n) < p[:, 2])], 1)
 
 
+def unseen(seen: np.ndarray, n_items: int) -> np.ndarray:
+    """The items a user may be served: all but the ones in `seen` (-1 padded)."""
+    mask = np.ones(n_items, bool)
+    mask[seen[seen >= 0]] = False
+    return np.flatnonzero(mask)
+
+
 def scores(value: np.ndarray, served: np.ndarray, eligible: np.ndarray) -> tuple[float, float, float, np.ndarray]:
     """(utility of the served list, of the oracle's top list, expected of a uniform list, the
     oracle's list) over the eligible items, as `recserve eval` scores lists."""
@@ -125,11 +132,7 @@ class Seen:
     def eligible(self, u: int, n_items: int) -> np.ndarray:
         with self._lock:
             seen = self._by_user.get(u)
-        if seen is None:
-            seen = self.initial[u]
-        mask = np.ones(n_items, bool)
-        mask[seen[seen >= 0]] = False
-        return np.flatnonzero(mask)
+        return unseen(self.initial[u] if seen is None else seen, n_items)
 
     def add(self, u: int, items: np.ndarray) -> None:
         with self._lock:

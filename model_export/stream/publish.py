@@ -16,16 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from engine.core.bundle import CURRENT, MANIFEST, current_version
-from engine.core.featurize import sequence_input, Tables
+from engine.core.bundle import MANIFEST, current_version
 from model_export.bundle_writer import BundleWriter
-from model_export.train import RankerRows
 
 TMP_PREFIX = ".streaming-"
 CHECKPOINTS = "checkpoints"
-PARITY_ROWS = 256
 STREAMED = re.compile(r"-s\d{6}$")     # version_name's suffix
 
 
@@ -39,19 +34,6 @@ def stream_info(vdir: Path) -> dict[str, Any] | None:
 
 def version_name(seq: int) -> str:
     return time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + f"-s{seq:06d}"
-
-
-def parity_cases(name: str, rows: RankerRows, tables: Tables) -> list[dict[str, np.ndarray]]:
-    """Shapes the server feeds (one user row broadcast over N candidates, an empty history) and
-    the training shapes, as the build checks them."""
-    n = min(PARITY_ROWS, len(rows.user))
-    u, i = rows.user[:n], rows.item[:n]
-    if name == "coarse_dnn":
-        return [{"user": u[:1], "item": i}, {"user": u, "item": i}]
-    seq, mask = sequence_input(tables, rows.recent[:n])
-    return [{"user": u[:1], "item": i, "seq": seq[:1], "seq_mask": mask[:1]},
-            {"user": u[:1], "item": i, "seq": seq[:1] * 0, "seq_mask": mask[:1] * 0},
-            {"user": u, "item": i, "seq": seq, "seq_mask": mask}]
 
 
 def commit_version(writer: BundleWriter, parent: Path, version: str, written: set[str],
@@ -118,7 +100,7 @@ def remove_version(root: Path, version: str) -> None:
 
 def prune(root: Path, keep: int) -> list[str]:
     """Keep the newest `keep` streamed versions and whatever CURRENT names; offline builds stay."""
-    current = (root / CURRENT).read_text().strip() if (root / CURRENT).exists() else ""
+    current = current_version(root)
     by_seq = sorted(streamed(root).items(), key=lambda kv: kv[1]["seq"])
     gone = [v for v, _ in by_seq[:-keep] if v != current]
     for v in gone:

@@ -30,8 +30,9 @@ import torch
 
 from engine.core.bundle import current_version, load_bundle, resolve
 from engine.core.config import Config
+from engine.core.featurize import ranker_user_dim
 from model_export.bundle_writer import BundleWriter
-from model_export.export import ParityError, export_checked
+from model_export.export import ParityError, export_checked, parity_cases
 from model_export.joined import JoinedOffset
 from model_export.stream import publish
 from model_export.stream.embeddings import WRITTEN as EMB_WRITTEN
@@ -110,7 +111,7 @@ class StreamTrainer:
         self.last_publish = time.monotonic()
         schema = self.bundle.manifest["schema"]
         d = schema["embed_dim"]
-        self.widths = (d + sum(schema["profile_cardinality"]) + sum(schema["context_cardinality"]),
+        self.widths = (ranker_user_dim(d, schema["profile_cardinality"], schema["context_cardinality"]),
                        d + len(schema["coarse_features"]), schema["recent_len"])
         self.out(f"train: from {self.vdir.name} ({'streamed, seq ' + str(self.seq) if info else 'offline build'}), "
                  f"joined samples {self.joined} after {after.segment or 'the start'}@{after.pos}, "
@@ -207,7 +208,7 @@ class StreamTrainer:
             for name, model in self.rankers.models.items():
                 rel = f"models/{name}.onnx"
                 parity = export_checked(name, model, writer.path(rel),
-                                        publish.parity_cases(name, cand.rows, self.bundle.tables),
+                                        parity_cases(name, cand.rows, self.bundle.tables),
                                         self.cfg.train.parity_tol)
                 paths[name] = writer.path(rel)
                 models[name] = {**self.bundle.manifest["models"][name], "parity_max_abs_diff": parity}

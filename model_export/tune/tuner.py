@@ -167,7 +167,7 @@ class Tuner:
         ctl = lists.reward[lists.experiment == ""]
         per_arm = [lists.reward[lists.experiment == n] for n in cur.names]
         x = np.array(cur.x)
-        means = np.array([a.mean() if a.size else np.nan for a in per_arm])
+        means = np.array([_mean(a) for a in per_arm])
         usable = np.isfinite(means)
         if usable.sum() >= 2:
             self.search.update(x[usable], means[usable])
