@@ -24,12 +24,12 @@ from engine.core.bundle import CURRENT, load_bundle, resolve
 from engine.core.config import load_config
 from engine.core.sections import DataConfig
 from loadtest.simulate.arms import arm_root
-from loadtest.simulate.driver import KINDS
 from loadtest.simulate.world import SimWorld
 from model_export.data import load_dataset
 from model_export.joined import JoinedReader
 from model_export.stream.samples import digest
 from model_export.stream.trainer import JOURNAL
+from model_export.world import TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ class Traffic:
                     self.versions.add(r.bundle_version)
                     labels = self.world.respond(u, np.array([index[it.item_id] for it in r.items]), rng)
                     events = [("impression", p) for p in range(len(r.items))]
-                    events += [(kind, p) for k, kind in enumerate(KINDS) for p in np.flatnonzero(labels[:, k])]
+                    events += [(kind, p) for k, kind in enumerate(TASKS) for p in np.flatnonzero(labels[:, k])]
                     sent = [{"kind": kind, "user_id": str(ids[u]), "item_id": r.items[p].item_id,
                              "request_id": r.request_id} for kind, p in events]
                     if c.report_events(sent).accepted == len(sent):
