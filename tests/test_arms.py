@@ -74,6 +74,7 @@ def test_bad_updates_are_refused_whole_and_the_running_arms_keep_serving(server)
             ([("a", 0.1, {"stage.rerank.beam_widht": 2})], {}, "beam_widht: unknown key"),
             ([("a", 0.1, {"stage.rerank.weights": {"click": 1.0, "nope": 1.0}})], {}, "not in the bundle"),
             ([("a", 0.1, {}), ("a", 0.1, {})], {}, "named twice"),
+            ([("a", float("nan"), {})], {}, "arms.a.share: must be a finite number"),
             ([("ok", 0.1, {})], {"serving.max_count": 5}, "only stage.* keys"),
         ]
         for arms, control, why in cases:
@@ -188,3 +189,27 @@ def test_a_restarted_server_without_a_shared_store_starts_on_its_config(tmp_path
         assert r.version == 0 and [a.name for a in r.arms] == list(load_config(tiny_config).experiments)
     finally:
         s.terminate()
+
+
+def test_a_board_version_this_process_cannot_serve_is_skipped_and_not_reported(tiny_config, tiny_bundle):
+    """A server on another config sharing the board publishes arms this one cannot build: it keeps
+    serving (and naming) its own version, does not retry the bad one, and installs the next good one."""
+    from engine.app.arms import Follower, MemoryBoard
+    from engine.core.bundle import load_bundle
+    from engine.core.runner import Engine
+    from engine.store.embedded import EmbeddedStore
+
+    base = load_config(tiny_config)
+    engine = Engine(base, load_bundle(tiny_bundle), make_store=EmbeddedStore)
+    try:
+        board = MemoryBoard()
+        f = Follower(engine, base, board)
+        before = f.arms
+        board.publish(Arms(arms=(ArmSpec("a", 0.1, {"stage.no_such_stage.k": 5}),)), None)
+        f.poll()
+        assert f.arms == before and f.refused == 1 and engine.config.experiments.keys() == base.experiments.keys()
+        good = board.publish(Arms(arms=(ArmSpec("b", 0.1, {"stage.rerank.beam_width": 2}),)), 1)
+        f.poll()
+        assert f.arms.version == good.version == 2 and set(engine.config.experiments) == {"b"}
+    finally:
+        engine.close()

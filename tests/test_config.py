@@ -50,6 +50,7 @@ def _variant(tmp_path: Path, text: str) -> Path:
     ('kind = "recall_hot"', 'kind = "recall_hott"', "stage.hot.kind: unknown kind"),
     ('kind = "rank_dnn"', 'kind = "recall_hot"', "stage.coarse_dnn.kind: 'recall_hot' belongs in pipeline.recall"),
     ("share = 0.25", "share = 1.5", "experiments: shares"),
+    ("share = 0.25", "share = nan", "experiments.greedy.share: must be a finite number"),
     ("keep = 300\n", "keep = 300\nbudget_ms = 5.0\n", "stage.coarse_trees.budget_ms: unknown key"),
     ('rule = "seen"', 'rule = "seen"\nmax_per_author = 3', "stage.drop_seen.max_per_author: only rule author_cap"),
     ('kind = "recall_hot"', 'kind = "recall_hot"\ninline = "yes"', "stage.hot.inline: expected bool"),

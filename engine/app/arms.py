@@ -148,6 +148,7 @@ class Follower:
     def __init__(self, engine, base: Config, board: Board):
         self.engine, self.base, self.board = engine, base, board
         self.arms = from_config(base)
+        self.refused = 0        # the newest board version this process could not serve (not retried)
         self.lock = threading.Lock()
         self.poll()
 
@@ -159,17 +160,17 @@ class Follower:
         except Exception as e:   # noqa: BLE001 - an unreachable board leaves the running arms serving
             log.warning("cannot read the arms board: %s", e)
             return
-        if got is None or got.version <= self.arms.version:
+        if got is None or got.version <= max(self.arms.version, self.refused):
             return
         with self.lock:
-            if got.version <= self.arms.version:
+            if got.version <= max(self.arms.version, self.refused):
                 return
             try:
                 self.engine.set_arms(config_with_arms(self.base, got))
             except Exception as e:   # noqa: BLE001
                 log.error("arms version %d refused here: %s; still serving version %d", got.version, e,
                           self.arms.version)
-                self.arms = self.arms.with_version(got.version)   # not retried every poll
+                self.refused = got.version    # GetArms keeps naming the version that serves
                 return
             self.arms = got
             log.info("serving arms version %d: %s", got.version, describe(got))

@@ -70,8 +70,6 @@ def config_with_arms(base: Config, arms: Arms) -> Config:
         if a.name in seen:
             raise ConfigError(f"arms.{a.name}: named twice")
         seen.add(a.name)
-        if not math.isfinite(a.share):
-            raise ConfigError(f"arms.{a.name}.share: must be a finite number, got {a.share}")
     raw = apply_overrides(base.raw, arms.control, "control")
     raw["experiments"] = {a.name: {"share": a.share, "set": a.set, "cap": a.cap} for a in arms.arms}
     if len(arms.salt) > 64:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import tomllib
 import types
 import typing
@@ -185,6 +186,9 @@ def parse_config(raw: dict[str, Any], path: str = "<config>") -> Config:
         stage_specs[name] = (kind, params)
     exps_raw = raw.get("experiments", {})
     exps = {n: _build(Experiment, b, f"experiments.{n}") for n, b in exps_raw.items()}
+    for n, e in exps.items():
+        if not math.isfinite(e.share):
+            raise ConfigError(f"experiments.{n}.share: must be a finite number, got {e.share}")
     total = sum(e.share for e in exps.values())
     if any(e.share < 0 for e in exps.values()) or total > 1 + 1e-9:
         raise ConfigError(f"experiments: shares must be >= 0 and sum to <= 1 (sum {total:g})")

@@ -76,14 +76,6 @@ class Arms:
                     return ""
                 self._tokens[exp] -= 1.0
         return exp
-        with self._lock:
-            for name, t in self._tokens.items():
-                self._tokens[name] = min(CAP_BURST, t + self.config.experiments[name].share)
-            if exp in self._tokens:
-                if self._tokens[exp] < 1.0:
-                    return ""
-                self._tokens[exp] -= 1.0
-        return exp
 
 
 class Live:

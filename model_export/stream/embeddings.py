@@ -208,7 +208,9 @@ class EmbeddingLearner:
         """The frozen user tower over the given id tables for the logged rows (their profile and
         context one-hots are the logged user row's tail: featurize.ranker_user_input)."""
         recent = s.rows.recent[rows]
-        x = np.concatenate([user_id_emb[s.user_index[rows]], s.rows.user[rows, self.embed_dim:],
+        users = s.user_index[rows]
+        uid = np.where((users >= 0)[:, None], user_id_emb[np.maximum(users, 0)], 0.0)   # new users: zeros, as served
+        x = np.concatenate([uid, s.rows.user[rows, self.embed_dim:],
                             pooled(item_id_emb, recent), pooled(self.content.numpy(), recent),
                             (recent[:, :1] >= 0).astype(np.float32)], 1)
         with torch.no_grad():
