@@ -68,10 +68,19 @@ class Filter:
     def _cap_authors(self, c: Candidates) -> Candidates:
         """Rank within author by recall score; keep rank < cap (guaranteed items always)."""
         a = self.author[c.item]
-        order = np.lexsort((-c.scores["recall"], a))
+        order = np.argsort(_author_then_score(a, c.scores["recall"]), kind="stable")
         sa = a[order]
         starts = np.r_[0, np.flatnonzero(sa[1:] != sa[:-1]) + 1]
         rank = np.arange(sa.size) - np.repeat(starts, np.diff(np.r_[starts, sa.size]))
         keep = np.empty(sa.size, bool)
         keep[order] = rank < self.cap
         return c.take(keep | (c.guaranteed >= Guarantee.COARSE))
+
+
+def _author_then_score(author: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """One int64 key ordering by author, then by descending score: np.lexsort's order in one
+    stable sort instead of two (float32 bits made monotone: flip all bits of negatives, set the
+    sign bit of the rest; then negated for descending; + 0 makes -0.0 tie with 0.0 as it does there)."""
+    bits = (np.asarray(score, np.float32) + np.float32(0)).view(np.uint32)
+    mono = np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
+    return (author.astype(np.int64) << 32) | (np.uint32(0xFFFFFFFF) - mono).astype(np.int64)

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 
 from engine.core.candidates import Candidates, Guarantee, merge, top_k
+from engine.core.featurize import _share
+from stages.filter import _author_then_score
 from stages.rerank_beam import beam_search, fuse
 
 
@@ -23,6 +25,29 @@ def test_keep_top_protects_guaranteed_items_to_their_level():
     top = c.keep_top(score, 3, Guarantee.COARSE)
     assert top.item.tolist() == [0, 1, 9]   # pinned items take slots: the next stage's batch stays bounded
     assert c.keep_top(score, 3, Guarantee.FINE).item.tolist() == [0, 1, 2]
+    c.guaranteed[5:] = Guarantee.COARSE                   # more pinned than `keep`: all of them survive
+    assert c.keep_top(score, 3, Guarantee.COARSE).item.tolist() == [5, 6, 7, 8, 9]
+
+
+def test_the_author_cap_key_sorts_as_lexsort_by_author_then_descending_score():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 500, 3000):
+        author = rng.integers(-1, 40, n).astype(np.int32)
+        score = rng.normal(size=n).astype(np.float32)
+        score[rng.integers(0, n, n // 4 + 1)] = 0.0
+        score[rng.integers(0, n, n // 8 + 1)] = -0.0       # ties with 0.0, as in lexsort
+        score[rng.integers(0, n, 2)] = [np.inf, -np.inf]
+        score = np.where(rng.random(n) < 0.2, score[rng.integers(0, n, n)], score)   # more ties
+        want = np.lexsort((-score, author))
+        assert np.array_equal(np.argsort(_author_then_score(author, score), kind="stable"), want)
+
+
+def test_one_users_category_counts_by_lookup_equal_the_pairwise_comparison():
+    rng = np.random.default_rng(1)
+    for k in (0, 1, 20):
+        recent = rng.integers(0, 12, k)
+        codes = rng.integers(0, 15, 400)
+        assert np.array_equal(_share(recent, codes), (recent[None, :] == codes[:, None]).sum(1))
 
 
 @pytest.mark.parametrize("n, k", [(73_547, 240), (100_000, 1), (20_000, 300), (500, 499), (10, 10), (10, 0)])

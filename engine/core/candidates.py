@@ -82,10 +82,12 @@ class Candidates:
         if n <= keep:
             return self.take(np.argsort(-score, kind="stable"))
         protected = self.guaranteed >= level
-        boosted = np.where(protected, np.inf, score)
-        top = np.argpartition(-boosted, keep - 1)[:keep]
-        extra = np.flatnonzero(protected)
-        idx = np.union1d(top, extra) if extra.size else top
+        n_protected = int(np.count_nonzero(protected))
+        if n_protected > keep:
+            idx = np.flatnonzero(protected)
+        else:           # the protected rank first at +inf, so the top `keep` already holds them all
+            boosted = np.where(protected, np.inf, score) if n_protected else score
+            idx = np.argpartition(-boosted, keep - 1)[:keep]
         return self.take(idx[np.argsort(-score[idx], kind="stable")])
 
 

@@ -10,6 +10,7 @@ the two-tower score, coarse phase 2 and the fine ranker.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,11 +100,17 @@ class Tables:
 def one_hot(codes: np.ndarray, cardinality: tuple[int, ...]) -> np.ndarray:
     """[B, F] ints -> [B, sum(cardinality)] float32, out-of-range codes clipped."""
     codes = np.atleast_2d(codes)
-    offsets = np.cumsum((0,) + tuple(cardinality[:-1]))
-    clipped = np.clip(codes, 0, np.asarray(cardinality) - 1) + offsets
-    out = np.zeros((codes.shape[0], int(sum(cardinality))), np.float32)
-    np.put_along_axis(out, clipped, 1.0, axis=1)
+    top, offsets, width = _one_hot_layout(tuple(cardinality))
+    out = np.zeros((codes.shape[0], width), np.float32)
+    out[np.arange(codes.shape[0])[:, None], np.clip(codes, 0, top) + offsets] = 1.0
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _one_hot_layout(cardinality: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Largest code, column offset per field and width: per schema, not per request."""
+    card = np.asarray(cardinality, np.int64)
+    return card - 1, np.concatenate(([0], np.cumsum(card[:-1]))), int(card.sum())
 
 
 def pooled(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -188,10 +195,15 @@ def coarse_features(t: Tables, items: np.ndarray, user_e: np.ndarray, item_e: np
     f[:, 6] = (user_n_pos + CTR_PRIOR_POS) / (user_n_imp + CTR_PRIOR_IMP)
     valid = recent >= 0
     n_valid = np.maximum(valid.sum(1), 1)
-    rc = np.where(valid, t.item_category[np.maximum(recent, 0)], -1)
-    ra = np.where(valid, t.item_author[np.maximum(recent, 0)], -1)
-    f[:, 7] = (rc == t.item_category[items][:, None]).sum(1) / n_valid   # [B, L] vs [N, 1], B in {1, N}
-    f[:, 8] = (ra == t.item_author[items][:, None]).sum(1) / n_valid
+    if recent.shape[0] == 1:        # serving: one user's counts per category (author), looked up
+        mine = recent[valid]
+        f[:, 7] = _share(t.item_category[mine], t.item_category[items]) / n_valid[0]
+        f[:, 8] = _share(t.item_author[mine], t.item_author[items]) / n_valid[0]
+    else:                           # training: row n of `recent` belongs to item n
+        rc = np.where(valid, t.item_category[np.maximum(recent, 0)], -1)
+        ra = np.where(valid, t.item_author[np.maximum(recent, 0)], -1)
+        f[:, 7] = (rc == t.item_category[items][:, None]).sum(1) / n_valid
+        f[:, 8] = (ra == t.item_author[items][:, None]).sum(1) / n_valid
     centroid = pooled(t.item_content, recent)
     centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-6)
     f[:, 9] = np.einsum("nd,nd->n", np.broadcast_to(centroid, (n, centroid.shape[1])),
@@ -201,6 +213,16 @@ def coarse_features(t: Tables, items: np.ndarray, user_e: np.ndarray, item_e: np
     f[:, 11] = ctx[:, 1] if ctx.shape[1] > 1 else 0
     f[:, 12] = i2i
     return f
+
+
+def _share(recent_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """How many of one user's recent items have each of `codes` (a category or author per
+    candidate): the [N, L] comparison as a lookup in the user's <= L distinct codes."""
+    if recent_codes.size == 0:
+        return np.zeros(codes.shape, np.float64)
+    u, count = np.unique(recent_codes, return_counts=True)
+    at = np.minimum(np.searchsorted(u, codes), u.size - 1)
+    return np.where(u[at] == codes, count[at], 0).astype(np.float64)
 
 
 def ranker_user_input(t: Tables, user_e: np.ndarray, profiles: np.ndarray,
