@@ -213,3 +213,18 @@ def test_a_board_version_this_process_cannot_serve_is_skipped_and_not_reported(t
         assert f.arms.version == good.version == 2 and set(engine.config.experiments) == {"b"}
     finally:
         engine.close()
+
+
+def test_a_follower_polls_the_version_and_reads_the_body_only_when_it_changed(tmp_path):
+    from engine.app.arms import FileBoard, MemoryBoard
+
+    for board in (FileBoard(tmp_path), MemoryBoard()):
+        assert board.version() == 0 and board.read() is None
+        board.publish(Arms(arms=(ArmSpec("a", 0.1),)), None)
+        reads, read = [], board.read
+        board.read = lambda: reads.append(1) or read()
+        assert [board.version() for _ in range(3)] == [1, 1, 1]
+        assert len(reads) <= 1                          # the file board parses a replaced file once
+        board.publish(Arms(arms=(ArmSpec("b", 0.2),)), 1)
+        reads.clear()
+        assert board.version() == 2 and board.read().arms[0].name == "b"

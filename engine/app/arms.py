@@ -43,6 +43,8 @@ class StaleVersion(Exception):
 
 
 class Board(Protocol):
+    def version(self) -> int:
+        """The version on the board (0: none yet): what a follower polls, cheaper than `read`."""
     def read(self) -> Arms | None: ...
     def publish(self, arms: Arms, expect: int | None) -> Arms:
         """Store `arms` under the next version (returned); StaleVersion unless `expect` is None or current."""
@@ -53,6 +55,9 @@ class MemoryBoard:
     def __init__(self) -> None:
         self._arms: Arms | None = None
         self._lock = threading.Lock()
+
+    def version(self) -> int:
+        return self._arms.version if self._arms else 0
 
     def read(self) -> Arms | None:
         return self._arms
@@ -74,6 +79,19 @@ class FileBoard:
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / FILE
+        self._seen: tuple[tuple[int, int], int] | None = None    # ((inode, mtime ns), version)
+
+    def version(self) -> int:
+        """Parses the file only when it was replaced (publish renames a new file over it)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return 0
+        key = (st.st_ino, st.st_mtime_ns)
+        if self._seen is None or self._seen[0] != key:
+            cur = self.read()
+            self._seen = (key, cur.version if cur else 0)
+        return self._seen[1]
 
     def read(self) -> Arms | None:
         try:
@@ -116,6 +134,9 @@ class RedisBoard:
     def _client(self):
         return self.net.client(self.net.node(self.slot))
 
+    def version(self) -> int:
+        return int(self._client().hget(REDIS_KEY, "version") or 0)
+
     def read(self) -> Arms | None:
         version, body = self._client().hmget(REDIS_KEY, ["version", "body"])
         if body is None:
@@ -156,6 +177,8 @@ class Follower:
         """Install the board's arms if they are newer than ours. A record this process cannot
         serve (a server on another config sharing the Redis) is logged and skipped."""
         try:
+            if self.board.version() <= max(self.arms.version, self.refused):
+                return                       # the usual case: one small read, no body
             got = self.board.read()
         except Exception as e:   # noqa: BLE001 - an unreachable board leaves the running arms serving
             log.warning("cannot read the arms board: %s", e)

@@ -43,7 +43,7 @@ CAP_BURST = 4.0   # lists a capped arm may run ahead of its share in any window 
 
 
 @dataclass
-class Arms:
+class Assignment:
     """The config whose experiments assign users, with its pipelines: swapped as one reference
     (Engine.set_arms), so a request never sees an arm's name without its pipeline.
 
@@ -97,14 +97,14 @@ class Live:
     def pipelines(self) -> dict[str, Pipeline]:
         return self.arms.pipelines
 
-    def build_arms(self, config: Config) -> Arms:
+    def build_arms(self, config: Config) -> Assignment:
         pipelines = {"": self._build(config)}
         for name in config.experiments:
             try:
                 pipelines[name] = self._build(config.variant(name))
             except ConfigError as e:
                 raise ConfigError(f"experiments.{name}: {e}") from None
-        return Arms(config, pipelines)
+        return Assignment(config, pipelines)
 
     def prune(self) -> None:
         """Close and forget the stage instances no pipeline of the serving arms uses (a

@@ -26,7 +26,7 @@ from engine.core.errors import BundleError, ConfigError, DeadlineExceeded
 from engine.core.candidates import Candidates, Guarantee, merge
 from engine.core.config import Config
 from engine.core.context import RequestContext
-from engine.core.pipelines import Arms, Live, Pipeline, Step
+from engine.core.pipelines import Assignment, Live, Pipeline, Step
 from engine.core.request import Event, Request, Response, ServedInputs, StageTrace
 from engine.core.features import ResolvedEvent
 from engine.core.validation import checked_request, event_fault
@@ -288,7 +288,7 @@ class Engine:
                         routes, degraded, ctx.experiment, live.bundle.version, ctx.request.request_id, trace,
                         (time.perf_counter() - t0) * 1e3, _served_inputs(ctx, c))
 
-    def _smoke(self, live: Live, arms: Arms | None = None) -> None:
+    def _smoke(self, live: Live, arms: Assignment | None = None) -> None:
         """One real request through every experiment's pipeline before a bundle (or a set of
         arms) serves; it also holds every stage to its declaration: a stage writes all it
         declares and nothing else."""
