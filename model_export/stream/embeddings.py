@@ -32,7 +32,7 @@ from engine.core.featurize import Tables, item_tower_input, pooled
 from indexes.faiss_index import FaissIndex
 from model_export.bundle_writer import BundleWriter
 from model_export.export import ort_session
-from model_export.models import TwoTower, load_checkpoints
+from model_export.models import TwoTower
 from model_export.stream.samples import Samples
 
 STATE = "id_embeddings.pt"      # optimiser state and positive counts, beside the checkpoints
@@ -44,9 +44,13 @@ WRITTEN = ("tables/user_id_emb.npy", "tables/item_id_emb.npy", "tables/item_emb.
 class EmbeddingLearner:
     """user_id / item_id rows of the two-tower model, trained one chunk at a time."""
 
-    def __init__(self, checkpoints: Path, bundle: Bundle, cfg: StreamConfig, temperature: float):
+    def __init__(self, checkpoints: Path, loaded: dict[str, nn.Module], bundle: Bundle, cfg: StreamConfig,
+                 temperature: float):
+        """`loaded`: the modules models.load_checkpoints(checkpoints) returned, read once per start for
+        every learner; `checkpoints` still holds the optimiser state."""
         self.cfg, self.temperature = cfg, temperature
-        tt: TwoTower = load_checkpoints(checkpoints)["two_tower"]
+        tt: TwoTower = loaded["two_tower"]
+        self.item_tower = ort_session(bundle.file("models/item_tower.onnx"))   # frozen: one session for every write
         t = bundle.tables
         # the serving tables, not the checkpoint's raw weights: rows never trained serve as zeros
         tt.user_id = nn.Embedding.from_pretrained(torch.tensor(np.asarray(t.user_id_emb)), freeze=False, sparse=True)
@@ -159,7 +163,7 @@ class EmbeddingLearner:
             t = bundle.tables
             tables = copy.copy(t)
             tables.item_id_emb = item_id_emb
-            sess = ort_session(parent / "models/item_tower.onnx")
+            sess = self.item_tower
             cat = self.tt.category.weight.numpy()
             auth = self.tt.author.weight.numpy()
             for k in range(0, changed.size, 65536):

@@ -19,7 +19,6 @@ from torch import nn
 
 from engine.core.sections import StreamConfig
 from model_export.export import ort_session
-from model_export.models import load_checkpoints
 from model_export.stream.samples import Samples
 from model_export.stream.tables import SeqSource
 from model_export.train import _tensors, auc
@@ -31,10 +30,11 @@ OPTIMIZER = "optimizer.pt"
 class RankerLearner:
     """The rankers named in `stream.models`, their Adam optimizers, one chunk at a time."""
 
-    def __init__(self, checkpoints: Path, cfg: StreamConfig, tasks: tuple[str, ...]):
+    def __init__(self, checkpoints: Path, loaded: dict[str, nn.Module], cfg: StreamConfig, tasks: tuple[str, ...]):
+        """`loaded`: the modules models.load_checkpoints(checkpoints) returned, read once per start for
+        every learner; `checkpoints` still holds the optimiser state."""
         self.cfg, self.tasks = cfg, tasks
         self.names = [n for n in RANKERS if n in cfg.models]
-        loaded = load_checkpoints(checkpoints)
         self.models: dict[str, nn.Module] = {n: loaded[n] for n in self.names}
         self.opt = {n: torch.optim.Adam(m.parameters(), lr=cfg.lr) for n, m in self.models.items()}
         saved = checkpoints / OPTIMIZER

@@ -34,6 +34,7 @@ from engine.core.featurize import ranker_user_dim
 from model_export.bundle_writer import BundleWriter
 from model_export.export import ParityError, export_checked, parity_cases
 from model_export.joined import JoinedOffset
+from model_export.models import load_checkpoints
 from model_export.stream import publish
 from model_export.stream.embeddings import WRITTEN as EMB_WRITTEN
 from model_export.stream.embeddings import EmbeddingLearner
@@ -101,8 +102,10 @@ class StreamTrainer:
         self.rows_total = int(info.get("rows_total", 0))
         after = JoinedOffset.from_json(info.get("through"))
         models = self.sc.models
-        self.rankers = RankerLearner(ckpt, self.sc, self.bundle.tasks) if set(models) & set(RANKERS) else None
-        self.embeddings = (EmbeddingLearner(ckpt, self.bundle, self.sc, self.cfg.train.tt_temperature)
+        loaded = load_checkpoints(ckpt)          # once: both learners start from these modules
+        self.rankers = (RankerLearner(ckpt, loaded, self.sc, self.bundle.tasks)
+                        if set(models) & set(RANKERS) else None)
+        self.embeddings = (EmbeddingLearner(ckpt, loaded, self.bundle, self.sc, self.cfg.train.tt_temperature)
                            if "id_embeddings" in models else None)
         self.seqsrc = SeqSource(self.root, self.bundle.tables)
         self.feed = SampleFeed(self.joined, after, self.sc.holdout_rows)
