@@ -4,6 +4,13 @@ Cold items have no id signal, but their two-tower embeddings come from content (
 tower masks ids it never trained on), so `user_e . item_e` is a content match that works
 for new users too. A share of the slots is uniform exploration over the cold pool, so
 every new item gets impressions and leaves the pool.
+
+`pin` reserves list slots for young items (a fresh-content slot): of the matched ones, the
+`pin` with the highest Thompson draw of their click rate (Beta posterior from the store's
+counters, the CTR prior of the rankers' features) are pinned to the served list. Rankers
+trained on a log that never showed a young item good bury every young item; the slot gives
+them impressions, the counters learn which are good within minutes, and the draw then favours
+those: what a new batch of good items needs before any model has seen it (docs/loop.md).
 """
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.candidates import Candidates, top_k
+from engine.core.candidates import Candidates, Guarantee, top_k
 from engine.core.errors import ConfigError
+from engine.core.featurize import CTR_PRIOR_IMP, CTR_PRIOR_POS
 from engine.core.refresh import RefreshedRoute
 from engine.core.registry import Policy, RouteParams, StageEnv, register
 
@@ -24,6 +32,7 @@ class Params(RouteParams):
     max_age_days: float = 3.0
     max_impressions: int = 50
     explore_share: float = 0.2
+    pin: int = 0                  # young items pinned to every list (the fresh-content slot)
     refresh_s: float = 1.0
 
     def check(self) -> None:
@@ -32,6 +41,8 @@ class Params(RouteParams):
             raise ConfigError("max_age_days > 0 and max_impressions >= 0 required")
         if not 0 <= self.explore_share <= 1:
             raise ConfigError("explore_share: must be in [0, 1]")
+        if not 0 <= self.pin <= self.k:
+            raise ConfigError(f"pin: must be in [0, k = {self.k}]")
 
 
 # inline: one small matmul over the cold pool
@@ -70,4 +81,9 @@ class RecallColdStart(RefreshedRoute):
         # exploration: uniform over the pool (a repeat of a matched item is merged away)
         rng = np.random.default_rng(zlib.crc32((ctx.request.request_id or ctx.request.user_id).encode()))
         idx = np.concatenate([best, rng.integers(0, pool.size, n_explore)])
-        return Candidates.from_route(pool[idx], sim[idx], self.bit)
+        guarantee = np.zeros(idx.size, np.int8)
+        if self.p.pin and best.size:
+            n_imp, n_pos, _ = self.store.item_stats(pool[best])
+            draw = rng.beta(n_pos + CTR_PRIOR_POS, np.maximum(n_imp - n_pos, 0) + CTR_PRIOR_IMP - CTR_PRIOR_POS)
+            guarantee[top_k(draw, self.p.pin)] = Guarantee.FINAL
+        return Candidates.from_route(pool[idx], sim[idx], self.bit, guarantee)
