@@ -321,7 +321,6 @@ def test_compiled_trees_match_lightgbm(tiny_bundle):
     assert np.allclose(fast, ref, atol=1e-5)
 
 
-
 def test_the_fresh_content_slot_pins_a_young_item_and_favours_the_clicked_ones(cfg, tiny_bundle):
     """stage.cold_start.pin = 1: every list holds one of the user's matched young items, and the
     Thompson draw over the counters pins the one whose impressions were clicked nearly every time."""

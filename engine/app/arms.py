@@ -177,16 +177,16 @@ class Follower:
         """Install the board's arms if they are newer than ours. A record this process cannot
         serve (a server on another config sharing the Redis) is logged and skipped."""
         try:
-            if self.board.version() <= max(self.arms.version, self.refused):
+            if self.board.version() <= self._known():
                 return                       # the usual case: one small read, no body
             got = self.board.read()
         except Exception as e:   # noqa: BLE001 - an unreachable board leaves the running arms serving
             log.warning("cannot read the arms board: %s", e)
             return
-        if got is None or got.version <= max(self.arms.version, self.refused):
+        if got is None or got.version <= self._known():
             return
         with self.lock:
-            if got.version <= max(self.arms.version, self.refused):
+            if got.version <= self._known():
                 return
             try:
                 self.engine.set_arms(config_with_arms(self.base, got))
@@ -197,6 +197,10 @@ class Follower:
                 return
             self.arms = got
             log.info("serving arms version %d: %s", got.version, describe(got))
+
+    def _known(self) -> int:
+        """The newest board version this process has dealt with: served, or refused."""
+        return max(self.arms.version, self.refused)
 
     def set(self, arms: Arms, expect: int | None) -> Arms:
         """Validate (ConfigError), serve here (BundleError), then publish (StaleVersion)."""
