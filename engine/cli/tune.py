@@ -17,7 +17,7 @@ import grpc
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
     from engine.app.client import _add_conn_args
-    from model_export.tune.args import box, floats
+    from model_export.tune.args import add_evidence_args, box, floats
 
     _add_conn_args(p)
     p.add_argument("--joined", required=True, type=Path, help="the joiner's output folder (recserve join --out)")
@@ -26,7 +26,8 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", type=box, default="like=0:3,finish=0:3", help="weights to tune and their box")
     p.add_argument("--fixed", type=floats, default="click=1", help="weights held fixed")
     p.add_argument("--init", type=floats, default="", help="start of the search mean (default: mid-box)")
-    p.add_argument("--init-std", type=float, default=0.25, help="start of the spread, as a share of the box")
+    p.add_argument("--init-std", type=float, default=0.5,
+                   help="start of the spread, as a share of the box")
     p.add_argument("--min-std", type=float, default=0.05, help="floor of the spread, in search coordinates")
     p.add_argument("--scale", choices=("log", "linear"), default="log",
                    help="search log(weight + 5%% of the box) (weights act as ratios) or the weights themselves")
@@ -38,6 +39,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-impressions", type=int, default=2000, help="joined impressions per arm before scoring")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds: score a round with what came by then")
     p.add_argument("--confidence", type=float, default=0.95, help="one-sided, for promotion and rollback")
+    add_evidence_args(p)
     p.add_argument("--reward", type=floats, default="click=1,like=0.5,finish=0.5",
                    help="reward of each action on an impression")
     p.add_argument("--discount", choices=("log2", "none"), default="log2", help="position discount of the reward")

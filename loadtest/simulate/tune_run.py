@@ -29,7 +29,7 @@ class _Done(Exception):
 
 
 def add_simulate_tune_args(p: argparse.ArgumentParser) -> None:
-    from model_export.tune.args import box as _box, floats as _floats
+    from model_export.tune.args import add_evidence_args, box as _box, floats as _floats
 
     p.add_argument("--config", required=True, type=Path, help="world and serving config ([simulate] applies)")
     p.add_argument("--out", required=True, type=Path, help="new folder for the report and the processes' files")
@@ -42,7 +42,7 @@ def add_simulate_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", type=_box, default="like=0:3,finish=0:3")
     p.add_argument("--fixed", type=_floats, default="click=1")
     p.add_argument("--grid", default="0,0.25,0.5,1,2,3", help="values of each searched weight in the offline grid")
-    p.add_argument("--init-std", type=float, default=0.25, help="start of the search spread, share of the box")
+    p.add_argument("--init-std", type=float, default=0.5, help="start of the search spread, share of the box")
     p.add_argument("--min-std", type=float, default=0.05, help="floor of the search spread, in search coordinates")
     p.add_argument("--scale", choices=("log", "linear"), default="log", help="the search's scale (recserve tune)")
     p.add_argument("--surrogate", action=argparse.BooleanOptionalAction, default=True,
@@ -51,6 +51,7 @@ def add_simulate_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", type=float, default=0.2, help="total traffic share of the tuner's arms")
     p.add_argument("--min-impressions", type=int, default=1000)
     p.add_argument("--confidence", type=float, default=0.9)
+    add_evidence_args(p)
     p.add_argument("--judge-users", type=int, default=300, help="users in the truth judge's sample")
     p.add_argument("--target", type=float, default=0.95, help="share of the grid optimum control should reach")
     p.add_argument("--workers", type=int, default=2)
@@ -145,7 +146,8 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
             share=args.share,
             min_impressions=args.min_impressions, max_wait=max(60.0, 0.5 * wall), confidence=args.confidence,
             reward=args.reward, discount="log2", method="cem", min_std=args.min_std, scale=args.scale,
-            surrogate=args.surrogate, seed=sc.seed))
+            surrogate=args.surrogate, seed=sc.seed, confirm_rounds=args.confirm_rounds, cuped=args.cuped,
+            control=args.control or args.start))
         client = RecServeClient(server.target, timeout=30.0)
 
         def on_round(rec: dict) -> None:
@@ -186,7 +188,7 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
         "tuner": {"arms": args.arms, "share": args.share, "min_impressions": args.min_impressions,
                   "confidence": args.confidence, "search": args.search, "fixed": args.fixed,
                   "init_std": args.init_std, "min_std": args.min_std, "scale": args.scale,
-                  "surrogate": args.surrogate},
+                  "surrogate": args.surrogate, "confirm_rounds": args.confirm_rounds, "cuped": args.cuped},
         "rounds": rounds,
         "reached": None if reached is None else {"round": reached["round"], "minutes": reached["minutes"],
                                                  "weights": reached["after_round_weights"],

@@ -34,6 +34,17 @@ def box(text: str) -> dict[str, tuple[float, float]]:
     return out
 
 
+def add_evidence_args(p: argparse.ArgumentParser) -> None:
+    """How the tuner weighs evidence: shared by `recserve tune` and `recserve simulate-tune`."""
+    p.add_argument("--confirm-rounds", type=int, default=2,
+                   help="rounds a candidate is re-tested on fresh users before promotion (0: promote at once)")
+    p.add_argument("--control", type=floats, default=None,
+                   help="the server's own control weights, e.g. click=1,like=0.5: lets the first promotion be "
+                        "guarded (rolled back if they beat it)")
+    p.add_argument("--cuped", action=argparse.BooleanOptionalAction, default=True,
+                   help="adjust each list's reward by its user's rewards in earlier rounds (variance reduction)")
+
+
 def settings(args: argparse.Namespace):
     """TuneSettings from parsed arguments (engine.cli.tune's names)."""
     from model_export.tune.reward import RewardSpec
@@ -44,4 +55,5 @@ def settings(args: argparse.Namespace):
                         share=args.share, min_impressions=args.min_impressions, max_wait_s=args.max_wait,
                         confidence=args.confidence, reward=RewardSpec(args.reward, args.discount),
                         method=args.method, min_std=args.min_std, scale=args.scale,
-                        surrogate=args.surrogate, seed=args.seed)
+                        surrogate=args.surrogate, seed=args.seed, confirm_rounds=args.confirm_rounds,
+                        cuped=args.cuped, control=args.control)

@@ -32,21 +32,24 @@ class RewardSpec:
 
 @dataclass(frozen=True)
 class Lists:
-    """One row per served list: its experiment, server time, reward and impressions."""
+    """One row per served list: its experiment, server time, reward, impressions and user."""
     experiment: np.ndarray
     time: np.ndarray
     reward: np.ndarray
     impressions: np.ndarray
+    user: np.ndarray
 
     def select(self, mask: np.ndarray) -> "Lists":
-        return Lists(self.experiment[mask], self.time[mask], self.reward[mask], self.impressions[mask])
+        return Lists(*(getattr(self, f)[mask] for f in FIELDS))
 
     @staticmethod
     def concat(parts: list["Lists"]) -> "Lists":
         if not parts:
-            return Lists(np.array([], object), np.array([]), np.array([]), np.array([], np.int64))
-        return Lists(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                       ("experiment", "time", "reward", "impressions")))
+            return Lists(np.array([], object), np.array([]), np.array([]), np.array([], np.int64), np.array([], object))
+        return Lists(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
+
+
+FIELDS = ("experiment", "time", "reward", "impressions", "user")
 
 
 def list_rewards(table: pa.Table, spec: RewardSpec) -> Lists:
@@ -72,7 +75,8 @@ def list_rewards(table: pa.Table, spec: RewardSpec) -> Lists:
     first[inv[::-1]] = keep[::-1]                               # a row of each list, for its experiment and time
     exp = np.asarray(table.column("experiment").to_pylist(), object)[first]
     t = table.column("time").to_numpy()[first]
-    return Lists(exp, t, total / n, n.astype(np.int64))
+    user = np.asarray(table.column("user_id").to_pylist(), object)[first]
+    return Lists(exp, t, total / n, n.astype(np.int64), user)
 
 
 @dataclass(frozen=True)
@@ -80,20 +84,42 @@ class Comparison:
     gain: float          # mean(a) - mean(b)
     lower: float         # one-sided lower confidence bound of the gain
     upper: float         # one-sided upper confidence bound
-    n_a: int
+    n_a: int            # users on each side
     n_b: int
 
 
-def welch(a: np.ndarray, b: np.ndarray, confidence: float) -> Comparison:
-    """One-sided Welch bounds on mean(a) - mean(b) at `confidence` (each side on its own)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.size < 2 or b.size < 2:
-        return Comparison(float("nan"), -np.inf, np.inf, int(a.size), int(b.size))
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+def clustered(reward: np.ndarray, user: np.ndarray) -> tuple[float, float, int]:
+    """Mean reward per list, the variance of that mean, and the number of users.
+
+    The salt assigns users, not lists, and a heavy user's lists in one round are alike, so the
+    lists of one user form one cluster: the mean is the ratio sum(reward) / lists and its variance
+    the delta method's over users (with one list per user it is the lists' own s^2 / n). Treating
+    lists as independent understated the variance: on a world where every arm was as good as
+    control, 28% of rounds promoted one at 90% confidence (11% with CUPED, which removes most of
+    what users share).
+    """
+    if reward.size < 2:
+        return float("nan"), float("inf"), 0
+    _, inv = np.unique(user, return_inverse=True)
+    y, n = np.bincount(inv, weights=reward), np.bincount(inv)
+    mean, users = float(y.sum() / n.sum()), int(y.size)
+    if users < 2:
+        return mean, float("inf"), users
+    r = y - mean * n
+    return mean, float(r @ r) / float(n.sum()) ** 2 * users / (users - 1), users
+
+
+def welch(a: np.ndarray, b: np.ndarray, confidence: float, users_a: np.ndarray, users_b: np.ndarray) -> Comparison:
+    """One-sided Welch bounds on mean(a) - mean(b) at `confidence` (each side on its own), with
+    each side's variance clustered by user (`clustered`)."""
+    ma, va, na = clustered(np.asarray(a, np.float64), users_a)
+    mb, vb, nb = clustered(np.asarray(b, np.float64), users_b)
+    if not (np.isfinite(va) and np.isfinite(vb)):
+        return Comparison(float("nan"), -np.inf, np.inf, na, nb)
     se = np.sqrt(va + vb)
-    gain = float(a.mean() - b.mean())
+    gain = ma - mb
     if se == 0:
-        return Comparison(gain, gain, gain, int(a.size), int(b.size))
-    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+        return Comparison(gain, gain, gain, na, nb)
+    dof = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
     q = float(stats.t.ppf(confidence, dof))
-    return Comparison(gain, gain - q * se, gain + q * se, int(a.size), int(b.size))
+    return Comparison(gain, gain - q * se, gain + q * se, na, nb)

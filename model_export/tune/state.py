@@ -1,7 +1,8 @@
 """The tuner's state file: everything a restarted `recserve tune` needs to go on where it stopped.
 
 Written whole (temp file, fsync, rename) after every change: the search distribution, control's
-weights (and the ones before the last promotion, for a rollback), the round in flight (its arms,
+weights (and the ones before the last promotion, for a rollback), the arm pinned for the next
+round (a candidate being confirmed, or the previous control guarding a promotion), the round in flight (its arms,
 salt, start and the joined offset its rows come after, so a restart re-reads the round's rows
 instead of sampling new arms) and the history of finished rounds.
 """
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Round:
     salt: str
     start: float                      # unix time from which control's lists count
     offset: dict[str, Any]            # joined offset the round's rows come after
+    pinned: str = ""                  # arm 0's role when it is not a search sample: "confirm" or "guard"
 
 
 @dataclass
@@ -33,12 +35,12 @@ class TuneState:
     names: list[str]                              # the searched weights, in vector order
     control: dict[str, float] | None = None       # promoted weights (None: the server config's own)
     previous: dict[str, float] | None = None      # control before the last promotion
-    check: list[float] | None = None              # control's list rewards before the last promotion
-    check_round: int = -1                         # the round whose control must not lose against `check`
+    pin: dict[str, Any] | None = None             # the arm pinned next round: role, weights, per-round evidence
     round: int = 0                                # next round number
     current: Round | None = None
     offset: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    origin: dict[str, Any] | None = None          # joined offset the tuner started at (users' history from there)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

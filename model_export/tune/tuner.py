@@ -4,14 +4,20 @@ A round: sample K weight vectors, install them as arms `tune-r<round>-a<k>` shar
 the traffic as capped arms (Experiment.cap: never more than their share of lists; control keeps
 the rest) under a fresh salt (new users per round), wait until every
 arm and control has `min_impressions` joined impressions (or `max_wait_s` passed), score each
-list (reward.py), refit the search (cem.py) on the arms' mean rewards and recentre it on a
-surface fitted to every round's arm-vs-control gains (surrogate.py), then:
+list (reward.py) and adjust it by its user's earlier rewards (cuped.py), refit the search
+(cem.py) on the arms' mean rewards and recentre it on a surface fitted to every round's
+arm-vs-control gains (surrogate.py), then:
 
-- promote: the best arm's weights become control's when its gain over control in the same round
+- candidate: the best arm becomes a candidate when its gain over control in the same round
   clears a one-sided Welch lower bound at `confidence`, Bonferroni-corrected for picking the best
   of K (winner's curse);
-- roll back: in the round after a promotion, control goes back to its previous weights if its
-  reward falls below the pre-promotion control's by a one-sided Welch upper bound < 0.
+- confirm: the next rounds serve the candidate as arm 0 to fresh users; it is promoted to control
+  when its gain, pooled over those rounds only (free of the selection that picked it), clears
+  the bound at `confidence`, and dropped when the pooled gain turns negative or after
+  `confirm_rounds` rounds (`confirm_rounds = 0`: promote on the selection round);
+- guard: the round after a promotion serves the previous control as arm 0; control goes back to
+  it if the guard beats control by a lower bound > 0 in that round (same users' minutes, so the
+  drift everyone sees cancels).
 
 Control's lists count from the round's start (SetArms answered + `settle_s`, the time every
 worker takes to follow); arms are named per round, so their rows cannot mix. The state file is
@@ -28,8 +34,9 @@ from typing import Any, Callable
 import numpy as np
 
 from model_export.joined import JoinedOffset, JoinedReader
-from model_export.tune import surrogate
+from model_export.tune import cuped, surrogate
 from model_export.tune.cem import Search
+from model_export.tune.evidence import pooled, round_gain
 from model_export.tune.reward import Lists, RewardSpec, list_rewards, welch
 from model_export.tune.state import Round, TuneState
 
@@ -41,7 +48,8 @@ class TuneSettings:
     search: dict[str, tuple[float, float]] = field(default_factory=lambda: {"like": (0.0, 3.0), "finish": (0.0, 3.0)})
     fixed: dict[str, float] = field(default_factory=lambda: {"click": 1.0})   # weights not searched
     init: dict[str, float] = field(default_factory=dict)    # start of the search mean (default: mid-box)
-    init_std: float = 0.25                 # start of the spread, as a share of each weight's box
+    control: dict[str, float] | None = None   # the server's own control weights: the first promotion's guard
+    init_std: float = 0.5                  # start of the spread, as a share of each weight's box
     scale: str = "log"                     # search log(w + eps) or the weights themselves (cem.py)
     surrogate: bool = True                 # recentre the search on a surface fitted to every round (surrogate.py)
     stage: str = "rerank"                  # the rerank stage whose weights are tuned
@@ -50,6 +58,8 @@ class TuneSettings:
     min_impressions: int = 2000            # joined impressions per arm (and control) before scoring
     max_wait_s: float = 600.0              # score the round with what arrived by then
     confidence: float = 0.95
+    confirm_rounds: int = 2                # rounds a candidate is re-tested before promotion (0: promote at once)
+    cuped: bool = True                     # adjust list rewards by the user's earlier rewards (cuped.py)
     reward: RewardSpec = field(default_factory=RewardSpec)
     method: str = "cem"
     elite_frac: float = 0.34
@@ -75,6 +85,8 @@ class TuneSettings:
             raise ValueError(f"scale: '{self.scale}' is not one of linear, log")
         if self.init_std <= 0:
             raise ValueError("init_std: > 0 (a share of each weight's box)")
+        if self.confirm_rounds < 0:
+            raise ValueError("confirm_rounds: >= 0")
 
 
 class Tuner:
@@ -99,9 +111,11 @@ class Tuner:
             init = np.array([s.init.get(n, (lo[i] + hi[i]) / 2) for i, n in enumerate(names)])
             st = TuneState(search=Search.start(init, s.init_std, lo, hi, **kw).to_json(), names=names)
             st.offset = self._end().to_json()      # rows served before the tuner started do not count
+            st.origin = dict(st.offset)
         self.state = st
         self.search = Search(np.array(st.search["mean"]), np.array(st.search["std"]), lo, hi, **kw)
-        self.rows: list[Lists] = []
+        self.rows: list[Lists] = []                 # every list read since the round's offset
+        self.users = self._users_before(st.current.offset if st.current else st.offset)
         self.state.save(self.path)
 
     # -- the loop ----------------------------------------------------------------------
@@ -120,8 +134,8 @@ class Tuner:
         deadline = time.time() + self.s.max_wait_s
         counts: dict[str, int] = {}
         while True:
-            self._read(cur)
-            lists = Lists.concat(self.rows)
+            self._read()
+            lists = self._round_lists(cur)
             counts = {n: int(lists.impressions[lists.experiment == n].sum()) for n in ["", *cur.names]}
             if min(counts.values()) >= self.s.min_impressions or time.time() >= deadline:
                 break
@@ -141,56 +155,91 @@ class Tuner:
         st = self.state
         rng = np.random.default_rng([self.s.seed, st.round])
         x = self.search.sample(self.s.arms, rng)
+        pinned = st.pin["role"] if st.pin else ""
+        if pinned:
+            x[0] = [st.pin["weights"].get(n, 0.0) for n in st.names]
+        sets = [{self.key: self.weights(xk)} for xk in x]
+        if pinned:
+            sets[0] = {self.key: st.pin["weights"]}
         names = [f"tune-r{st.round}-a{k}" for k in range(self.s.arms)]
         salt = f"tune-{self.s.seed}-r{st.round}"
         share = self.s.share / self.s.arms
-        self.api.set_arms([(n, share, {self.key: self.weights(xk)}, True) for n, xk in zip(names, x)],
-                          self._control_set(), salt=salt)
-        st.current = Round(st.round, names, x.tolist(), salt, time.time() + self.s.settle_s, dict(st.offset))
+        self.api.set_arms([(n, share, st_, True) for n, st_ in zip(names, sets)], self._control_set(), salt=salt)
+        st.current = Round(st.round, names, x.tolist(), salt, time.time() + self.s.settle_s, dict(st.offset),
+                           pinned)
         self.rows = []
         st.save(self.path)
-        log.info("tune: round %d: %d arms installed, %.1f%% of traffic each", st.round, self.s.arms, 100 * share)
+        log.info("tune: round %d: %d arms installed, %.1f%% of traffic each%s", st.round, self.s.arms,
+                 100 * share, f" (arm 0: {pinned} {st.pin['weights']})" if pinned else "")
 
-    def _read(self, cur: Round) -> None:
-        """New joined commits: this round's arms' lists and control's since the round started."""
-        names = set(cur.names)
-        after = JoinedOffset.from_json(self.state.offset if self.rows else cur.offset)
-        for table, commit in self.reader.read(after):
-            lists = list_rewards(table, self.s.reward)
-            keep = np.fromiter((e in names for e in lists.experiment), bool, len(lists.experiment))
-            keep |= (lists.experiment == "") & (lists.time >= cur.start)
-            self.rows.append(lists.select(keep))
+    def _read(self) -> None:
+        """New joined commits, every list of them (the users' history needs the others too)."""
+        for table, commit in self.reader.read(JoinedOffset.from_json(self.state.offset)):
+            self.rows.append(list_rewards(table, self.s.reward))
             self.state.offset = commit.offset.to_json()
+
+    def _round_lists(self, cur: Round) -> Lists:
+        """This round's arms' lists and control's since the round started."""
+        lists = Lists.concat(self.rows)
+        names = set(cur.names)
+        keep = np.fromiter((e in names for e in lists.experiment), bool, len(lists.experiment))
+        keep |= (lists.experiment == "") & (lists.time >= cur.start)
+        return lists.select(keep)
+
+    def _users_before(self, offset: dict) -> cuped.UserHistory:
+        """Every user's list rewards from the tuner's start up to `offset` (a restart rebuilds it)."""
+        users = cuped.UserHistory()
+        if not self.s.cuped or self.state.origin is None:
+            return users
+        end = JoinedOffset.from_json(offset)
+        if end == JoinedOffset.from_json(self.state.origin):
+            return users
+        for table, commit in self.reader.read(JoinedOffset.from_json(self.state.origin)):
+            lists = list_rewards(table, self.s.reward)
+            users.add(lists.user, lists.reward)
+            if commit.offset == end:
+                break
+        return users
 
     def _score(self, cur: Round, lists: Lists) -> dict:
         st = self.state
-        ctl = lists.reward[lists.experiment == ""]
-        per_arm = [lists.reward[lists.experiment == n] for n in cur.names]
+        reward, theta = lists.reward, 0.0
+        if self.s.cuped and len(self.users):
+            reward, theta = cuped.adjust(lists.reward, self.users.covariate(lists.user))
+        is_ctl = lists.experiment == ""
+        ctl = (reward[is_ctl], lists.user[is_ctl])
+        per_arm = [(reward[m], lists.user[m]) for m in (lists.experiment == n for n in cur.names)]
         x = np.array(cur.x)
-        means = np.array([_mean(a) for a in per_arm])
-        usable = np.isfinite(means)
-        if usable.sum() >= 2:
-            self.search.update(x[usable], means[usable])
+        means = np.array([_mean(a) for a, _ in per_arm])
+        sampled = np.isfinite(means) & (np.arange(len(means)) >= (1 if cur.pinned else 0))
+        if sampled.sum() >= 2:
+            self.search.update(x[sampled], means[sampled])
         rec: dict[str, Any] = {
             "round": cur.number, "start": cur.start, "end": time.time(), "salt": cur.salt,
-            "control": {"weights": st.control, "reward": _mean(ctl), "lists": int(ctl.size),
-                        "impressions": int(lists.impressions[lists.experiment == ""].sum())},
-            "arms": [{"name": n, "weights": self.weights(xk), "reward": _mean(a), "lists": int(a.size),
+            "control": {"weights": st.control, "reward": _mean(lists.reward[is_ctl]), "adjusted": _mean(ctl[0]),
+                        "lists": int(ctl[0].size), "impressions": int(lists.impressions[is_ctl].sum())},
+            "arms": [{"name": n, "weights": self.weights(xk), "reward": _mean(lists.reward[lists.experiment == n]),
+                      "adjusted": _mean(a), "lists": int(a.size),
                       "impressions": int(lists.impressions[lists.experiment == n].sum())}
-                     for n, xk, a in zip(cur.names, x, per_arm)],
+                     for n, xk, (a, _) in zip(cur.names, x, per_arm)],
+            "cuped": {"theta": round(theta, 4), "users_known": len(self.users)},
         }
+        if cur.pinned:
+            rec["arms"][0] |= {"pinned": cur.pinned, "weights": st.pin["weights"]}
         if self.s.surrogate:
             rec["surrogate_points"] = self._recentre([*st.history, rec])
         rec |= {
             "mean": dict(zip(st.names, self.search.centre.round(4).tolist())),   # weights
             "std": dict(zip(st.names, self.search.std.round(4).tolist())),       # search coordinates
-            "exploration_share": float(lists.impressions[lists.experiment != ""].sum()
-                                       / max(lists.impressions.sum(), 1)),
+            "exploration_share": float(lists.impressions[~is_ctl].sum() / max(lists.impressions.sum(), 1)),
         }
         rec["decision"] = self._decide(cur, ctl, per_arm, means, x, rec)
         st.search = self.search.to_json()
         st.history.append(rec)
         st.current, st.round = None, cur.number + 1
+        everything = Lists.concat(self.rows)           # the round's lists join the users' history
+        if self.s.cuped:
+            self.users.add(everything.user, everything.reward)
         self.rows = []
         st.save(self.path)
         log.info(line(rec))
@@ -207,7 +256,7 @@ class Tuner:
             for a in rec["arms"]:
                 if a["lists"] and c["lists"]:
                     z.append(self.search.coords(np.array([a["weights"][n] for n in self.state.names])))
-                    gain.append(a["reward"] - c["reward"])
+                    gain.append(a.get("adjusted", a["reward"]) - c.get("adjusted", c["reward"]))
                     weight.append(1.0 / (1.0 / a["lists"] + 1.0 / c["lists"]))
         beta = surrogate.fit(np.array(z).reshape(len(z), -1), np.array(gain), np.array(weight))
         if beta is None:
@@ -216,26 +265,54 @@ class Tuner:
         sr.mean = surrogate.propose(beta, sr.mean, sr.std, sr.zlo, sr.zhi)
         return len(z)
 
-    def _decide(self, cur: Round, ctl: np.ndarray, per_arm: list, means: np.ndarray, x: np.ndarray,
+    def _decide(self, cur: Round, ctl: tuple, per_arm: list[tuple], means: np.ndarray, x: np.ndarray,
                 rec: dict) -> str:
+        """Guard or confirm the pinned arm, then take this round's best sampled arm as a candidate.
+        `ctl` and each of `per_arm`: (list rewards, their users)."""
         st, s = self.state, self.s
-        if st.check is not None and st.check_round == cur.number:      # the round after a promotion
-            c = welch(ctl, np.array(st.check), s.confidence)
-            rec["rollback_check"] = {"gain": c.gain, "upper": c.upper}
-            if c.upper < 0:
-                st.control, st.previous, st.check = st.previous, None, None
-                return f"rolled back: control lost {c.gain:+.4f} (upper bound {c.upper:+.4f})"
-            st.check = None
-        if not np.isfinite(means).any():
-            return "no arm had lists"
-        best = int(np.nanargmax(means))
-        c = welch(per_arm[best], ctl, 1 - (1 - s.confidence) / len(per_arm))
+        said = []
+        if cur.pinned:
+            pin = st.pin
+            g = round_gain(*per_arm[0], *ctl)
+            if np.isfinite(g[0]):
+                pin["evidence"].append(list(g))
+            b = pooled(pin["evidence"], s.confidence)
+            rec["pinned"] = {"role": cur.pinned, "weights": pin["weights"], "rounds": len(pin["evidence"]),
+                             "gain": b.gain, "lower": b.lower, "upper": b.upper}
+            st.pin = None
+            if cur.pinned == "guard":
+                if b.lower > 0:                    # the previous control beats the promoted one
+                    st.control, st.previous = st.previous, None
+                    return f"rolled back: the previous control is ahead by {b.gain:+.4f} (lower bound {b.lower:+.4f})"
+                said.append(f"guard passed ({b.gain:+.4f}, lower {b.lower:+.4f})")
+            elif b.lower > 0:
+                return self._promote(pin["weights"], f"promoted the candidate after {len(pin['evidence'])} "
+                                                          f"round(s): pooled gain {b.gain:+.4f} (lower {b.lower:+.4f})")
+            elif b.gain > 0 and len(pin["evidence"]) < s.confirm_rounds:
+                st.pin = pin                       # not yet clear, still ahead: one more round
+                said.append(f"candidate kept ({b.gain:+.4f}, lower {b.lower:+.4f})")
+            else:
+                said.append(f"candidate dropped ({b.gain:+.4f}, lower {b.lower:+.4f})")
+        sampled = [k for k in range(len(per_arm)) if np.isfinite(means[k]) and not (cur.pinned and k == 0)]
+        if not sampled:
+            return "; ".join(said + ["no arm had lists"])
+        best = max(sampled, key=lambda k: means[k])
+        c = welch(per_arm[best][0], ctl[0], 1 - (1 - s.confidence) / len(sampled), per_arm[best][1], ctl[1])
         rec["best"] = {"name": cur.names[best], "gain": c.gain, "lower": c.lower}
-        if c.lower > 0:
-            st.previous, st.control = st.control, self.weights(x[best])
-            st.check, st.check_round = [round(float(v), 6) for v in ctl], cur.number + 1
-            return f"promoted {cur.names[best]}"
-        return "kept control"
+        if c.lower > 0 and s.confirm_rounds == 0:
+            return self._promote(self.weights(x[best]), f"promoted {cur.names[best]}")
+        if c.lower > 0 and st.pin is None:
+            st.pin = {"role": "confirm", "weights": self.weights(x[best]), "evidence": []}
+            said.append(f"candidate {cur.names[best]}: confirming next round")
+        return "; ".join(said or ["kept control"])
+
+    def _promote(self, weights: dict[str, float], why: str) -> str:
+        st = self.state
+        st.previous, st.control = st.control, weights
+        guard = st.previous if st.previous is not None else self.s.control
+        if self.s.confirm_rounds and guard is not None:
+            st.pin = {"role": "guard", "weights": guard, "evidence": []}
+        return why
 
     def _end(self) -> JoinedOffset:
         c = self.reader.last_commit()
