@@ -26,8 +26,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", type=box, default="like=0:3,finish=0:3", help="weights to tune and their box")
     p.add_argument("--fixed", type=floats, default="click=1", help="weights held fixed")
     p.add_argument("--init", type=floats, default="", help="start of the search mean (default: mid-box)")
-    p.add_argument("--init-std", type=float, default=0.5,
-                   help="start of the spread, as a share of the box")
+    p.add_argument("--init-std", type=float, default=0.5, help="start of the spread, as a share of the box")
     p.add_argument("--min-std", type=float, default=0.05, help="floor of the spread, in search coordinates")
     p.add_argument("--scale", choices=("log", "linear"), default="log",
                    help="search log(weight + 5%% of the box) (weights act as ratios) or the weights themselves")

@@ -2,9 +2,10 @@
 
 Written whole (temp file, fsync, rename) after every change: the search distribution, control's
 weights (and the ones before the last promotion, for a rollback), the arm pinned for the next
-round (a candidate being confirmed, or the previous control guarding a promotion), the round in flight (its arms,
-salt, start and the joined offset its rows come after, so a restart re-reads the round's rows
-instead of sampling new arms) and the history of finished rounds.
+round (a candidate being confirmed, or the previous control guarding a promotion), the round in
+flight (its arms, salt, start and the joined offset its rows come after, so a restart re-reads
+the round's rows instead of sampling new arms), the tuner's starting offset and the history of
+finished rounds.
 """
 from __future__ import annotations
 

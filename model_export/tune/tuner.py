@@ -155,11 +155,10 @@ class Tuner:
         st = self.state
         rng = np.random.default_rng([self.s.seed, st.round])
         x = self.search.sample(self.s.arms, rng)
-        pinned = st.pin["role"] if st.pin else ""
-        if pinned:
-            x[0] = [st.pin["weights"].get(n, 0.0) for n in st.names]
         sets = [{self.key: self.weights(xk)} for xk in x]
-        if pinned:
+        pinned = st.pin["role"] if st.pin else ""
+        if pinned:                       # arm 0 serves the pinned weights as given
+            x[0] = [st.pin["weights"].get(n, 0.0) for n in st.names]
             sets[0] = {self.key: st.pin["weights"]}
         names = [f"tune-r{st.round}-a{k}" for k in range(self.s.arms)]
         salt = f"tune-{self.s.seed}-r{st.round}"
