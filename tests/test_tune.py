@@ -58,7 +58,8 @@ def test_log_scale_and_the_surrogate_reach_a_corner_a_linear_cem_walks_past():
             s.update(x, r)
             z += list(s.coords(x))
             gain += list(r - corner(np.array([3.0, 3.0])) - rng.normal(0, 0.044))
-            beta = surrogate.fit(np.array(z), np.array(gain), np.ones(len(z))) if recentre else None
+            beta = surrogate.fit(np.array(z), np.full((len(z), 2), np.nan), np.array(gain),
+                                 np.ones(len(z))) if recentre else None
             if beta is not None:
                 s.mean = surrogate.propose(beta, s.mean, s.std, s.zlo, s.zhi)
         return float(corner(s.centre))
@@ -70,11 +71,18 @@ def test_log_scale_and_the_surrogate_reach_a_corner_a_linear_cem_walks_past():
 def test_the_surrogate_finds_a_quadratics_optimum_inside_its_trust_region():
     rng = np.random.default_rng(0)
     z = rng.uniform(0, 3, (40, 2))
-    beta = surrogate.fit(z, quadratic(z) + rng.normal(0, 0.01, 40), np.ones(40))
+    unknown = np.full_like(z, np.nan)
+    beta = surrogate.fit(z, unknown, quadratic(z) + rng.normal(0, 0.01, 40), np.ones(40))
     assert np.abs(surrogate.propose(beta, np.array([1.5, 1.5]), np.ones(2), np.zeros(2), np.full(2, 3.0)) - OPT).max() < 0.15
-    near = surrogate.propose(beta, np.array([2.8, 2.8]), np.full(2, 0.2), np.zeros(2), np.full(2, 3.0))
-    assert np.allclose(near, [2.4, 2.4])                     # the trust region's corner towards the optimum
-    assert surrogate.fit(z[:11], quadratic(z[:11]), np.ones(11)) is None    # fewer than twice its 6 terms
+    near = surrogate.propose(beta, np.array([2.8, 2.8]), np.full(2, 0.6), np.zeros(2), np.full(2, 3.0))
+    assert np.allclose(near, [1.6, 1.6])                     # the trust region's corner towards the optimum
+    collapsed = surrogate.propose(beta, np.array([2.8, 2.8]), np.full(2, 0.01), np.zeros(2), np.full(2, 3.0))
+    assert np.allclose(collapsed, [2.8 - 2 * surrogate.TRUST_FLOOR] * 2)   # a collapsed spread still moves
+    assert surrogate.fit(z[:11], unknown[:11], quadratic(z[:11]), np.ones(11)) is None    # < twice its 6 terms
+    # gains over two different known controls fit one surface: the same optimum
+    zc = np.where(np.arange(40)[:, None] < 20, [[3.0, 3.0]], [[2.0, 1.0]])
+    beta = surrogate.fit(z, zc, quadratic(z) - quadratic(zc) + rng.normal(0, 0.01, 40), np.ones(40))
+    assert np.abs(surrogate.propose(beta, np.array([1.5, 1.5]), np.ones(2), np.zeros(2), np.full(2, 3.0)) - OPT).max() < 0.15
 
 
 def test_samples_stay_in_the_box_and_bad_settings_are_refused():

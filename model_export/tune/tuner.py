@@ -249,15 +249,22 @@ class Tuner:
     def _recentre(self, history: list[dict]) -> int:
         """Move the search mean to the argmax of the surrogate over every round's arm-vs-control
         gains (surrogate.py); the number of points it was fitted on (0: too few yet)."""
-        z, gain, weight = [], [], []
+        z, zc, gain, weight = [], [], [], []
+        names = self.state.names
         for rec in history:
             c = rec["control"]
+            cw = c["weights"] if c["weights"] is not None else self.s.control
+            at = (self.search.coords(np.array([cw[n] for n in names])) if cw is not None
+                  else np.full(len(names), np.nan))
             for a in rec["arms"]:
                 if a["lists"] and c["lists"]:
-                    z.append(self.search.coords(np.array([a["weights"][n] for n in self.state.names])))
+                    z.append(self.search.coords(np.array([a["weights"][n] for n in names])))
+                    zc.append(at)
                     gain.append(a.get("adjusted", a["reward"]) - c.get("adjusted", c["reward"]))
                     weight.append(1.0 / (1.0 / a["lists"] + 1.0 / c["lists"]))
-        beta = surrogate.fit(np.array(z).reshape(len(z), -1), np.array(gain), np.array(weight))
+        d = len(names)
+        beta = surrogate.fit(np.array(z).reshape(-1, d), np.array(zc).reshape(-1, d), np.array(gain),
+                             np.array(weight))
         if beta is None:
             return 0
         sr = self.search
