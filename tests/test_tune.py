@@ -51,21 +51,21 @@ def test_log_scale_and_the_surrogate_reach_a_corner_a_linear_cem_walks_past():
     def run(seed: int, scale: str, recentre: bool) -> float:
         rng = np.random.default_rng(seed)
         s = Search.start(np.array([3.0, 3.0]), 0.5, np.zeros(2), np.full(2, 3.0), scale=scale)
-        z, gain = [], []
+        z, gain, at = [], [], s.coords(np.array([3.0, 3.0]))          # control stays at the start
         for _ in range(12):
             x = s.sample(4, rng)
             r = corner(x) + rng.normal(0, 0.044, 4)
             s.update(x, r)
             z += list(s.coords(x))
             gain += list(r - corner(np.array([3.0, 3.0])) - rng.normal(0, 0.044))
-            beta = surrogate.fit(np.array(z), np.full((len(z), 2), np.nan), np.array(gain),
+            beta = surrogate.fit(np.array(z), np.tile(at, (len(z), 1)), np.array(gain),
                                  np.ones(len(z))) if recentre else None
             if beta is not None:
                 s.mean = surrogate.propose(beta, s.mean, s.std, s.zlo, s.zhi)
         return float(corner(s.centre))
 
     got = {k: np.mean([run(seed, *k) for seed in range(100)]) for k in [("linear", False), ("log", True)]}
-    assert got[("log", True)] > 0.935 and got[("log", True)] > got[("linear", False)] + 0.025, got   # 0.946, 0.907
+    assert got[("log", True)] > 0.95 and got[("log", True)] > got[("linear", False)] + 0.04, got   # 0.963, 0.907
 
 
 def test_the_surrogate_finds_a_quadratics_optimum_inside_its_trust_region():
