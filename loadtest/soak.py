@@ -4,8 +4,8 @@
         --qps 105 --event-ratio 0.333 --duration 900 --interval 60 --out reports/large-soak
 
 What a soak is for: errors that only show after a while, a p99 that creeps, memory that
-grows. Per interval it reports Recommend p50/p99 and status codes and the server's RSS (at
-the interval's end) and cores; the verdict holds the run to no errors at all and RSS after
+grows. Per interval it reports Recommend p50/p99 and status codes, the server's RSS, PSS and
+private memory (at the interval's end; loadtest.target says why all three) and cores; the verdict holds the run to no errors at all and RSS after
 the first interval (warm caches, filled arenas) growing by at most RSS_GROWTH_MAX.
 """
 from __future__ import annotations
@@ -20,11 +20,18 @@ def verdict(run: dict[str, Any]) -> dict[str, Any]:
     """Errors, RSS growth after the first interval and the worst interval's p99."""
     rows = run["intervals"]
     rss = [r["server"]["rss_mb"] for r in rows if "server" in r]
-    growth = (max(rss[1:]) / rss[0] - 1) if len(rss) > 1 and rss[0] > 0 else None
+    growth = _growth(rss)
     errors = run["sent"] - run["ok"]
     return {"errors": errors, "rss_first_mb": rss[0] if rss else None, "rss_last_mb": rss[-1] if rss else None,
             "rss_growth": growth, "worst_p99_ms": max((r["latency_ms"]["p99"] for r in rows), default=None),
+            "pss_growth": _growth([r["server"].get("pss_mb", 0.0) for r in rows if "server" in r]),
+            "private_growth": _growth([r["server"].get("private_mb", 0.0) for r in rows if "server" in r]),
             "passed": errors == 0 and growth is not None and growth <= RSS_GROWTH_MAX}
+
+
+def _growth(mb: list[float]) -> float | None:
+    """The largest value after the first interval against the first."""
+    return (max(mb[1:]) / mb[0] - 1) if len(mb) > 1 and mb[0] > 0 else None
 
 
 def markdown(run: dict[str, Any]) -> list[str]:
@@ -33,13 +40,17 @@ def markdown(run: dict[str, Any]) -> list[str]:
     lines = [f"### Soak: {run['offered_qps']:g} calls/s offered for {run['window_s']:.0f} s", "",
              f"**{'passed' if v['passed'] else 'FAILED'}**: errors {v['errors']} (must be 0); server RSS after "
              f"the first interval {growth} (at most +{RSS_GROWTH_MAX:.0%}); worst interval p99 "
-             f"{v['worst_p99_ms']:.2f} ms", "",
-             "| from s | Recommend ok | errors | p50 ms | p99 ms | max ms | server RSS MB | per process MB | "
-             "server cores |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             f"{v['worst_p99_ms']:.2f} ms", ""]
+    if v["pss_growth"] is not None and v["private_growth"] is not None:
+        lines += [f"Memory without shared pages counted once per process: PSS {v['pss_growth']:+.1%}, "
+                  f"private {v['private_growth']:+.1%} after the first interval.", ""]
+    lines += ["| from s | Recommend ok | errors | p50 ms | p99 ms | max ms | server RSS MB | per process MB | "
+              "PSS MB | private MB | server cores |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in run["intervals"]:
         srv = r.get("server")
         each = " / ".join(f"{x:.0f}" for x in (srv or {}).get("rss_mb_each", ()))
-        res = f"{srv['rss_mb']:.0f} | {each} | {srv['cpu_cores']:.2f}" if srv else "- | - | -"
+        res = (f"{srv['rss_mb']:.0f} | {each} | {srv.get('pss_mb', 0):.0f} | {srv.get('private_mb', 0):.0f} | "
+               f"{srv['cpu_cores']:.2f}" if srv else "- | - | - | - | -")
         lat = r["latency_ms"]
         lines.append(f"| {r['t_s']:.0f} | {r['ok']} | {sum(r['errors'].values())} | {lat['p50']:.2f} | "
                      f"{lat['p99']:.2f} | {lat['max']:.2f} | {res} |")

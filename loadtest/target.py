@@ -115,19 +115,25 @@ class ProcProbe:
         self.sample()
 
     def interval(self) -> dict[str, Any]:
-        """RSS now (in all and per process, the root first) and cores since the previous call
-        (or start): one row of a soak."""
+        """RSS now (in all and per process, the root first), PSS and private bytes, and cores
+        since the previous call (or start): one row of a soak. RSS counts a page of the shared
+        feature-state arrays once in every worker that touched it, so it grows as a worker reaches
+        rows it had not read yet; PSS splits shared pages between their processes and private
+        (USS) is what only one process holds: a leak grows those (smaps, read once an interval)."""
         now, cpu = time.monotonic(), self._cpu()
         t0, cpu0 = self.mark
         self.mark = (now, cpu)
         used = sum(v - cpu0.get(pid, 0.0) for pid, v in cpu.items())
-        each = []
+        each, pss, uss = [], 0.0, 0.0
         for p in self._procs():
             try:
-                each.append(p.memory_info().rss / 2**20)
-            except psutil.NoSuchProcess:
-                pass
-        return {"rss_mb": sum(each), "rss_mb_each": each, "cpu_cores": used / (now - t0) if now > t0 else 0.0}
+                m = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            each.append(m.rss / 2**20)
+            pss, uss = pss + m.pss / 2**20, uss + m.uss / 2**20
+        return {"rss_mb": sum(each), "rss_mb_each": each, "pss_mb": pss, "private_mb": uss,
+                "cpu_cores": used / (now - t0) if now > t0 else 0.0}
 
     def _rss(self) -> int:
         rss = 0
