@@ -117,6 +117,35 @@ def test_a_failing_log_never_fails_the_call(tmp_path):
         log.close()
 
 
+def test_a_rotation_on_the_append_path_leaves_the_disk_to_the_sync_thread(tmp_path, monkeypatch):
+    """Appends that rotate only swap files: no fsync on the caller's thread; the old segment stays
+    locked (live to readers) until the thread's pass fsyncs and closes it, then it reads whole."""
+    import os
+
+    from engine.store.samplelog.segments import SegmentFile, SegmentWriter, locked
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    w = SegmentWriter(tmp_path, records.EVENTS, segment_bytes=1, fsync_s=3600)   # a new segment per record
+    try:
+        batch = records.encode(records.event_batch(1.0, ["click"], ["u1"], ["a"], ["r1"], [0.0]))
+        names = [w.append(batch)[0] for _ in range(3)]
+        assert len(set(names)) == 3 and synced == []
+        assert all(locked(tmp_path / n) for n in names)     # rotated out, not closed yet
+        w.sync()
+        assert len(synced) == 4                            # two closed segments, the open one, the folder
+        assert [locked(tmp_path / n) for n in names] == [False, False, True]
+        for n in names[:2]:
+            f = SegmentFile(tmp_path / n)
+            got, _, torn = f.records(0)
+            f.close()
+            assert len(got) == 1 and torn == 0
+    finally:
+        w.close()
+    assert not locked(tmp_path / names[2])
+
+
 def _rows(log_dir: Path) -> dict[str, list[dict]]:
     """request_id -> its logged rows, in served order; a request logged twice fails here."""
     out: dict[str, list[dict]] = {}

@@ -9,7 +9,10 @@ the joiner's output adds commit markers (COMMIT, JSON). A record's position is i
 Durability: `append` returns once the record is written to the kernel (os.write), so the
 caller may acknowledge: the record survives a SIGKILL of the process. A background thread
 fsyncs every `fsync_s`, and a rotated segment is fsync'd when closed, so power loss costs at
-most the last `fsync_s` seconds of records (0: fsync before every append returns).
+most the last `fsync_s` seconds of records (0: fsync before every append returns). With that
+thread, rotation only swaps files under the lock: closing the old segment (fsync, unlock) and
+making the new one's name durable (fsync of the folder) are the thread's next pass, so an
+append on the request path never waits for a disk flush it did not ask for.
 
 Liveness: the writer holds an exclusive flock on its open segment. A reader at the end of a
 locked segment waits for more; at the end of an unlocked one it knows the segment is closed,
@@ -101,6 +104,8 @@ class SegmentWriter:
         self.auto_rotate = True             # False: only rotate() starts the next segment (a covering writer)
         self._lock = threading.Lock()
         self._fd, self._n, self._size, self._opened, self._dirty, self._header = -1, 0, 0, 0.0, False, 0
+        self._closing: list[int] = []       # rotated out, still locked: fsync'd and closed by sync()
+        self._created = False               # a segment whose header and name are not fsync'd yet
         self.path: Path | None = None
         self.appended = self.bytes = self.rotations = 0
         self._stop = threading.Event()
@@ -142,33 +147,65 @@ class SegmentWriter:
             return self._fd >= 0 and self._size > self._header and self._due()
 
     def rotate(self) -> None:
-        """Close the open segment; the next append starts a new one."""
+        """End the open segment; the next append starts a new one. Without the background thread
+        the segment is closed (fsync'd, unlocked) before this returns; with it, on its next pass."""
         with self._lock:
-            self._close_segment()
+            self._detach()
+        if self._syncer is None:
+            self.sync()
 
     def _rotate(self) -> None:
-        """Close the open segment (fsync'd, unlocked) and start the next one. Holds self._lock."""
-        self._close_segment()
+        """Detach the open segment and start the next one. Holds self._lock."""
+        self._detach()
         self._n += 1
         self.path = self.dir / f"{time.time() * 1000:013.0f}-{self.tag}{os.getpid()}-{self._n:05d}{SUFFIX}"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         header = MAGIC + frame(SCHEMA, self.schema_payload)
         os.write(fd, header)
-        os.fsync(fd)
-        fsync_dir(self.dir)
         self._fd, self._size, self._opened, self._dirty = fd, len(header), time.monotonic(), False
-        self._header = len(header)
+        self._header, self._created = len(header), True
         self.rotations += 1
-        if self.retain_s > 0 or self.retain_bytes > 0:
-            self._sweep()
+        if self._syncer is None:            # no thread to do it: durable before the first append returns
+            self._settle(self._take())
 
-    def _close_segment(self) -> None:
+    def _detach(self) -> None:
+        """The open segment stops taking records; sync() closes it. Holds self._lock."""
         if self._fd >= 0:
-            os.fsync(self._fd)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            self._closing.append(self._fd)
             self._fd = -1
+
+    def _take(self) -> tuple[list[int], bool, int]:
+        """What sync() owes the disk, taken under self._lock: segments to close, whether a new
+        segment's name must be made durable, and a dup of the open segment if it has unsynced records."""
+        closing, created, self._closing, self._created = self._closing, self._created, [], False
+        fd = -1
+        if self._fd >= 0 and (self._dirty or created):
+            fd, self._dirty = os.dup(self._fd), False
+        return closing, created, fd
+
+    def _settle(self, owed: tuple[list[int], bool, int]) -> None:
+        closing, created, fd = owed
+        failed: OSError | None = None
+        for old in closing:                 # fsync'd before unlocked: a reader who sees it closed sees it whole
+            try:
+                os.fsync(old)
+                fcntl.flock(old, fcntl.LOCK_UN)
+            except OSError as e:
+                failed = failed or e
+            finally:
+                os.close(old)
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if failed:
+            raise failed
+        if created:
+            fsync_dir(self.dir)
+        if closing and (self.retain_s > 0 or self.retain_bytes > 0):
+            self._sweep()
 
     def _sweep(self) -> None:
         """Retention: delete closed segments past the age, then the size bound, oldest first."""
@@ -194,23 +231,26 @@ class SegmentWriter:
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.fsync_s):
-            self.sync()
+            try:
+                self.sync()
+            except OSError:      # e.g. the folder was removed: the thread must outlive it; appends report it
+                log.exception("sample log: fsync of %s failed", self.dir)
 
     def sync(self) -> None:
-        """fsync what was appended (the background thread calls it every fsync_s)."""
+        """fsync what was appended and close rotated segments (the background thread calls it
+        every fsync_s); the disk is waited for outside the lock appends take."""
         with self._lock:
-            if self._fd < 0 or not self._dirty:
-                return
-            fd, self._dirty = os.dup(self._fd), False
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            owed = self._take()
+        self._settle(owed)
 
     def close(self) -> None:
         self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
         with self._lock:
-            self._close_segment()
+            self._detach()
+            owed = self._take()
+        self._settle(owed)
 
 
 class SegmentFile:
