@@ -87,7 +87,7 @@ def test_soak_reports_every_interval_with_rss_and_a_verdict(server, tiny_bundle,
     assert [row["interval"] for row in rows] == [0, 1, 2]
     assert sum(row["ok"] + sum(row["errors"].values()) for row in rows) == r["methods"]["Recommend"]["sent"]
     assert all(row["server"]["rss_mb"] > 0 and row["latency_ms"]["p99"] > 0 for row in rows[:2])
-    assert all(0 < row["server"]["private_mb"] <= row["server"]["pss_mb"] <= row["server"]["rss_mb"] for row in rows)
+    assert all(0 < row["server"]["private_mb"] <= row["server"]["pss_mb"] <= row["server"]["rss_mb"] for row in rows[:2])
     assert r["methods"]["ReportEvents"]["ok"] > 0
     from loadtest.soak import verdict
 
