@@ -5,8 +5,9 @@
 
 What a soak is for: errors that only show after a while, a p99 that creeps, memory that
 grows. Per interval it reports Recommend p50/p99 and status codes, the server's RSS, PSS and
-private memory (at the interval's end; loadtest.target says why all three) and cores; the verdict holds the run to no errors at all and RSS after
-the first interval (warm caches, filled arenas) growing by at most RSS_GROWTH_MAX.
+private memory (at the interval's end; loadtest.target says why all three) and cores; the
+verdict holds the run to no errors at all and RSS after the first interval (warm caches, filled
+arenas) growing by at most RSS_GROWTH_MAX.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ RSS_GROWTH_MAX = 0.05
 def verdict(run: dict[str, Any]) -> dict[str, Any]:
     """Errors, RSS growth after the first interval and the worst interval's p99."""
     rows = run["intervals"]
-    rss = [r["server"]["rss_mb"] for r in rows if "server" in r]
+    srv = [r["server"] for r in rows if "server" in r]
+    rss = [x["rss_mb"] for x in srv]
     growth = _growth(rss)
     errors = run["sent"] - run["ok"]
     return {"errors": errors, "rss_first_mb": rss[0] if rss else None, "rss_last_mb": rss[-1] if rss else None,
             "rss_growth": growth, "worst_p99_ms": max((r["latency_ms"]["p99"] for r in rows), default=None),
-            "pss_growth": _growth([r["server"].get("pss_mb", 0.0) for r in rows if "server" in r]),
-            "private_growth": _growth([r["server"].get("private_mb", 0.0) for r in rows if "server" in r]),
+            "pss_growth": _growth([x.get("pss_mb", 0.0) for x in srv]),
+            "private_growth": _growth([x.get("private_mb", 0.0) for x in srv]),
             "passed": errors == 0 and growth is not None and growth <= RSS_GROWTH_MAX}
 
 

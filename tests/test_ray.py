@@ -82,6 +82,11 @@ def bundle_root(tiny_bundle, tmp_path_factory) -> Path:
     return copy_bundle(tiny_bundle, tmp_path_factory.mktemp("ray") / "bundle")
 
 
+# Servers whose lists are compared: a deadline no busy machine reaches, so every answer is the
+# pipeline's (one past serving.deadline_ms is the degraded fallback list, which differs).
+PATIENT = ("--set", "serving.deadline_ms=5000")
+
+
 def _start(tmp: Path, config: Path, bundle: Path, cluster: str, port: int, *extra: str) -> Server:
     return Server(tmp, config, bundle, workers=None, port=port,
                   extra=("--backend", "ray", "--ray-address", cluster, "--host", "0.0.0.0",
@@ -94,11 +99,6 @@ def app(cluster, redis_url, grpc_port, bundle_root, tiny_config, tmp_path_factor
                "--replicas", "2", "--feature-store", redis_url, *PATIENT)
     yield s
     assert s.terminate(120) == 0, s.stderr()
-
-
-# Servers whose lists are compared: a deadline no busy machine reaches, so every answer is the
-# pipeline's (one past serving.deadline_ms is the degraded fallback list, which differs).
-PATIENT = ("--set", "serving.deadline_ms=5000")
 
 
 def _lists(server: Server, users=USERS, whole: bool = True) -> dict[str, list[str]]:
@@ -228,7 +228,8 @@ def test_split_fine_ranker_batches_across_requests_and_serves_the_same_lists(
     assert app.terminate(120) == 0, app.stderr()
     split = _start(tmp_path, tiny_config, bundle_root, cluster, grpc_port, "--replicas", "1",
                    "--feature-store", redis_url, "--set", "ray.split_fine=true", "--set", "ray.fine_max_batch=4",
-                   "--set", "ray.fine_batch_wait_ms=5.0", "--set", "ray.num_cpus=0.5", "--set", "ray.fine_num_cpus=0.5", *PATIENT)
+                   "--set", "ray.fine_batch_wait_ms=5.0", "--set", "ray.num_cpus=0.5", "--set", "ray.fine_num_cpus=0.5",
+                   *PATIENT)
     try:
         assert split.info["fine"] == "split"
         after = _lists(split, USERS[:6], whole=False)

@@ -200,10 +200,10 @@ class SegmentWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if created:                         # owed once: not skipped because an old segment failed
+            fsync_dir(self.dir)
         if failed:
             raise failed
-        if created:
-            fsync_dir(self.dir)
         if closing and (self.retain_s > 0 or self.retain_bytes > 0):
             self._sweep()
 
