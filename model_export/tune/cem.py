@@ -86,7 +86,15 @@ class Search:
             noise = np.concatenate([half, -half])[:k]
         else:
             noise = rng.standard_normal((k, d))
-        return self.weights(np.clip(self.mean + self.std * noise, self.zlo, self.zhi))
+        return self.weights(self.reflect(self.mean + self.std * noise))
+
+    def reflect(self, z: np.ndarray) -> np.ndarray:
+        """Fold coordinates into the box by mirroring at its edges. Clipping would put every sample
+        past an edge on it: with the mean there (a start at a corner of the box) the elites would
+        sit on the mean and the spread collapse along that weight before anything was learnt."""
+        width = self.zhi - self.zlo
+        t = np.mod(z - self.zlo, 2 * width)
+        return self.zlo + np.where(t > width, 2 * width - t, t)
 
     def update(self, x: np.ndarray, reward: np.ndarray) -> None:
         """Move the distribution toward the better of the candidate weights `x` [k, d] (`reward` [k])."""
