@@ -6,14 +6,10 @@ promotes only a candidate confirmed on fresh users, rolls back a promotion its g
 resumes the round in flight after a restart."""
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from engine.store.samplelog import records
-from model_export.joined import JoinedWriter
+from loadtest.simulate.tune_world import World, joined_table
 from model_export.tune import cuped, surrogate
 from model_export.tune.cem import Search
 from model_export.tune.reward import RewardSpec, list_rewards, welch
@@ -120,38 +116,19 @@ def test_a_search_started_at_a_corner_of_the_box_keeps_its_spread():
     assert kept.mean() > 0.8 and (kept < 0.5).mean() < 0.15, (kept.mean(), (kept < 0.5).mean())
 
 
-def _joined(rows: list[dict]) -> pa.Table:
-    cols = {f.name: [] for f in records.JOINED}
-    for r in rows:
-        for f in records.JOINED:
-            cols[f.name].append(r.get(f.name, _default(f.type)))
-    return pa.table(cols, schema=records.JOINED)
-
-
-def _default(t: pa.DataType):
-    if pa.types.is_list(t) or pa.types.is_map(t):
-        return []
-    if pa.types.is_string(t):
-        return ""
-    if pa.types.is_boolean(t):
-        return False
-    return 0
-
-
 def test_rewards_are_per_list_discounted_and_corrections_replace_negatives():
-    rows = [dict(request_id="r1", item_id="a", position=0, experiment="x", time=5.0, label_click=1, label_like=1),
-            dict(request_id="r1", item_id="b", position=1, experiment="x", time=5.0),
-            dict(request_id="r2", item_id="a", position=0, experiment="", time=6.0),
-            dict(request_id="r2", item_id="c", position=1, experiment="", time=6.0),
-            dict(request_id="r2", item_id="c", position=1, experiment="", time=6.0, label_click=1, correction=True)]
-    lists = list_rewards(_joined(rows), RewardSpec({"click": 1.0, "like": 0.5}))
+    table = joined_table(5, dict(          # lists r1 (arm x) and r2 (control); r2's last row corrects its c
+        request_id=["r1", "r1", "r2", "r2", "r2"], item_id=["a", "b", "a", "c", "c"], position=[0, 1, 0, 1, 1],
+        experiment=["x", "x", "", "", ""], time=[5.0, 5.0, 6.0, 6.0, 6.0], label_click=[1, 0, 0, 0, 1],
+        label_like=[1, 0, 0, 0, 0], correction=[False, False, False, False, True]))
+    lists = list_rewards(table, RewardSpec({"click": 1.0, "like": 0.5}))
     got = dict(zip(lists.experiment, zip(lists.reward, lists.impressions)))
     assert got["x"][1] == 2 and got["x"][0] == pytest.approx(1.5 / 2)
     assert got[""][1] == 2 and got[""][0] == pytest.approx(1 / np.log2(3) / 2)
-    flat = list_rewards(_joined(rows), RewardSpec({"click": 1.0}, discount="none"))
+    flat = list_rewards(table, RewardSpec({"click": 1.0}, discount="none"))
     assert dict(zip(flat.experiment, flat.reward))[""] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="no label column"):
-        list_rewards(_joined(rows), RewardSpec({"share": 1.0}))
+        list_rewards(table, RewardSpec({"share": 1.0}))
 
 
 def test_welch_bounds_bracket_the_gain_and_count_a_users_lists_as_one_cluster():
@@ -170,48 +147,17 @@ def test_welch_bounds_bracket_the_gain_and_count_a_users_lists_as_one_cluster():
     assert wide.upper - wide.lower > 5 * (c.upper - c.lower) and wide.n_a == 40
 
 
-class World:
-    """A synthetic server: lists whose click rate is a known function of the weights they were
-    ranked with, written to a real joined folder commit by commit; users hash to arms by salt."""
-
-    def __init__(self, out, seed: int = 0, lists_per_tick: int = 400, users: int = 100000, flat: bool = False):
-        self.w = JoinedWriter(out)
-        self.rng = np.random.default_rng(seed)
-        self.arms, self.control, self.salt = [], {}, ""
-        self.n, self.per_tick, self.installs = 0, lists_per_tick, 0
-        self.users, self.flat = users, flat
-        self.taste = self.rng.uniform(0.2, 1.8, users)     # how much more than average a user clicks
-
-    def set_arms(self, arms, control, salt=""):
-        self.arms, self.control, self.salt = list(arms), dict(control), salt
-        self.installs += 1
-
-    def p(self, weights: dict) -> float:
-        if self.flat:
-            return 0.2
+def landscape(flat: bool = False):
+    """A list's click rate from its weights: a bump at OPT, or 0.2 everywhere."""
+    def p(weights: dict) -> float:
         x = np.array([weights.get("like", 0.0), weights.get("finish", 0.0)])
-        return float(0.05 + 0.25 * np.exp(-((x - OPT) ** 2).sum() / 2))
+        return 0.2 if flat else float(0.05 + 0.25 * np.exp(-((x - OPT) ** 2).sum() / 2))
+    return p
 
-    def tick(self) -> bool:
-        rows = []
-        for _ in range(self.per_tick):
-            self.n += 1
-            u = int(self.rng.integers(self.users))
-            user = f"u{u}"
-            h, acc, exp = zlib.crc32((self.salt + user).encode()) / 2**32, 0.0, ""
-            weights = self.control.get("stage.rerank.weights", {"click": 1.0})
-            for name, share, st, _cap in self.arms:
-                acc += share
-                if h < acc:
-                    exp, weights = name, st["stage.rerank.weights"]
-                    break
-            clicks = self.rng.random(4) < min(self.p(weights) * self.taste[u], 1.0)
-            rows += [dict(request_id=f"q{self.n}", item_id=f"i{k}", position=k, experiment=exp, time=1e10,
-                          user_id=user, label_click=int(c)) for k, c in enumerate(clicks)]
-        for batch in _joined(rows).to_batches():
-            self.w.write(batch)
-        self.w.commit({}, {}, {}, 0.0)
-        return False
+
+def world_at(out, seed: int = 0, users: int = 100000, flat: bool = False) -> World:
+    """The synthetic server (loadtest/simulate/tune_world.py) with 4-item lists and control on clicks only."""
+    return World(out, landscape(flat), {"click": 1.0}, seed=seed, users=users, items=4)
 
 
 def _settings(**kw) -> TuneSettings:
@@ -221,7 +167,7 @@ def _settings(**kw) -> TuneSettings:
 
 
 def test_the_tuner_moves_control_to_the_optimum_and_resumes_after_a_restart(tmp_path):
-    world = World(tmp_path / "joined")
+    world = world_at(tmp_path / "joined")
     state = tmp_path / "tune.json"
     t = Tuner(_settings(), world, tmp_path / "joined", state)
     t._install()                                     # a round in flight ...
@@ -237,7 +183,7 @@ def test_the_tuner_moves_control_to_the_optimum_and_resumes_after_a_restart(tmp_
     assert st.search["scale"] == "log" and np.abs(t.search.centre - OPT).max() < 0.35, (t.search.centre, st.search)
     promoted = [h for h in st.history if h["decision"].startswith("promoted")]
     assert promoted and st.control is not None
-    assert world.p(st.control) > 0.9 * world.p(dict(zip(["like", "finish"], OPT))), st.control
+    assert landscape()(st.control) > 0.9 * landscape()(dict(zip(["like", "finish"], OPT))), st.control
     for h in promoted:          # every promotion: a candidate of the round before, confirmed on fresh users
         before = st.history[h["round"] - 1]
         assert h["pinned"]["role"] == "confirm" and h["pinned"]["lower"] > 0, h
@@ -248,7 +194,7 @@ def test_the_tuner_moves_control_to_the_optimum_and_resumes_after_a_restart(tmp_
 
 
 def test_a_state_file_of_other_weights_is_refused(tmp_path):
-    world = World(tmp_path / "joined")
+    world = world_at(tmp_path / "joined")
     Tuner(_settings(), world, tmp_path / "joined", tmp_path / "s.json")
     with pytest.raises(ValueError, match="another tuning run"):
         Tuner(_settings(search={"like": (0.0, 1.0)}), world, tmp_path / "joined", tmp_path / "s.json")
@@ -274,7 +220,7 @@ def test_cuped_cuts_the_variance_users_add_and_keeps_the_gain():
 def test_no_promotion_on_a_flat_world_and_users_history_is_rebuilt_after_a_restart(tmp_path):
     """Every weight vector is as good as control: a promotion would be a false positive. Lucky
     candidates may appear; none survives its confirmation on fresh users."""
-    world = World(tmp_path / "joined", seed=1, users=3000, flat=True)
+    world = world_at(tmp_path / "joined", seed=1, users=3000, flat=True)
     state = tmp_path / "tune.json"
     t = Tuner(_settings(confidence=0.9), world, tmp_path / "joined", state)
     t.run(rounds=12, stop=world.tick)
@@ -287,7 +233,7 @@ def test_no_promotion_on_a_flat_world_and_users_history_is_rebuilt_after_a_resta
 
 
 def test_a_promotion_its_guard_beats_is_rolled_back(tmp_path):
-    world = World(tmp_path / "joined", seed=2)
+    world = world_at(tmp_path / "joined", seed=2)
     state = tmp_path / "tune.json"
     t = Tuner(_settings(control={"click": 1.0, "like": 1.2, "finish": 0.4}), world, tmp_path / "joined", state)
     bad = {"click": 1.0, "like": 3.0, "finish": 3.0}                  # far from the optimum

@@ -1,5 +1,5 @@
 """The tuning run as a PNG: each arm's and control's reward per round, and the search's mean and
-spread per weight per round (promotions and rollbacks marked)."""
+spread per weight per round (mean -+ one spread mapped to weights; promotions and rollbacks marked)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,9 +36,10 @@ def plot(history: list[dict], out: Path, truth: list[float] | None = None) -> No
         tx.legend(loc="lower right", fontsize=8)
     for name in history[0]["mean"]:
         m = np.array([h["mean"][name] for h in history])
-        s = np.array([h["std"][name] for h in history])
         (line,) = bx.plot(rounds, m, "o-", label=f"{name} mean")
-        bx.fill_between(rounds, m - s, m + s, color=line.get_color(), alpha=0.2)
+        if all("band" in h for h in history):       # the spread is in search coordinates (log scale)
+            band = np.array([h["band"][name] for h in history])
+            bx.fill_between(rounds, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.2)
     bx.set_xlabel("round (dotted: green promotion, red rollback, after the round)")
     bx.set_ylabel("weight")
     bx.legend(loc="upper left", fontsize=8)

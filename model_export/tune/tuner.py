@@ -230,6 +230,9 @@ class Tuner:
         rec |= {
             "mean": dict(zip(st.names, self.search.centre.round(4).tolist())),   # weights
             "std": dict(zip(st.names, self.search.std.round(4).tolist())),       # search coordinates
+            "band": {n: [round(float(a), 4), round(float(b), 4)]                   # mean -+ 1 spread, as weights
+                     for n, a, b in zip(st.names, self.search.weights(self.search.mean - self.search.std),
+                                        self.search.weights(self.search.mean + self.search.std))},
             "exploration_share": float(lists.impressions[~is_ctl].sum() / max(lists.impressions.sum(), 1)),
         }
         rec["decision"] = self._decide(cur, ctl, per_arm, means, x, rec)
