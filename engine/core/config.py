@@ -78,7 +78,7 @@ class Config:
         """The experiment a user is in ("" = control): crc32 of the id over the shares in config
         order, so every worker, replica and restart puts the same user in the same arm. Arms
         set at run time may carry a salt, so a new set of arms draws new users."""
-        u = zlib.crc32((self.arms_salt + user_id).encode()) / 2**32
+        u = arm_point(self.arms_salt, user_id)
         acc = 0.0
         for name, e in self.experiments.items():
             acc += e.share
@@ -91,6 +91,11 @@ class Config:
         return self._variants[experiment] if experiment else self
 
     _variants: dict[str, "Config"] = dataclasses.field(default_factory=dict)
+
+
+def arm_point(salt: str, user_id: str) -> float:
+    """A user's fixed point in [0, 1) under `salt`; arms take consecutive share ranges of it."""
+    return zlib.crc32((salt + user_id).encode()) / 2**32
 
 
 def _files_digest(folder: Path) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from engine.core.config import arm_point
 from engine.store.samplelog import records
 from model_export.joined import JoinedWriter
 
@@ -41,7 +41,6 @@ def interior(x: np.ndarray) -> np.ndarray:
 
 
 LANDSCAPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"corner": corner, "interior": interior}
-OPTIMA = {"corner": np.array([0.0, 0.0]), "interior": np.array([1.2, 0.4])}
 
 
 def joined_table(n: int, cols: dict[str, np.ndarray]) -> pa.Table:
@@ -79,7 +78,7 @@ class World:
 
     def set_arms(self, arms, control, salt=""):
         self.arms, self.control, self.salt = list(arms), dict(control), salt
-        self.hash = np.array([zlib.crc32((salt + u).encode()) / 2**32 for u in self.ids])
+        self.hash = np.array([arm_point(salt, u) for u in self.ids])
         self.installs += 1
 
     def tick(self) -> bool:
@@ -135,7 +134,7 @@ def run(landscape: str, seed: int, rounds: int = 14, arms: int = 4) -> dict:
     path = [share(h["control"]["weights"] or start) for h in st.history] + [share(st.control or start)]
     return {"seed": seed, "path": path, "end": path[-1],
             "promotions": sum(h["decision"].startswith("promoted") for h in st.history),
-            "worst_step": min(np.diff(path), default=0.0), "mean": [st.search["mean"]]}
+            "worst_step": min(np.diff(path), default=0.0), "mean": st.search["mean"]}
 
 
 def main(argv: list[str] | None = None) -> None:
