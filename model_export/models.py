@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.core.featurize import user_tower_dim
+from model_export.position import Examination
 
 CAT_DIM = AUTHOR_DIM = 16      # category / author embeddings of the item tower
 TOWER_HIDDEN = (128,)          # two-tower MLPs: one hidden layer is enough at this scale
@@ -125,13 +126,21 @@ class SplitLinear(nn.Module):
 class _Ranker(nn.Module):
     """Shared front of both rankers: user [Bu, Du] (user_e first), item [N, Di] (item_e first).
 
-    `item_mean`/`item_std` default to identity: a checkpoint's state_dict restores the real ones."""
+    `item_mean`/`item_std` default to identity: a checkpoint's state_dict restores the real ones.
+    `positions` > 0: an examination curve over that many slots (model_export.position), trained
+    beside the ranker and never exported: the graph scores relevance alone."""
 
-    def __init__(self, d_item: int, embed_dim: int, item_mean: np.ndarray | None, item_std: np.ndarray | None):
+    def __init__(self, d_item: int, embed_dim: int, item_mean: np.ndarray | None, item_std: np.ndarray | None,
+                 positions: int = 0):
         super().__init__()
         self.d = embed_dim
         self.norm = Standardize(np.zeros(d_item) if item_mean is None else item_mean,
                                 np.ones(d_item) if item_std is None else item_std)
+        self.exam = Examination(positions) if positions > 1 else None
+
+    def log_exam(self, position: Tensor | None) -> Tensor | None:
+        """Log examination probability of each row's slot; None when either side lacks positions."""
+        return None if self.exam is None or position is None else self.exam.log_prob(position)
 
     def parts(self, user: Tensor, item: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(user, standardised item, user_e * item_e cross term, item_e)."""
@@ -145,9 +154,9 @@ class CoarseDNN(_Ranker):
     onnx_inputs, onnx_outputs = ("user", "item"), ("p",)
 
     def __init__(self, d_user: int, d_item: int, embed_dim: int, hidden: list[int],
-                 item_mean: np.ndarray | None = None, item_std: np.ndarray | None = None):
-        super().__init__(d_item, embed_dim, item_mean, item_std)
-        self.kwargs = dict(d_user=d_user, d_item=d_item, embed_dim=embed_dim, hidden=list(hidden))
+                 item_mean: np.ndarray | None = None, item_std: np.ndarray | None = None, positions: int = 0):
+        super().__init__(d_item, embed_dim, item_mean, item_std, positions)
+        self.kwargs = dict(d_user=d_user, d_item=d_item, embed_dim=embed_dim, hidden=list(hidden), positions=positions)
         self.first = SplitLinear([d_user, d_item, embed_dim], hidden[0])
         self.rest = mlp([*hidden, 1])
 
@@ -168,10 +177,10 @@ class MMoE(_Ranker):
 
     def __init__(self, d_user: int, d_item: int, embed_dim: int, n_tasks: int, experts: int,
                  expert_hidden: list[int], tower_hidden: list[int], item_mean: np.ndarray | None = None,
-                 item_std: np.ndarray | None = None):
-        super().__init__(d_item, embed_dim, item_mean, item_std)
+                 item_std: np.ndarray | None = None, positions: int = 0):
+        super().__init__(d_item, embed_dim, item_mean, item_std, positions)
         self.kwargs = dict(d_user=d_user, d_item=d_item, embed_dim=embed_dim, n_tasks=n_tasks, experts=experts,
-                           expert_hidden=list(expert_hidden), tower_hidden=list(tower_hidden))
+                           expert_hidden=list(expert_hidden), tower_hidden=list(tower_hidden), positions=positions)
         self.n_experts, self.n_tasks, self.h0 = experts, n_tasks, expert_hidden[0]
         parts = [d_user, d_item, embed_dim, embed_dim]        # user, item, cross, attention-pooled seq
         self.log_scale = nn.Parameter(torch.tensor(float(np.log(ATTN_SCALE0))))

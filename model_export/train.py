@@ -28,7 +28,10 @@ from indexes import exact_ids
 from model_export.cascade import UserStates
 from model_export.dataset import Dataset, Phase
 from model_export.models import MMoE, CoarseDNN, TwoTower
+from model_export.position import label_loss
 from model_export.progress import bar
+
+EXAM_REPORTED = (1, 4, 9, 19)          # slots whose examination probability the build reports
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]   # dense tower input [B, D] -> embeddings [B, d]
 # One thread for torch and LightGBM. Measured on this 2-core machine while other processes ran:
@@ -213,6 +216,7 @@ class RankerRows:
     item: np.ndarray      # [N, d + F] ranker_item_input (item_e, then the coarse features)
     recent: np.ndarray    # [N, L] for sequence_input, gathered per batch (a [N, L, d] array is too big)
     labels: np.ndarray    # [N, T]
+    position: np.ndarray | None = None   # int16 [N] slot the row was shown in; None: not an impression
 
     @property
     def coarse(self) -> np.ndarray:
@@ -227,7 +231,8 @@ def ranker_rows(ds: Dataset, tables: Tables, rows: np.ndarray, state: FeatureSta
     du = ranker_user_dim(tables.item_emb.shape[1], tables.profile_cardinality, tables.context_cardinality)
     out = RankerRows(np.empty((n, du), np.float32),
                      np.empty((n, tables.item_emb.shape[1] + len(COARSE_FEATURES)), np.float32),
-                     state.user_recent[ds.log_user[rows]], ds.log_labels[rows].astype(np.float32))
+                     state.user_recent[ds.log_user[rows]], ds.log_labels[rows].astype(np.float32),
+                     ds.log_position[rows])
     i2i = i2i_pairs(tables.i2i, state.user_recent, ds.log_user[rows], ds.log_item[rows])
     for s in bar(range(0, n, chunk), desc=f"features {desc}", unit="chunk"):
         r = rows[s:s + chunk]
@@ -292,6 +297,28 @@ def fit_gbdt(train: RankerRows, valid: RankerRows, task: str, cfg: TrainConfig,
 
 # ---------------------------------------------------------------- coarse phase 2 and fine ranker
 
+def positions(rows: RankerRows, b: np.ndarray) -> Tensor | None:
+    """The slots of rows `b`, for the examination curve (model_export.position); None without."""
+    return None if rows.position is None else torch.from_numpy(rows.position[b].astype(np.int64))
+
+
+def _slots(rows: RankerRows, cfg: TrainConfig) -> int:
+    """Slots of the examination curve a ranker trained on `rows` learns: none for rows that are
+    not impressions (implicit data, sampled negatives) or with `position_bias = 0`."""
+    return cfg.position_bias if rows.position is not None else 0
+
+
+def _start_exam(model: nn.Module, rows: RankerRows) -> None:
+    if model.exam is not None:
+        model.exam.start_from(rows.position, rows.labels[:, 0])
+
+
+def exam_metrics(model: nn.Module) -> dict[str, float]:
+    """The learnt examination probability of a few slots against the first (manifest metrics)."""
+    curve = model.exam.curve() if getattr(model, "exam", None) is not None else []
+    return {f"exam@{p}": curve[p] for p in EXAM_REPORTED if p < len(curve)}
+
+
 def _tensors(rows: RankerRows, b: np.ndarray, tables: Tables | None = None) -> list[Tensor]:
     out = [torch.from_numpy(rows.user[b]), torch.from_numpy(rows.item[b])]
     if tables is not None:
@@ -321,16 +348,17 @@ def fit_coarse_dnn(train: RankerRows, valid: RankerRows, embed_dim: int, task: s
     `aux(model)`: a term added to each batch's loss, e.g. distill.Listwise (a few training
     users' recalled candidates ordered as the fine ranker orders them)."""
     model = CoarseDNN(train.user.shape[1], train.item.shape[1], embed_dim, cfg.dnn_hidden,
-                      train.item.mean(0), train.item.std(0))
+                      train.item.mean(0), train.item.std(0), _slots(train, cfg))
+    _start_exam(model, train)
     y = torch.from_numpy(train.labels[:, 0])
     extra = aux(model) if aux is not None else None
 
     def loss_fn(b: np.ndarray) -> Tensor:
-        loss = F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b)), y[b])
+        loss = label_loss(model.logits(*_tensors(train, b)), y[b], model.log_exam(positions(train, b))).mean()
         return loss if extra is None else loss + extra.loss()
 
     def evaluate() -> dict[str, float]:
-        out = {f"auc_{task}": auc(valid.labels[:, 0], predict(model, valid))}
+        out = {f"auc_{task}": auc(valid.labels[:, 0], predict(model, valid)), **exam_metrics(model)}
         return out if extra is None else {**out, **extra.metrics()}
 
     return model, _train_loop(model, len(train.user), cfg.dnn_epochs, cfg, "coarse dnn", loss_fn, evaluate)
@@ -340,15 +368,17 @@ def fit_fine(train: RankerRows, valid: RankerRows, tables: Tables, tasks: tuple[
              cfg: TrainConfig) -> tuple[MMoE, dict[str, float]]:
     """Every task at once (summed BCE); one AUC per task."""
     model = MMoE(train.user.shape[1], train.item.shape[1], tables.item_emb.shape[1], len(tasks), cfg.fine_experts,
-                 cfg.fine_expert_hidden, cfg.fine_tower_hidden, train.item.mean(0), train.item.std(0))
+                 cfg.fine_expert_hidden, cfg.fine_tower_hidden, train.item.mean(0), train.item.std(0),
+                 _slots(train, cfg))
+    _start_exam(model, train)
     y = torch.from_numpy(train.labels)
 
     def loss_fn(b: np.ndarray) -> Tensor:
-        return F.binary_cross_entropy_with_logits(model.logits(*_tensors(train, b, tables)), y[b],
-                                                  reduction="none").mean(0).sum()
+        return label_loss(model.logits(*_tensors(train, b, tables)), y[b],
+                          model.log_exam(positions(train, b))).mean(0).sum()
 
     def evaluate() -> dict[str, float]:
         p = predict(model, valid, tables)
-        return {f"auc_{t}": auc(valid.labels[:, k], p[:, k]) for k, t in enumerate(tasks)}
+        return {**{f"auc_{t}": auc(valid.labels[:, k], p[:, k]) for k, t in enumerate(tasks)}, **exam_metrics(model)}
 
     return model, _train_loop(model, len(train.user), cfg.fine_epochs, cfg, "fine mmoe", loss_fn, evaluate)

@@ -75,6 +75,7 @@ class TrainConfig:
     rank_cold_share: float = 0.0       # ranker rows re-featurized as cold items (no id row, no counters)
     distill_weight: float = 0.0        # coarse DNN: weight of the listwise loss towards the fine ranker (0: off)
     distill_users: int = 2000          # training users whose offline recall the fine ranker scores
+    position_bias: int = 32            # slots whose examination the rankers learn apart (PAL; 0: off)
     parity_tol: float = 1e-4
 
     def check(self) -> None:
@@ -95,6 +96,8 @@ class TrainConfig:
         if self.distill_weight < 0 or self.distill_users < 1:
             raise _err("distill_weight", "distill_weight must be >= 0 and distill_users >= 1")
         _non_negative("tt_uniform_negatives", self.tt_uniform_negatives)
+        if self.position_bias == 1 or self.position_bias < 0:
+            raise _err("position_bias", "0 (off) or the number of slots, >= 2")
 
 
 @dataclass

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.core.sections import StreamConfig
 from model_export.export import ort_session
 from model_export.stream.samples import Samples
 from model_export.stream.tables import SeqSource
-from model_export.train import _tensors, auc
+from model_export.position import label_loss
+from model_export.train import _tensors, auc, positions
 
 RANKERS = ("coarse_dnn", "fine")
 OPTIMIZER = "optimizer.pt"
@@ -66,13 +66,14 @@ class RankerLearner:
             if rows is not None:
                 user, item = rows.splice(s, b, user, item)
             losses = {}
+            slot = positions(s.rows, b)
             for name, model in self.models.items():
                 if name == "fine":
                     sq, mask = seq(s.rows.recent[b], s.versions[b])
                     logits = model.logits(user, item, torch.from_numpy(sq), torch.from_numpy(mask))
-                    losses[name] = F.binary_cross_entropy_with_logits(logits, y[b], reduction="none").mean(0).sum()
+                    losses[name] = label_loss(logits, y[b], model.log_exam(slot)).mean(0).sum()
                 else:
-                    losses[name] = F.binary_cross_entropy_with_logits(model.logits(user, item), y[b][:, 0])
+                    losses[name] = label_loss(model.logits(user, item), y[b][:, 0], model.log_exam(slot)).mean()
             opts = [*self.opt.values(), *([rows.opt] if rows is not None else [])]
             for o in opts:
                 o.zero_grad()

@@ -52,7 +52,8 @@ def to_samples(table: pa.Table, tasks: tuple[str, ...], d_user: int, d_item: int
 
     rows = RankerRows(mat("user_x", d_user, np.float32), mat("item_x", d_item, np.float32),
                       mat("recent", recent_len, np.int32),
-                      np.stack([kept[f"label_{t}"].to_numpy() for t in tasks], 1).astype(np.float32))
+                      np.stack([kept[f"label_{t}"].to_numpy() for t in tasks], 1).astype(np.float32),
+                      kept["position"].to_numpy().astype(np.int16))
     return Samples(rows, kept["user_index"].to_numpy().astype(np.int32), kept["item_index"].to_numpy().astype(np.int32),
                    kept["bundle_version"].to_numpy(zero_copy_only=False).astype(str),
                    dropped=table.num_rows - n)
@@ -60,7 +61,8 @@ def to_samples(table: pa.Table, tasks: tuple[str, ...], d_user: int, d_item: int
 
 def concat(parts: list[Samples]) -> Samples:
     r = [p.rows for p in parts]
-    return Samples(RankerRows(*(np.concatenate([getattr(x, f) for x in r]) for f in ("user", "item", "recent", "labels"))),
+    fields = ("user", "item", "recent", "labels", "position")
+    return Samples(RankerRows(*(np.concatenate([getattr(x, f) for x in r]) for f in fields)),
                    np.concatenate([p.user_index for p in parts]), np.concatenate([p.item_index for p in parts]),
                    np.concatenate([p.versions for p in parts]), sum(p.dropped for p in parts))
 
