@@ -306,7 +306,8 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
                    "n_items": n_items, "n_users": ds.n_users},
         "config": cfg.path,
         "protocol": {
-            "users": int(users.size), "seed": seed, "count": COUNT, "deadline_ms": DEADLINE_MS,
+            "users": int(users.size), "user_ids": ds.user_ids[users].tolist(),    # per_user's order
+            "seed": seed, "count": COUNT, "deadline_ms": DEADLINE_MS,
             "faulty_responses": int(faults), "split": ds.split,
             "held_out": ds.held_out if ds.split == "per_user" else None,
             "population": "users with validation-window activity" if not held_out

@@ -92,3 +92,27 @@ def test_served_lists_are_good(report):
     assert lists["served"]["diversity"] > lists["oracle"]["diversity"]
     assert 0 < lists["served"]["cold_share"] < 0.5
     assert lists["served"]["coverage"] > lists["popularity"]["coverage"]
+
+
+@pytest.mark.slow
+def test_eval_diff_pairs_the_same_users_and_refuses_others(report, tmp_path, capsys):
+    from model_export.eval_diff import DiffError, add_eval_diff_args, diff, run_eval_diff
+
+    assert len(report["protocol"]["user_ids"]) == 100
+    same = diff(report, report)
+    assert {r["outcome"] for r in same if r["lo"] is not None} == {"no difference"}
+    assert all(r["diff"] == 0 for r in same)
+    better = json.loads(json.dumps(report))
+    better["per_user"]["served"]["utility_norm"] = [u + 0.05 for u in report["per_user"]["served"]["utility_norm"]]
+    row = next(r for r in diff(report, better) if r["list"] == "served")
+    assert row["outcome"] == "better" and row["diff"] == pytest.approx(0.05) and row["lo"] == pytest.approx(0.05)
+    other = json.loads(json.dumps(report))
+    other["protocol"]["user_ids"] = other["protocol"]["user_ids"][::-1]
+    with pytest.raises(DiffError, match="different users"):
+        diff(report, other)
+    (tmp_path / "a.json").write_text(json.dumps(report))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    parser = argparse.ArgumentParser()
+    add_eval_diff_args(parser)
+    assert run_eval_diff(parser.parse_args([str(tmp_path / "a.json"), str(tmp_path / "b.json")])) == 2
+    assert "different users" in capsys.readouterr().out

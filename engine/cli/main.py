@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     from engine.app.client import (add_events_args, add_recommend_args, add_reload_args, main_events,
                                    main_recommend, main_reload)
     from model_export.evaluate import add_eval_args, run_eval
+    from model_export.eval_diff import add_eval_diff_args, run_eval_diff
     from engine.app.server import add_serve_args, serve
     from loadtest.cli import add_loadtest_args, run_loadtest
     from model_export.join_cli import add_join_args, run_join
@@ -93,6 +94,8 @@ def parser() -> argparse.ArgumentParser:
          "against an offline grid", add_simulate_tune_args, run_simulate_tune),
         ("eval", "offline quality report of a bundle against baselines (and the oracle or held-out positives)",
          add_eval_args, run_eval),
+        ("eval-diff", "two eval reports of one change on the same users: after - before per list, with a paired "
+         "interval", add_eval_diff_args, run_eval_diff),
         ("loadtest", "closed/open-loop load, SLO sweep, reports and plots", add_loadtest_args, run_loadtest),
         ("join", "join the sample log's impressions to their events: labelled samples with offsets", add_join_args,
          run_join),

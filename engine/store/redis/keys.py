@@ -57,6 +57,21 @@ def stamp_key(slot: int) -> str:
     return META if slot == META_SLOT else f"s:{{{slot_tags()[slot]}}}"
 
 
+class Stamp:
+    """The bundle version this process reads and writes the DB under (the stamps' value, checked
+    by every read and script): its bundle's, or that of the bundle whose state a DB over the
+    same catalog holds. Live state belongs to the catalog, not the model (as the embedded
+    store's shared arrays do), so a process on another model version over that catalog (a
+    replica started after a hot roll, whose peers kept the DB's stamp) follows it instead of
+    refusing it. One object shared by reader, writer, mirror and seeder: they switch together."""
+
+    def __init__(self, version: str):
+        self.set(version)
+
+    def set(self, version: str) -> None:
+        self.name, self.raw = version, version.encode()
+
+
 def seq_key(slot: int, writer: str) -> str:
     """Key holding the last event sub-batch one server process applied to `slot`."""
     return f"ev:{{{slot_tags()[slot]}}}:{writer}"

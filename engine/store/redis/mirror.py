@@ -17,7 +17,7 @@ import redis
 from redis.exceptions import RedisError
 
 from engine.store.redis.health import Counters, Health
-from engine.store.redis.keys import EPOCH, HOT, IMP, LOG, META, META_SLOT, POS, seq_key
+from engine.store.redis.keys import EPOCH, HOT, IMP, LOG, META, META_SLOT, POS, Stamp, seq_key
 from engine.store.redis.topology import ERRORS, Topology
 from engine.store.redis.writes import Entry, Writer
 
@@ -78,10 +78,10 @@ class Counts:
 
 
 class ItemMirror:
-    def __init__(self, net: Topology, health: Health, counts: Counters, version: str, n_items: int,
+    def __init__(self, net: Topology, health: Health, counts: Counters, stamp: Stamp, n_items: int,
                  writes: Writer):
         self.net, self.health, self.counts, self.writes = net, health, counts, writes
-        self.version, self._v, self.n_items = version, version.encode(), n_items
+        self.stamp, self.n_items = stamp, n_items
         self.current: Counts | None = None     # None: item reads come from the bundle (flagged)
         self._lock = threading.Lock()          # in-place updates: own acknowledged writes vs the tail
         self._own = 0                          # last own item sub-batch (slot g) reflected in `current`
@@ -131,8 +131,8 @@ class ItemMirror:
             for x in (meta, epoch, got):
                 if isinstance(x, Exception):
                     raise x
-            if meta != self._v:
-                self._drop(f"{META} is {meta!r}, not {self.version}", node)
+            if meta != self.stamp.raw:
+                self._drop(f"{META} is {meta!r}, not {self.stamp.name}", node)
                 return
             if epoch != m.epoch:
                 self.counts.add("mirror_reloads")
@@ -168,8 +168,8 @@ class ItemMirror:
         node = self.net.node(META_SLOT)
         client = self.net.client(node, slow=True)
         meta, epoch = client.pipeline(transaction=False).get(META).get(EPOCH).execute()
-        if meta != self._v:
-            self._drop(f"{META} is {meta!r}, not {self.version}", node)
+        if meta != self.stamp.raw:
+            self._drop(f"{META} is {meta!r}, not {self.stamp.name}", node)
             return False
         t0, n = time.monotonic(), self.n_items
         m = Counts(n, epoch)
@@ -183,7 +183,7 @@ class ItemMirror:
             for x in (meta, ep, imp, pos, hot):
                 if isinstance(x, Exception):
                     raise x
-            if meta != self._v or ep != epoch:
+            if meta != self.stamp.raw or ep != epoch:
                 return False
             m.imp[lo:hi], m.pos[lo:hi], m.hot[lo:hi] = _numbers(imp), _numbers(pos), _numbers(hot)
             last, added, _ = _log_info(info)
@@ -203,7 +203,7 @@ class ItemMirror:
             for x in (meta, ep, own, entries):
                 if isinstance(x, Exception):
                     raise x
-            if meta != self._v or ep != epoch:
+            if meta != self.stamp.raw or ep != epoch:
                 raise RedisError("the DB was re-seeded or taken over while the mirror was loading")
             if _log_info(info)[2] > base_added:
                 raise RedisError("item log trimmed while the mirror was loading")

@@ -37,7 +37,6 @@ class Reader:
         `days()`: now on the bundle clock (hot scores are read decayed to it)."""
         self.net, self.health, self.counts, self.mirror, self.rules = net, health, counts, mirror, rules
         self._fb, self._days = fallback, days
-        self._v = rules.version.encode()
         self._local = threading.local()
 
     def user(self, user_id: str, index: int, default_profile: np.ndarray,
@@ -54,10 +53,10 @@ class Reader:
                 p.get(stamp_key(unit)).lrange(k + "recent", 0, L - 1).lrange(k + "seen", 0, S - 1)
                 p.hmget(k + "n", "imp", "pos")
                 stamp, recent, seen, n = p.execute()
-                if stamp == self._v:
+                if stamp == self.rules.stamp.raw:
                     return UserFeatures(index, profile[None], _ids(recent, L)[None], _ids(seen, S),
                                         float(n[0] or 0), float(n[1] or 0))
-                self.health.lost(f"{stamp_key(unit)} is {stamp!r}, not {self.rules.version}", node)
+                self.health.lost(f"{stamp_key(unit)} is {stamp!r}, not {self.rules.stamp.name}", node)
             except ERRORS as e:
                 self.health.lost(e, node)
         self._fell_back()

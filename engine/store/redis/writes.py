@@ -24,7 +24,7 @@ from engine.core.features import ResolvedEvent
 from engine.core.state import decay
 from engine.store.redis.scripts import APPLY, run
 from engine.store.redis.health import Counters, Health
-from engine.store.redis.keys import HOT, IMP, LOG, META_SLOT, POS, seq_key, stamp_key, user_key, user_slot
+from engine.store.redis.keys import HOT, IMP, LOG, META_SLOT, POS, Stamp, seq_key, stamp_key, user_key, user_slot
 from engine.store.redis.topology import ERRORS, Topology
 
 log = logging.getLogger("recserve.store")
@@ -73,8 +73,8 @@ class _SlotOps:
 
 @dataclass(frozen=True)
 class Rules:
-    """How events change state: the bundle's version, primary task, ring sizes and hot decay."""
-    version: str
+    """How events change state: the stamp they are written under, primary task, ring sizes and hot decay."""
+    stamp: Stamp
     primary: str
     recent_len: int
     seen_len: int
@@ -152,7 +152,7 @@ class Writer:
     def _call(self, e: Entry) -> tuple[list, list]:
         r = self.rules
         return ([stamp_key(e.unit), seq_key(e.unit, self.writer), *e.keys],
-                [r.version, e.seq, self._acked.get(e.unit, 0), r.recent_len, r.seen_len, *e.args])
+                [r.stamp.name, e.seq, self._acked.get(e.unit, 0), r.recent_len, r.seen_len, *e.args])
 
     def _acknowledged(self, e: Entry) -> None:
         self._acked[e.unit] = e.seq
@@ -193,7 +193,7 @@ class Writer:
 
     def _why(self, r: object, unit: int) -> str:
         if r == -1:
-            return f"{stamp_key(unit)} is not {self.rules.version}"
+            return f"{stamp_key(unit)} is not {self.rules.stamp.name}"
         if r == -2:
             return f"an earlier event batch for slot {unit} is still missing"
         return str(r)
