@@ -82,11 +82,6 @@ def bundle_root(tiny_bundle, tmp_path_factory) -> Path:
     return copy_bundle(tiny_bundle, tmp_path_factory.mktemp("ray") / "bundle")
 
 
-# Servers whose lists are compared: a deadline no busy machine reaches, so every answer is the
-# pipeline's (one past serving.deadline_ms is the degraded fallback list, which differs).
-PATIENT = ("--set", "serving.deadline_ms=5000")
-
-
 def _start(tmp: Path, config: Path, bundle: Path, cluster: str, port: int, *extra: str) -> Server:
     return Server(tmp, config, bundle, workers=None, port=port,
                   extra=("--backend", "ray", "--ray-address", cluster, "--host", "0.0.0.0",
@@ -101,13 +96,13 @@ def app(cluster, redis_url, grpc_port, bundle_root, tiny_config, tmp_path_factor
     assert s.terminate(120) == 0, s.stderr()
 
 
-def _lists(server: Server, users=USERS, whole: bool = True) -> dict[str, list[str]]:
-    """`whole`: every answer must be the full pipeline's (not degraded)."""
+def _lists(server: Server, users=USERS) -> dict[str, list[str]]:
+    """user -> list; every answer must be the full pipeline's (not degraded)."""
     out = {}
     with server.client() as c:
         for u in users:
             r = c.recommend(u, count=10)
-            assert not (whole and r.degraded), f"{u}: degraded in {r.total_ms:.0f} ms"
+            assert not r.degraded, f"{u}: degraded in {r.total_ms:.0f} ms"
             out[u] = [it.item_id for it in r.items]
     return out
 
@@ -126,7 +121,7 @@ def _replicas(server: Server, user: str, tries: int = 60) -> dict[str, list[str]
 
 def test_ray_ingress_serves_what_the_native_server_serves(app, tiny_config, bundle_root, tmp_path):
     assert app.info["backend"] == "ray" and app.info["replicas"] == "2"
-    native = Server(tmp_path, tiny_config, bundle_root, workers=1, extra=PATIENT)
+    native = Server(tmp_path, tiny_config, bundle_root, workers=1)
     try:
         assert _lists(app) == _lists(native)
     finally:
@@ -160,9 +155,8 @@ class _Load:
     def __init__(self, server: Server, threads: int = 4):
         self.server, self.stop = server, threading.Event()
         self.ok: list[tuple[float, str, str]] = []          # (time, served_by, bundle version)
+        self.degraded: list[tuple[float, str, str]] = []    # (time, served_by, why) of degraded answers
         self.errors: list[tuple[float, str]] = []
-        self.ms: list = []
-        self.degraded: list[tuple[float, str, str, float, str]] = []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
         for t in self.threads:
             t.start()
@@ -173,10 +167,9 @@ class _Load:
                 try:
                     r = c.recommend(f"load-{i}", count=5, timeout=10, debug=True)
                     self.ok.append((time.monotonic(), r.served_by, r.bundle_version))
-                    self.ms.append((time.monotonic(), r.total_ms))
-                    if r.degraded:
-                        self.degraded.append((time.monotonic(), r.served_by, r.bundle_version, r.total_ms,
-                                              " ".join(f"{t.name}:{t.status}:{t.ms:.0f}" for t in r.trace)))
+                    if r.degraded:    # a stage skipped or failed (the deadline), else the store fell back
+                        why = " ".join(f"{t.name}:{t.status}" for t in r.trace if t.status != "ok")
+                        self.degraded.append((time.monotonic(), r.served_by, why or "store"))
                 except grpc.RpcError as e:
                     self.errors.append((time.monotonic(), f"{e.code().name}: {e.details()}"))
 
@@ -212,57 +205,64 @@ def test_killing_a_replica_under_load_loses_only_its_in_flight_calls(app):
 
 
 def test_a_new_bundle_rolls_through_the_replicas_under_load(app, bundle_root):
+    """No call fails and no answer misses a stage, during the roll or right after it. (A Redis
+    read past its 50 ms timeout fails open, "store", degraded: on this busy 2-core machine it
+    happened once in 18 rolls, while a replica swapped; printed, not asserted.)"""
     load = _Load(app, threads=3)
     try:
         wait_for(lambda: len(load.since(0)) == 2, 30, "both replicas serving")
         new = f"roll-{time.monotonic_ns()}"
         publish_copy(bundle_root, new)
         with app.client() as c:            # reaches one replica; CURRENT carries it to the other
-            t_reload = time.monotonic()
             assert c.reload(new).ok
-            print("RELOAD took", f"{time.monotonic() - t_reload:.2f}", "at", f"{t_reload - load.ok[0][0]:.2f}")
         wait_for(lambda: {v for t, _, v in load.ok[-40:]} == {new}
                  and len({by for _, by, v in load.ok[-40:]}) == 2, 60, "both replicas on the new bundle")
-        rolled = time.monotonic()
+        rolled = len(load.ok)
+        wait_for(lambda: len(load.ok) > rolled + 40, 30, "40 more answers")
     finally:
         load.close()
-    print("ROLL: ok", len(load.ok), "degraded", len(load.degraded), "rolled at", f"{rolled - load.ok[0][0]:.2f}")
-    import numpy as np
-    ms = np.array([m for _, m in load.ms]); print("ROLL ms p50/p99/max", np.percentile(ms, [50, 99]), ms.max())
-    print("ROLL slow", [(f"{t - load.ok[0][0]:.2f}", round(m)) for t, m in load.ms if m > 50])
-    t0 = load.ok[0][0]
-    for d in load.degraded:
-        print("DEG", f"{d[0]-t0:.2f}", d[1:])
-    with app.client() as c:
-        for u in USERS * 3:
-            r = c.recommend(u, count=10, debug=True)
-            print("AFTER", u, r.degraded, r.served_by, r.bundle_version, f"{r.total_ms:.0f}",
-                  " ".join(f"{t.name}:{t.status}:{t.ms:.0f}" for t in r.trace if t.status != "ok"))
+    print(f"roll: {len(load.ok)} answers, degraded: {load.degraded}")
     assert not load.errors, load.errors[:5]
+    assert not [d for d in load.degraded if d[2] != "store"], load.degraded[:5]
+    _lists(app)             # right after the roll too, every list is the whole pipeline's
+
+
+def test_a_replica_started_after_the_roll_shares_the_live_state(app):
+    """Serve replaces a dead replica on the rolled bundle (CURRENT names it). The replicas that
+    rolled kept their Redis store and so the DB's stamp (the pre-roll version); the new one
+    follows it (same catalog) instead of serving the bundle's state, degraded, for good (an
+    older version name, as here) or taking the DB from the survivor (a newer one)."""
+    before = _replicas(app, "u-after-roll")
+    assert len(before) == 2, f"only {list(before)} answered"
+    victim = sorted(before)[0]
+    os.kill(int(victim.rsplit("/", 1)[1]), signal.SIGKILL)
+    answers: dict[str, bool] = {}       # served_by -> degraded, replicas other than the victim
+
+    def both() -> bool:
+        try:
+            with app.client(options=OWN_CONNECTION) as c:
+                r = c.recommend("u-after-roll", count=10)
+            if r.served_by != victim:
+                answers[r.served_by] = answers.get(r.served_by, False) or r.degraded
+        except grpc.RpcError:           # the victim's call in hand, before Serve noticed
+            pass
+        return len(answers) == 2
+    wait_for(both, 90, "a new replica answering beside the survivor", every=0.1)
+    assert not any(answers.values()), answers
 
 
 def test_split_fine_ranker_batches_across_requests_and_serves_the_same_lists(
         app, cluster, redis_url, grpc_port, bundle_root, tiny_config, tmp_path):
-    # after the roll test some answers of the app come back degraded in ~20 ms (a stage failing
-    # open on the rolled bundle; not diagnosed yet), so this compares lists as served
-    before = _lists(app, USERS[:6], whole=False)
-    with app.client() as c:
-        for u in USERS[:6]:
-            r = c.recommend(u, count=10, debug=True)
-            print("SPLIT-BEFORE", u, r.degraded, r.served_by, r.bundle_version, f"{r.total_ms:.0f}",
-                  " ".join(f"{t.name}:{t.status}:{t.ms:.0f}" for t in r.trace if t.status != "ok"))
+    before = _lists(app, USERS[:6])
     assert app.terminate(120) == 0, app.stderr()
     split = _start(tmp_path, tiny_config, bundle_root, cluster, grpc_port, "--replicas", "1",
                    "--feature-store", redis_url, "--set", "ray.split_fine=true", "--set", "ray.fine_max_batch=4",
                    "--set", "ray.fine_batch_wait_ms=5.0", "--set", "ray.num_cpus=0.5", "--set", "ray.fine_num_cpus=0.5")
     try:
         assert split.info["fine"] == "split"
-        after = _lists(split, USERS[:6], whole=False)
-        with split.client() as c:
-            for u in USERS[:6]:
-                r = c.recommend(u, count=10, debug=True)
-                print("SPLIT", u, r.degraded, r.served_by, r.bundle_version, f"{r.total_ms:.0f}",
-                      " ".join(f"{t.name}:{t.status}:{t.ms:.0f}" for t in r.trace if t.status != "ok"))
+        # started after the roll, on the rolled bundle: its store follows the live state the
+        # app's replicas kept (their DB stamp), so its answers are not degraded either
+        after = _lists(split, USERS[:6])
         for u in before:       # batched rows equal broadcast ones up to float rounding: same lists
             assert after[u] == before[u], u
         errors: list[str] = []

@@ -269,3 +269,40 @@ def test_new_model_bundle_over_the_same_catalog_keeps_live_state(store_url, tiny
         assert store.stats()["up"] and not store.fell_back()
     finally:
         store.close()
+
+
+def test_a_store_started_after_a_hot_roll_follows_the_db_of_the_rolled_ones(store_url, tiny_bundle, tmp_path):
+    """A hot roll (Engine.swap_bundle) keeps each process's store and so the DB's stamp; a process
+    started afterwards on the rolled bundle (a Ray replica restarted or added) must share that
+    state, whichever way the versions sort: a newer name used to take the DB over (the rolled
+    processes then served the bundle's state, degraded, for good), an older one to refuse it."""
+    import json
+
+    from engine.core.bundle import load_bundle
+    from engine.store.redis.keys import META, META_SLOT
+
+    def renamed(name: str):
+        shutil.copytree(old.path, tmp_path / name)
+        m = json.loads((tmp_path / name / "manifest.json").read_text())
+        m["version"] = name
+        (tmp_path / name / "manifest.json").write_text(json.dumps(m))
+        return load_bundle(tmp_path / name)
+
+    old = load_bundle(tiny_bundle)
+    rolled = RedisStore(old, store_url)       # what a replica that hot-swapped keeps serving with
+    stores = [rolled]
+    try:
+        for k, name in enumerate(("a-roll", "v99999999-000000-roll")):    # sorts before / after old
+            late = RedisStore(renamed(name), store_url)
+            stores.append(late)
+            late.apply([ResolvedEvent("impression", -1, f"late-{k}", 11 + k, late.clock.days())])
+            rolled.apply([ResolvedEvent("impression", -1, f"rolled-{k}", 21 + k, rolled.clock.days())])
+            for s in (rolled, late):
+                assert user_state(s, old, f"late-{k}").seen[0] == 11 + k
+                assert user_state(s, old, f"rolled-{k}").seen[0] == 21 + k
+                assert s.stats()["up"] and not s.fell_back(), name
+        meta = rolled.net.client(rolled.net.node(META_SLOT), slow=True).get(META)
+        assert meta.decode() == old.version                       # nobody took the DB over
+    finally:
+        for s in stores:
+            s.close()

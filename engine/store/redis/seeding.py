@@ -1,8 +1,10 @@
 """Seeding a Redis DB with a bundle's state, and repairing cluster slots that came back empty.
 
 One server seeds (the CLAIM script elects it and empties the DB); the others wait until
-meta:{g}:bundle names their version. A newer bundle over the same catalog adopts the DB as it
-is, so events accepted since the last bundle survive a model update. A cluster shard that
+meta:{g}:bundle is published. A bundle over the catalog the DB holds follows the DB's stamp
+(engine.store.redis.keys.Stamp), whatever its version: events accepted since the last bundle
+survive a model update, and processes started after a hot roll agree with those that rolled
+(they kept the stamp) instead of taking the DB from them or refusing it. A cluster shard that
 comes back empty is repaired slot by slot, only where the slot's stamp is missing, atomically
 with setting it, so a repair never overwrites live state. Details: docs/feature_store.md.
 """
@@ -18,8 +20,8 @@ from redis.exceptions import RedisError
 from engine.core.bundle import Bundle
 from engine.store.redis.scripts import CLAIM, RESTAMP, SEED, run_all
 from engine.store.redis.health import Health
-from engine.store.redis.keys import CATALOG, EPOCH, HOT, IMP, LOCK, META, META_SLOT, POS, stamp_key, user_key, \
-    user_slot
+from engine.store.redis.keys import CATALOG, EPOCH, HOT, IMP, LOCK, META, META_SLOT, POS, Stamp, stamp_key, \
+    user_key, user_slot
 from engine.store.redis.topology import Topology
 
 log = logging.getLogger("recserve.store")
@@ -29,25 +31,32 @@ SEED_LOCK_MS = 30_000       # the seeder refreshes it per chunk; a crashed seede
 
 
 class Seeder:
-    def __init__(self, net: Topology, health: Health, bundle: Bundle, catalog: str):
-        self.net, self.health, self.bundle, self.catalog = net, health, bundle, catalog
-        self.version, self._v = bundle.version, bundle.version.encode()
+    def __init__(self, net: Topology, health: Health, bundle: Bundle, catalog: str, stamp: Stamp):
+        self.net, self.health, self.bundle, self.catalog, self.stamp = net, health, bundle, catalog, stamp
+        self.version = bundle.version
         self._users: dict[int, list[int]] | None = None
 
     def sync(self) -> str:
-        """"ready" once meta:{g}:bundle names this version, seeding the DB first if it is empty
-        or older; "busy" while another server seeds; "newer" if it holds a newer version."""
+        """"ready" once meta:{g}:bundle names the stamp, followed if the DB holds this catalog,
+        seeding the DB first if it is empty or holds another catalog of an older version;
+        "busy" while another server seeds; "newer" if it holds another catalog of a newer version."""
         meta = self.net.client(self.net.node(META_SLOT), slow=True)
-        cur = meta.get(META)
-        if cur == self._v:
+        cur, catalog = meta.mget(META, CATALOG)
+        if cur is not None and cur != self.stamp.raw and catalog == self.catalog.encode():
+            log.info("redis feature store: the DB holds this catalog's state under %s; bundle %s follows it",
+                     cur.decode(), self.version)
+            self.stamp.set(cur.decode())
+            self.health.down |= set(self.net.primaries())   # check (re-stamp) every node's slots
+        if cur == self.stamp.raw:
             return "ready"
-        if cur is not None and cur > self._v:
+        if cur is not None and cur > self.version.encode():
             return "newer"
         token = uuid.uuid4().hex
         claimed = run_all(meta, CLAIM, [([META, CATALOG, LOCK],
                                                          [self.version, token, SEED_LOCK_MS, self.catalog])])[0]
         if claimed == 0:
             return "busy"
+        self.stamp.set(self.version)   # seeded here, or adopted (the catalog matched after all: a race)
         if claimed == 1:
             self.seed(token)
         self.health.down |= set(self.net.primaries())   # seeded or adopted: check (re-stamp) every node's slots
@@ -85,7 +94,7 @@ class Seeder:
             users = by_slot.get(s, ())
             if not users and not mode:
                 continue
-            keys, args = [stamp_key(s)], [self.version, mode]
+            keys, args = [stamp_key(s)], [self.stamp.name, mode]
             for u in users:
                 k = user_key(str(ids[u]), s)
                 keys += (k + "recent", k + "seen", k + "n")
@@ -125,15 +134,15 @@ class Seeder:
                     r.hset(key, mapping=dict(zip(part.tolist(), np.asarray(values[part]).astype(np.int64).tolist())))
         if r.get(LOCK) != token.encode():
             raise RedisError("seed lock lost while seeding (took longer than its expiry?)")
-        r.pipeline(transaction=True).set(META, self.version).set(CATALOG, self.catalog).set(EPOCH, token).delete(
+        r.pipeline(transaction=True).set(META, self.stamp.name).set(CATALOG, self.catalog).set(EPOCH, token).delete(
             LOCK).execute()   # a new epoch: every mirror reloads
         log.info("redis feature store seeded with bundle %s: %d users, %d items in %.1f s",
                  self.version, users, st.item_n_imp.size, time.monotonic() - t0)
 
     def repair(self, node: str) -> None:
-        """Cluster: every slot of `node` must hold this version. A missing stamp (the node came
+        """Cluster: every slot of `node` must hold the stamp. A missing stamp (the node came
         back empty) gets the slot's users re-seeded from the bundle; an older one (a DB adopted
-        by this version: same catalog) is re-stamped; a newer one keeps the node down."""
+        under the stamp: same catalog) is re-stamped; a newer one keeps the node down."""
         if not self.net.cluster:
             return
         slots = [s for s in self.net.slots(node) if s != META_SLOT]
@@ -144,11 +153,12 @@ class Seeder:
             for s in slots[lo:lo + 4096]:
                 p.get(stamp_key(s))
             stamps += p.execute()
-        if any(v is not None and v > self._v for v in stamps):
-            raise RedisError(f"{node} holds slots of a newer bundle than {self.version}")
-        older = [s for s, v in zip(slots, stamps) if v is not None and v != self._v]
+        own = self.stamp.raw
+        if any(v is not None and v > own for v in stamps):
+            raise RedisError(f"{node} holds slots of a newer bundle than {self.stamp.name}")
+        older = [s for s, v in zip(slots, stamps) if v is not None and v != own]
         if older:
-            run_all(client, RESTAMP, [([stamp_key(s)], [self.version]) for s in older])
+            run_all(client, RESTAMP, [([stamp_key(s)], [self.stamp.name]) for s in older])
         missing = [s for s, v in zip(slots, stamps) if v is None]
         if missing:
             users = self._seed_slots(node, missing, True)

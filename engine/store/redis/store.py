@@ -14,7 +14,7 @@ from engine.core.context import UserFeatures
 from engine.core.features import BundleClock, ResolvedEvent
 from engine.store.common import catalog_id
 from engine.store.redis.health import Counters, Health
-from engine.store.redis.keys import slot_tags
+from engine.store.redis.keys import Stamp, slot_tags
 from engine.store.redis.mirror import ItemMirror
 from engine.store.redis.reads import Reader
 from engine.store.redis.recovery import Recovery
@@ -30,7 +30,8 @@ class RedisStore:
         st = bundle.state
         self.version = bundle.version
         self.clock = BundleClock(bundle.manifest)
-        rules = Rules(bundle.version, bundle.tasks[0], st.user_recent.shape[1], st.user_seen.shape[1],
+        stamp = Stamp(bundle.version)   # the DB's, once it follows a DB over this catalog (Seeder.sync)
+        rules = Rules(stamp, bundle.tasks[0], st.user_recent.shape[1], st.user_seen.shape[1],
                       float(st.t_ref), float(bundle.manifest["state"]["half_life_days"]))
         slot_tags()   # the table, built once before the first request needs it
         self.net = connect(url)
@@ -38,11 +39,11 @@ class RedisStore:
         self.counts = Counters()
         self.writes = Writer(self.net, self.health, self.counts, rules, event_buffer,
                              on_ack=lambda e: self.mirror.own(e))
-        self.mirror = ItemMirror(self.net, self.health, self.counts, bundle.version, int(st.item_n_imp.size),
+        self.mirror = ItemMirror(self.net, self.health, self.counts, stamp, int(st.item_n_imp.size),
                                  self.writes)
         self.reads = Reader(self.net, self.health, self.counts, self.mirror, rules, st.arrays(),
                             lambda: self.clock.days())
-        self.seeder = Seeder(self.net, self.health, bundle, catalog_id(bundle))
+        self.seeder = Seeder(self.net, self.health, bundle, catalog_id(bundle), stamp)
         self.recovery = Recovery(self.net, self.health, self.seeder, self.mirror, self.writes)
         self.recovery.start()
 
