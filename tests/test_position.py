@@ -64,3 +64,27 @@ def test_fit_separates_position_from_relevance_when_the_best_items_are_shown_fir
     assert naive[-1] < truth[-1] - 0.2                        # raw labels: the last slot looks far worse
     assert np.abs(curve - truth).max() < 0.06
     assert w.weight.item() == pytest.approx(1.5, abs=0.25)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_the_streaming_trainer_trains_the_curve_only_when_told(tmp_path, on):
+    """`stream.position_bias`: the loop's samples train the examination curve or leave it be."""
+    from engine.core.sections import StreamConfig
+    from model_export.models import CoarseDNN
+    from model_export.stream.rankers import RankerLearner
+    from model_export.stream.samples import Samples
+    from model_export.train import RankerRows
+
+    rng = np.random.default_rng(0)
+    n, du, di = 2048, 6, 10
+    model = CoarseDNN(du, di, 4, [8], positions=8)
+    before = model.exam.raw.detach().clone()
+    rows = RankerRows(rng.standard_normal((n, du)).astype(np.float32), rng.standard_normal((n, di)).astype(np.float32),
+                      np.full((n, 3), -1, np.int32), (rng.random((n, 1)) < 0.2).astype(np.float32),
+                      rng.integers(0, 8, n).astype(np.int16))
+    samples = Samples(rows, np.zeros(n, np.int32), np.zeros(n, np.int32), np.array(["v"] * n))
+    learner = RankerLearner(tmp_path, {"coarse_dnn": model}, StreamConfig(models=["coarse_dnn"], position_bias=on),
+                            ("click",))
+    learner.train(samples, seq=None, rng=rng)
+    moved = not torch.equal(model.exam.raw.detach(), before)
+    assert moved == on

@@ -3,7 +3,6 @@ Redis streams) under traffic answered from the world's ground truth, `recserve j
 and `recserve train` processes publishing versions the server swaps in; kills of each part."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,12 +22,12 @@ from test_store_durability import _Serve
 from engine.core.bundle import CURRENT, load_bundle, resolve
 from engine.core.config import load_config
 from engine.core.sections import DataConfig
-from loadtest.simulate.arms import arm_root
+from loadtest.simulate.arms import arm_root, spawn
+from loadtest.simulate.report import journal
 from loadtest.simulate.world import SimWorld
 from model_export.data import load_dataset
 from model_export.joined import JoinedReader
 from model_export.stream.samples import digest
-from model_export.stream.trainer import JOURNAL
 from model_export.world import TASKS
 
 pytestmark = pytest.mark.slow
@@ -89,15 +88,11 @@ class Traffic:
 
 
 def _recserve(log: Path, *args: str) -> subprocess.Popen:
-    with open(log, "a") as f:
-        return subprocess.Popen([sys.executable, "-m", "engine.cli.main", *args], cwd=REPO, stdout=f,
-                                stderr=subprocess.STDOUT)
+    return spawn(log, *args, append=True)
 
 
 def _journal(root: Path, event: str) -> list[dict]:
-    p = root / JOURNAL
-    lines = p.read_text().splitlines() if p.exists() else []
-    return [e for e in map(json.loads, lines) if e["event"] == event]
+    return [e for e in journal(root) if e["event"] == event]
 
 
 def _joined(out: Path) -> list[tuple[pa.Table, object]]:

@@ -273,6 +273,7 @@ class StreamConfig:
     lr: float = 1e-3                   # Adam, dense rankers
     emb_optimizer: str = "adam"        # the id-embedding rows (id_embeddings): "adam" (sparse) or "adagrad"
     emb_lr: float = 3e-3               # their learning rate (the build's; Adagrad wants ~10x more)
+    position_bias: bool = False        # train the rankers' examination curves on the served slots too (docs/loop.md)
     holdout_rows: int = 2000           # freshest samples held out to validate a candidate (trained on next)
     min_holdout_positives: int = 30    # and at least this many primary-task positives among them
     auc_margin: float = 0.02           # refused when a model's AUC falls more than this below the serving one

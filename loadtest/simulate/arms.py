@@ -88,11 +88,11 @@ def start_arm(name: str, base: Path, out: Path, config: Path, sets: list[str], s
     arm = Arm(name, root, server, log_dir=log_dir, joined=home / "joined" if streaming else None)
     if streaming:
         try:
-            arm.procs["join"] = _spawn(home / "join.log", "join", "--config", str(config), *over, "--log", str(log_dir),
+            arm.procs["join"] = spawn(home / "join.log", "join", "--config", str(config), *over, "--log", str(log_dir),
                                        "--out", str(arm.joined), "--follow", "--set", f"join.window_s={window_s}",
                                        "--set", f"join.commit_s={commit_s}")
             arm.joined.mkdir(parents=True, exist_ok=True)
-            arm.procs["train"] = _spawn(home / "train.log", "train", "--bundle", str(root), "--joined", str(arm.joined),
+            arm.procs["train"] = spawn(home / "train.log", "train", "--bundle", str(root), "--joined", str(arm.joined),
                                         "--config", str(config), *over, "--follow")
         except BaseException:
             arm.stop()
@@ -100,7 +100,8 @@ def start_arm(name: str, base: Path, out: Path, config: Path, sets: list[str], s
     return arm
 
 
-def _spawn(log: Path, *args: str) -> subprocess.Popen:
-    with open(log, "w") as f:
+def spawn(log: Path, *args: str, append: bool = False) -> subprocess.Popen:
+    """`recserve <args>` as a child process of this repo's interpreter, its output into `log`."""
+    with open(log, "a" if append else "w") as f:
         return subprocess.Popen([sys.executable, "-m", "engine.cli.main", *args], cwd=REPO, stdout=f,
                                 stderr=subprocess.STDOUT)

@@ -66,7 +66,7 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
     from engine.core.bundle import load_bundle
     from engine.core.config import load_config
     from engine.core.sections import DataConfig
-    from loadtest.simulate.arms import _spawn, arm_root
+    from loadtest.simulate.arms import arm_root, spawn
     from loadtest.simulate.cli import build_keys
     from loadtest.simulate.driver import Driver
     from loadtest.simulate.report import utility_norm
@@ -114,7 +114,7 @@ def run_simulate_tune(args: argparse.Namespace) -> int:
     procs = {}
     rounds: list[dict] = []
     try:
-        procs["join"] = _spawn(home / "join.log", "join", "--config", str(args.config.absolute()), *over,
+        procs["join"] = spawn(home / "join.log", "join", "--config", str(args.config.absolute()), *over,
                                "--log", str(log_dir), "--out", str(joined), "--follow",
                                "--set", f"join.window_s={sc.window_s}", "--set", f"join.commit_s={sc.commit_s}")
         joined.mkdir(parents=True, exist_ok=True)

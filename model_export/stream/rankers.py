@@ -66,7 +66,7 @@ class RankerLearner:
             if rows is not None:
                 user, item = rows.splice(s, b, user, item)
             losses = {}
-            slot = positions(s.rows, b)
+            slot = positions(s.rows, b) if self.cfg.position_bias else None
             for name, model in self.models.items():
                 if name == "fine":
                     sq, mask = seq(s.rows.recent[b], s.versions[b])
