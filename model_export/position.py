@@ -12,11 +12,10 @@ relevance alone: serving asks "how good is this item in the top slot", whatever 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-import numpy as np
 
 EXAM_INIT = 2.0        # sigmoid(2) = 0.88: a slot without data starts nearly as examined as the first
 PRIOR_ROWS = 200.0     # pseudo-rows pulling a slot's first guess towards the slot above's

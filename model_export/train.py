@@ -315,7 +315,7 @@ def _start_exam(model: nn.Module, rows: RankerRows) -> None:
 
 def exam_metrics(model: nn.Module) -> dict[str, float]:
     """The learnt examination probability of a few slots against the first (manifest metrics)."""
-    curve = model.exam.curve() if getattr(model, "exam", None) is not None else []
+    curve = model.exam.curve() if model.exam is not None else []
     return {f"exam@{p}": curve[p] for p in EXAM_REPORTED if p < len(curve)}
 
 
