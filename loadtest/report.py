@@ -128,10 +128,12 @@ def sweep_ratio(report: dict[str, Any]) -> str | None:
 
 def overload_text(r: dict[str, Any]) -> str:
     """Accepted calls' latency, how fast the excess was refused, and the goodput, of one level."""
-    ok, ref = r["latency_by_outcome_ms"].get("ok"), r["latency_by_outcome_ms"]["refused"]
+    by = r["latency_by_outcome_ms"]
+    ok, ref, sent = by.get("ok"), by["refused"], by.get("refused_from_send")
     acc = f"accepted p50 {ok['p50']:.1f} p99 {ok['p99']:.1f} ms" if ok else "none accepted"
-    return (f"{load_label(r)}: {acc}, refused p50 {ref['p50']:.2f} p99 {ref['p99']:.2f} max {ref['max']:.1f} ms "
-            f"({r['errors'].get('RESOURCE_EXHAUSTED', 0)} calls), goodput {r['achieved_qps']:.1f} QPS")
+    own = f" (from the actual send: p50 {sent['p50']:.2f} p99 {sent['p99']:.2f})" if sent else ""
+    return (f"{load_label(r)}: {acc}, refused p50 {ref['p50']:.2f} p99 {ref['p99']:.2f} max {ref['max']:.1f} ms"
+            f"{own} ({r['errors'].get('RESOURCE_EXHAUSTED', 0)} calls), goodput {r['achieved_qps']:.1f} QPS")
 
 
 def codes_text(errors: dict[str, int]) -> str:

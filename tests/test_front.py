@@ -91,9 +91,18 @@ def test_one_connection_reaches_every_worker_side_by_side(tmp_path, tiny_config,
             busy = [_occupy(c, mark, f"slow-{i}") for i in range(2)]   # the second starts while the first runs
             for t, _ in busy:
                 t.join()
+            pids = {c.status().pid for _ in range(40)}
         assert {out["resp"].served_by for _, out in busy} == served
+        assert len(pids) == 2, pids
+        for pid in pids:    # every thread of every worker yields to the front (serving.worker_nice = 5)
+            assert {_nice(t) for t in Path(f"/proc/{pid}/task").iterdir()} == {_nice(Path(f"/proc/{s.proc.pid}")) + 5}
     finally:
         assert s.terminate() == 0, s.stderr()
+
+
+def _nice(task: Path) -> int:
+    """A thread's niceness: field 19 of its stat line (after the parenthesised command name)."""
+    return int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 @pytest.mark.slow

@@ -66,6 +66,21 @@ def test_open_loop_poisson_with_traces(server, tiny_bundle, tmp_path):
 
 
 @pytest.mark.slow
+def test_overload_times_refusals_from_the_schedule_and_from_the_send(tiny_config, tiny_bundle, tmp_path):
+    # admission refuses every call that finds the one worker busy: at 400 QPS most are refused
+    with Server(tiny_config, tiny_bundle, workers=1, log=tmp_path / "server.stderr",
+                extra=("--set", "serving.max_queue_ms=0.001")) as s:
+        rep = _load(s, tiny_bundle, tmp_path / "out", "open", "--qps", "400")
+    r = rep["targets"][0]["runs"][0]
+    _check_counts(r)
+    by = r["latency_by_outcome_ms"]
+    assert r["errors"]["RESOURCE_EXHAUSTED"] > 0 and {"ok", "refused", "refused_from_send"} <= set(by)
+    for k in ("p50", "p99", "max"):         # per call, the send is never before its scheduled time
+        assert 0 < by["refused_from_send"][k] <= by["refused"][k]
+    assert "from the actual send" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_sweep_reports_highest_sustainable_qps(server, tiny_bundle, tmp_path):
     rep = _load(server, tiny_bundle, tmp_path, "sweep", "--qps-start", "20", "--qps-step", "20",
                 "--qps-max", "40", "--slo-ms", "2000")

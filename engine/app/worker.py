@@ -33,7 +33,7 @@ from engine.app.calls import IO_SLOTS, METHODS, Answer, Call
 from engine.app.reloader import one_line
 from engine.app.service import POLL_S, Service
 from engine.core import refresh
-from engine.core.config import load_config
+from engine.core.config import Config, load_config
 
 log = logging.getLogger("recserve.server")
 
@@ -86,7 +86,9 @@ def worker_main(idx: int, opts: WorkerOptions, fallback: str, conn: Connection) 
     setup_logging(f" w{idx}")
     schedule = refresh.between_calls()    # before the engine exists: its routes register here
     try:
-        svc = _service(idx, opts, fallback)
+        cfg = load_config(opts.config, opts.overrides)
+        _yield_to_front(cfg.serving.worker_nice)
+        svc = _service(idx, opts, cfg, fallback)
     except Exception as e:    # noqa: BLE001 - reported as the server's one-line startup error
         conn.send(("error", one_line(e)))
         sys.exit(1)
@@ -106,11 +108,25 @@ def setup_logging(tag: str) -> None:
     logging.getLogger("recserve").setLevel(logging.INFO)
 
 
-def _service(idx: int, opts: WorkerOptions, fallback: str) -> Service:
+def _yield_to_front(nice: int) -> None:
+    """Lower this process's CPU priority by `nice`, so when the engines fill every core the front's
+    admission, refusals and pipe hops still run at once. Linux keeps a niceness per thread and a
+    new thread inherits its creator's: every thread already here is set, later ones follow."""
+    if not os.path.isdir("/proc/self/task"):     # not Linux: the niceness is the process's
+        os.nice(nice)
+        return
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(base + nice, 19))
+        except (ProcessLookupError, PermissionError):   # a thread that ended meanwhile
+            pass
+
+
+def _service(idx: int, opts: WorkerOptions, cfg: Config, fallback: str) -> Service:
     from engine.app.arms import board_for
     from engine.store.factory import store_factory
 
-    cfg = load_config(opts.config, opts.overrides)
     s = cfg.serving   # worker 0 writes the periodic snapshots of the shared arrays
     return Service(cfg, opts.bundle, store_factory(
         opts.feature_store, opts.store_dir, opts.state_dir, s.snapshot_s, idx == 0, s.event_buffer),

@@ -171,6 +171,7 @@ class ServingConfig:
     seen_window: int = 200             # recent impressions per user remembered as seen
     hot_half_life_hours: float = 24.0
     workers: int = 2
+    worker_nice: int = 5               # workers' niceness above the front's: admission and refusals keep a core's attention when workers saturate both
     snapshot_s: float = 60.0           # embedded store with --state-dir: snapshot period
     event_buffer: int = 100_000        # Redis store: events held while Redis is down, then RESOURCE_EXHAUSTED
 
@@ -184,6 +185,8 @@ class ServingConfig:
             raise _err("deadline_ms", "must be > 0")
         if self.max_queue_ms <= 0:
             raise _err("max_queue_ms", "must be > 0")
+        if not 0 <= self.worker_nice <= 19:
+            raise _err("worker_nice", f"{self.worker_nice} is not a niceness increment in 0..19")
         if self.hot_half_life_hours <= 0:
             raise _err("hot_half_life_hours", "must be > 0")
         _one_of("on_deadline", self.on_deadline, ("degrade", "error"))
