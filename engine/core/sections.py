@@ -171,7 +171,7 @@ class ServingConfig:
     seen_window: int = 200             # recent impressions per user remembered as seen
     hot_half_life_hours: float = 24.0
     workers: int = 2
-    worker_nice: int = 5               # workers' niceness above the front's: admission and refusals keep a core's attention when workers saturate both
+    worker_nice: int = 5               # native workers run this much nicer than the front, which then refuses at once under load
     snapshot_s: float = 60.0           # embedded store with --state-dir: snapshot period
     event_buffer: int = 100_000        # Redis store: events held while Redis is down, then RESOURCE_EXHAUSTED
 
