@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -106,19 +107,22 @@ def _nice(task: Path) -> int:
 
 
 @pytest.mark.slow
-def test_admission_refuses_at_arrival_what_would_wait_too_long(tmp_path, tiny_config, tiny_bundle, mark):
+def test_admission_queues_a_burst_and_refuses_a_standing_queue(tmp_path, tiny_config, tiny_bundle, mark):
     # one worker; while it is busy, a new call's expected wait (~ a service time) exceeds 1 ms
-    s = _server(tmp_path, tiny_config, tiny_bundle, "max_queue_ms = 1.0")
+    s = _server(tmp_path, tiny_config, tiny_bundle, "max_queue_ms = 1.0\nqueue_burst_ms = 300.0")
     try:
         with s.client() as c:
             t, first = _occupy(c, mark, "slow-a")
-            with pytest.raises(grpc.RpcError) as e:
-                c.recommend("u2", count=3)
+            queued, second = _in_background(lambda: c.recommend("u2", count=3, timeout=30))   # the burst begins
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as e:        # the wait has stood above 1 ms for 500 ms
+                c.recommend("u3", count=3)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "exceeds serving.max_queue_ms 1" in e.value.details()
+            assert "exceeds serving.max_queue_ms 1 for" in e.value.details()
             assert "resp" not in first                 # refused while the slow call still ran
             t.join()
-            assert "resp" in first
+            queued.join()
+            assert "resp" in first and len(second["resp"].items) == 3     # queued, not refused
             assert c.status().bundle_version and c.recommend("u3", count=3).items
     finally:
         assert s.terminate() == 0, s.stderr()
@@ -193,8 +197,20 @@ def test_admission_expects_the_wait_of_the_calls_ahead():
     assert a.expected_wait_ms(queued=9, idle=1) == 0.0          # an idle worker takes it now
     assert a.expected_wait_ms(queued=0, idle=0) == 5.0          # the first of 2 busy workers to finish
     assert a.refusal(queued=9, idle=0, inflight=7) is None       # (9 + 1) x 10 / 2 = 50 ms: not more
-    assert "~55 ms expected wait" in a.refusal(queued=10, idle=0, inflight=7)
+    assert "~55 ms expected wait" in a.refusal(queued=10, idle=0, inflight=7)     # no burst allowance
     assert "serving.max_inflight 4 per worker" in a.refusal(queued=0, idle=1, inflight=8)
     for _ in range(200):
         a.observe(30.0)
     assert 29.0 < a.service_ms <= 30.0                           # follows the workers' recent answers
+
+
+def test_admission_lets_a_burst_queue_but_not_past_the_deadline():
+    a = Admission(workers=2, max_queue_ms=50.0, inflight_per_worker=100, burst_ms=100.0)
+    a.service_ms = 10.0
+    assert a.refusal(queued=10, idle=0, inflight=12, now=1.00) is None              # 55 ms: a burst begins
+    assert a.refusal(queued=12, idle=0, inflight=14, now=1.09, budget_ms=100) is None   # still within 100 ms
+    why = a.refusal(queued=12, idle=0, inflight=14, now=1.10, budget_ms=100)
+    assert "exceeds serving.max_queue_ms 50 for 100 ms" in why                    # it stood: refused
+    assert a.refusal(queued=9, idle=0, inflight=11, now=1.12) is None               # drained: the episode ends
+    assert a.refusal(queued=10, idle=0, inflight=12, now=1.13) is None              # a new burst
+    assert "deadline budget 20 ms" in a.refusal(queued=10, idle=0, inflight=12, now=1.14, budget_ms=20)

@@ -60,6 +60,8 @@ class FrontOptions:
     tls: tuple[bytes, bytes] | None     # (key, cert) PEM
     max_queue_ms: float
     inflight_per_worker: int
+    queue_burst_ms: float = 0.0
+    deadline_ms: float = float("inf")
 
 
 class Front:
@@ -73,7 +75,7 @@ class Front:
         self.io_queue: collections.deque[_Pending] = collections.deque()   # `io` calls (ReportEvents)
         self.inflight = 0
         self.ids = itertools.count()
-        self.admission = Admission(0, opts.max_queue_ms, opts.inflight_per_worker)
+        self.admission = Admission(0, opts.max_queue_ms, opts.inflight_per_worker, opts.queue_burst_ms)
         self.metrics = _FrontMetrics()
 
     async def start(self) -> None:
@@ -194,9 +196,11 @@ class Front:
             arrived = time.monotonic()
             if not self.workers:
                 return await self._refuse(context, m.name, grpc.StatusCode.UNAVAILABLE, "no worker ready; retry")
-            if m.admitted and (why := self.admission.refusal(len(self.queue), len(self.idle), self.inflight, m.io)):
-                return await self._refuse(context, m.name, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
             remaining = context.time_remaining()
+            budget = self.opts.deadline_ms if remaining is None else min(self.opts.deadline_ms, remaining * 1000)
+            if m.admitted and (why := self.admission.refusal(len(self.queue), len(self.idle), self.inflight, m.io,
+                                                             arrived, budget)):
+                return await self._refuse(context, m.name, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
             auth = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
             p = _Pending(Call(next(self.ids), method, arrived,
                               remaining if remaining is not None and remaining < 1e6 else None, auth, payload),

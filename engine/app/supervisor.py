@@ -107,7 +107,9 @@ class Supervisor:
         self.children = [self._spawn(i, fallback="") for i in range(self.n)]
         version = self._wait_ready()
         addr = addr_text(args.host, port)
-        self.front = FrontThread(FrontOptions(addr, tls, cfg.serving.max_queue_ms, cfg.serving.max_inflight))
+        sv = cfg.serving
+        self.front = FrontThread(FrontOptions(addr, tls, sv.max_queue_ms, sv.max_inflight, sv.queue_burst_ms,
+                                              sv.deadline_ms))
         try:
             self.front.start()
         except OSError as e:

@@ -167,7 +167,8 @@ class ServingConfig:
     deadline_ms: float = 100.0         # each call's budget from its arrival (queueing counts); a shorter client deadline wins
     on_deadline: str = "degrade"       # degrade: answer on coarse scores | error: DEADLINE_EXCEEDED
     max_inflight: int = 64             # per worker; beyond it RESOURCE_EXHAUSTED at once
-    max_queue_ms: float = 50.0         # admission: a call expected to wait longer for a worker is refused at once
+    max_queue_ms: float = 50.0         # admission: a call expected to wait longer for a worker is refused...
+    queue_burst_ms: float = 100.0      # ...once that wait has stood this long (a burst queues; 0: refuse at once)
     seen_window: int = 200             # recent impressions per user remembered as seen
     hot_half_life_hours: float = 24.0
     workers: int = 2
@@ -185,6 +186,7 @@ class ServingConfig:
             raise _err("deadline_ms", "must be > 0")
         if self.max_queue_ms <= 0:
             raise _err("max_queue_ms", "must be > 0")
+        _non_negative("queue_burst_ms", self.queue_burst_ms)
         if not 0 <= self.worker_nice <= 19:
             raise _err("worker_nice", f"{self.worker_nice} is not a niceness increment in 0..19")
         if self.hot_half_life_hours <= 0:
