@@ -23,6 +23,7 @@ from engine.core.candidates import Candidates, merge
 from engine.core.config import Config
 from engine.core.context import RequestContext, UserFeatures
 from engine.core.featurize import Tables, user_tower_input
+from engine.core.ids import IdIndex
 from engine.core.refresh import RefreshedRoute
 from engine.core.registry import StageEnv
 from engine.core.request import Request
@@ -146,7 +147,7 @@ class Recall:
                  index: AnnIndex | None = None):
         bundle = SimpleNamespace(tables=tables, manifest={"schema": schema}, version="offline")
         models = SimpleNamespace(index=index if index is not None else build_index(tables.item_emb, "flat"))
-        item_index = {s: i for i, s in enumerate(np.asarray(item_ids).tolist())}
+        item_index = IdIndex(item_ids)
         self.tables, self.store = tables, store
         self.names = tuple(cfg.pipeline.recall)
 

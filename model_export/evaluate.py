@@ -243,7 +243,7 @@ def _run(engine: Engine, bundle: Bundle, cfg: Config, ds: Dataset, rerank: str, 
         nonlocal faults
         r = engine.recommend(req)
         faults += r.degraded or any(s.status != "ok" for s in r.trace)
-        return np.array([item_index[i] for i in r.item_ids], np.int64), r
+        return item_index.rows(r.item_ids).astype(np.int64), r
 
     for u, context in zip(bar(users, desc="eval users", unit="user"), ctx_rows):
         if replay is not None:

@@ -15,6 +15,7 @@ from engine.core import registry
 from engine.core.bundle import Bundle
 from engine.core.config import Config
 from engine.core.errors import ConfigError
+from engine.core.ids import IdIndex
 from engine.core.models import Models
 from engine.core.registry import KindSpec, StageEnv
 
@@ -84,8 +85,7 @@ class Live:
     def __init__(self, config: Config, bundle: Bundle, store, remote_models: dict | None = None):
         self.bundle, self.store = bundle, store
         self.models = Models(bundle, config.serving, remote_models)
-        self.user_index = {s: i for i, s in enumerate(np.asarray(bundle.user_ids).tolist())}
-        self.item_index = {s: i for i, s in enumerate(np.asarray(bundle.item_ids).tolist())}
+        self.user_index, self.item_index = IdIndex(bundle.user_ids), IdIndex(bundle.item_ids)
         self.item_ids = np.asarray(bundle.item_ids)
         n_pos = np.asarray(bundle.state.item_n_pos)
         self.fallback = np.argsort(-n_pos, kind="stable")[:1000].astype(np.int32)

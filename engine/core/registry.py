@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal
 from engine.core.candidates import TASK_PREFIX
 from engine.core.context import RequestContext
 from engine.core.errors import ConfigError
+from engine.core.ids import IdIndex
 
 SPACES = ("score", "feat", "ctx")
 TASK_SCORES = f"score:{TASK_PREFIX}*"     # one score column per model task
@@ -210,7 +211,7 @@ class StageEnv:
     store: Any             # engine.store.FeatureStore
     config: Any            # engine.core.config.Config (the experiment's variant)
     route_bit: int = 0     # recall routes only: this route's bit in Candidates.routes
-    item_index: dict[str, int] | None = None   # external item id -> catalog index, built once per bundle
+    item_index: IdIndex | None = None   # external item id -> catalog index, built once per bundle
 
     def read_sidecar(self, param: str, rel: str) -> dict[str, Any]:
         """A stage's TOML side file (whitelist, blocklist), relative to the config; errors name the key."""

@@ -149,14 +149,15 @@ class Engine:
         ok: list[ResolvedEvent] = []
         rejected: list[tuple[int, str]] = []
         now = time.time()
+        items = live.item_index.rows([e.item_id for e in events])
+        users = live.user_index.rows([e.user_id for e in events])
         for i, e in enumerate(events):
-            reason = event_fault(e, live.item_index, now)
+            reason = event_fault(e, items[i] >= 0, now)
             if reason:
                 rejected.append((i, reason))
                 continue
             t = live.store.clock.days(e.timestamp if e.timestamp > 0 else None)
-            ok.append(ResolvedEvent(e.kind, live.user_index.get(e.user_id, -1), e.user_id,
-                                    live.item_index[e.item_id], t))
+            ok.append(ResolvedEvent(e.kind, int(users[i]), e.user_id, int(items[i]), t))
         if ok:
             live.store.apply(ok)
         return len(ok), rejected
@@ -228,7 +229,7 @@ class Engine:
         x = featurize.user_tower_input(t, np.array([uidx]), user.profile, context, user.recent)
         user_e = live.models.run("user_tower", {"x": x})
         ids = req.exclude_item_ids
-        exclude = np.fromiter((live.item_index.get(i, -1) for i in ids), np.int32, len(ids))
+        exclude = live.item_index.rows(ids)
         return RequestContext(req, user, context, user_e, exclude[exclude >= 0], live.store.clock.days(),
                               t0 + req.deadline_ms / 1000.0, exp, t)
 

@@ -49,7 +49,7 @@ def checked_request(req: Request, cfg: Config, context_fields: Sequence[str],
                                deadline_ms=s.deadline_ms if req.deadline_ms is None else req.deadline_ms)
 
 
-def event_fault(e: Event, item_index: dict[str, int], now_unix: float) -> str:
+def event_fault(e: Event, known_item: bool, now_unix: float) -> str:
     """Why an event is refused ("" if it is not): one line naming the field."""
     if e.kind not in EVENT_KINDS:
         return f"kind: '{e.kind}' is not one of {', '.join(EVENT_KINDS)}"
@@ -57,7 +57,7 @@ def event_fault(e: Event, item_index: dict[str, int], now_unix: float) -> str:
         return f"user_id: must be 1-{MAX_ID_LEN} characters"
     if len(e.request_id) > MAX_ID_LEN or not e.request_id.isprintable():
         return f"request_id: must be at most {MAX_ID_LEN} printable characters"
-    if e.item_id not in item_index:
+    if not known_item:
         return f"item_id: unknown item '{e.item_id}'"
     if not math.isfinite(e.timestamp) or e.timestamp < 0 or e.timestamp > now_unix + FUTURE_SLACK_S:
         return f"timestamp: {e.timestamp} is not a unix time in the past (finite, >= 0; 0 means now)"
