@@ -22,6 +22,7 @@ from model_export.cascade import StoppedClock
 from engine.core.models import Models
 from engine.core.state import snapshot
 from engine.core.features import ResolvedEvent
+from engine.store.common import drop_pages
 from engine.store.embedded import EmbeddedStore
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
@@ -205,3 +206,26 @@ def test_events_survive_a_clean_restart(tiny_bundle, tiny_config, tmp_path):
                 assert not set(items) & {it.item_id for it in c.recommend(user, count=10).items}, user
     finally:
         assert server.terminate() == 0
+
+
+def _resident_kb(path) -> int:
+    """This process's resident kB of the mappings of `path` (/proc/self/smaps)."""
+    kb, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            kb += int(line.split()[1])
+    return kb
+
+
+def test_drop_pages_leaves_a_read_bundle_array_out_of_the_rss(tmp_path):
+    path = tmp_path / "state.npy"
+    np.save(path, np.arange(8 << 20, dtype=np.int32))          # 32 MB
+    a = np.load(path, mmap_mode="r")
+    total = int(a.sum(dtype=np.int64))                         # the store's copy reads it all once
+    assert _resident_kb(path) > 30_000
+    drop_pages(a)
+    assert _resident_kb(path) < 1_000
+    assert int(a.sum(dtype=np.int64)) == total                 # still readable, from the page cache
+    drop_pages(np.zeros(3))                                    # an in-memory array: nothing to drop

@@ -1,6 +1,7 @@
 """Helpers both backends use to build answers from state arrays."""
 from __future__ import annotations
 
+import mmap
 from typing import Mapping
 
 import numpy as np
@@ -34,3 +35,12 @@ def catalog_id(bundle: Bundle) -> str:
     files, st = bundle.manifest["files"], bundle.state
     return (f"{files['tables/item_ids.npy']['sha256']}:{files['tables/user_ids.npy']['sha256']}"
             f":{st.user_recent.shape[1]}:{st.user_seen.shape[1]}")
+
+
+def drop_pages(a: np.ndarray) -> None:
+    """Unmap this process's pages of a file-backed array it has read once (the page cache keeps
+    them; a later read faults them back). Copying the bundle's ~100 MB of state into the store
+    otherwise leaves them in the copying worker's RSS for as long as the bundle is loaded."""
+    m = getattr(a, "_mmap", None)      # np.memmap's own mmap object; None for an in-memory array
+    if m is not None:
+        m.madvise(mmap.MADV_DONTNEED)

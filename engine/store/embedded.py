@@ -30,7 +30,7 @@ from engine.core.bundle import Bundle
 from engine.core.context import UserFeatures
 from engine.core.features import BundleClock, ResolvedEvent
 from engine.core.state import decay
-from engine.store.common import catalog_id, new_user, state_user, top_hot
+from engine.store.common import catalog_id, drop_pages, new_user, state_user, top_hot
 from engine.store.eventlog import new_meta
 from engine.store.persistence import Persistence
 
@@ -89,6 +89,8 @@ class EmbeddedStore:
                         self._persist.restore(self._apply)
                 if fresh:
                     stamp.write_text(self.catalog)
+        for v in init.values():
+            drop_pages(v)
         if self._persist and snapshot_writer:
             self._persist.start_snapshots(snapshot_s)
 
