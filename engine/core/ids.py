@@ -15,8 +15,11 @@ import numpy as np
 class IdIndex:
     def __init__(self, ids: np.ndarray):
         ids = np.asarray(ids)
+        if ids.dtype.kind != "U":
+            raise ValueError(f"ids must be a unicode array, not {ids.dtype}")
         self._order = np.argsort(ids, kind="stable").astype(np.int32)
         self._sorted = ids[self._order]
+        self._width = ids.dtype.itemsize // 4       # characters of the longest id
 
     def __len__(self) -> int:
         return len(self._order)
@@ -25,9 +28,11 @@ class IdIndex:
         """int32 rows of `keys`, -1 for an id the array does not hold."""
         if len(keys) == 0 or len(self._order) == 0:
             return np.full(len(keys), -1, np.int32)
-        q = np.asarray(keys, dtype=str)       # its own width: a longer key is never cut to a known id
+        q = np.asarray(keys, dtype=str)
+        fits = np.char.str_len(q) <= self._width     # a longer key cut to the ids' width must not match
+        q = q.astype(self._sorted.dtype)             # one dtype: searchsorted would convert the ids per call
         at = np.minimum(np.searchsorted(self._sorted, q), len(self._order) - 1)
-        return np.where(self._sorted[at] == q, self._order[at], -1).astype(np.int32)
+        return np.where(fits & (self._sorted[at] == q), self._order[at], -1).astype(np.int32)
 
     def get(self, key: str, default: int = -1) -> int:
         row = int(self.rows([key])[0])
