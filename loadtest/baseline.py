@@ -48,6 +48,7 @@ from engine.core.registry import StageEnv
 from engine.core.request import Request
 from engine.core.state import decay
 from engine.core.features import BundleClock
+from engine.core.ids import IdIndex
 from engine.store.common import new_user, state_user, top_hot
 from indexes import load_index
 from loadtest.target import Server
@@ -79,8 +80,7 @@ class Baseline:
         self.clock = BundleClock(b.manifest)
         self.half_life = float(b.manifest["state"]["half_life_days"])
         self.state_arrays = b.state.arrays()
-        self.user_index = {s: i for i, s in enumerate(np.asarray(b.user_ids).tolist())}
-        self.item_index = {s: i for i, s in enumerate(np.asarray(b.item_ids).tolist())}
+        self.user_index, self.item_index = IdIndex(b.user_ids), IdIndex(b.item_ids)   # what the stages take
         self.item_ids = np.asarray(b.item_ids)
         self.context_fields = list(b.manifest["schema"]["context_fields"])
         self.route_names = list(config.pipeline.recall)
@@ -113,7 +113,8 @@ class Baseline:
             return lambda ctx: Candidates.from_route(*ctx.i2i.top(p.k), bit)
         if kind == "recall_whitelist":
             ids = [e.get("id") for e in self._env(name).read_sidecar("file", p.file).get("item", [])[:p.k]]
-            items = np.array([self.item_index[i] for i in ids if i in self.item_index], np.int32)
+            items = self.item_index.rows(ids)
+            items = items[items >= 0]
             pinned = Candidates.from_route(items, np.ones(items.size), bit)
             return lambda ctx: pinned
         raise ConfigError(f"stage.{name}: the baseline has no recall route of kind {kind}")
@@ -177,7 +178,8 @@ class Baseline:
                 new_user(self.t.default_profile, self.st.user_recent.shape[1], self.st.user_seen.shape[1]))
         context = np.array([[m.context.get(n, 0) for n in self.context_fields]], np.int32)
         x = featurize.user_tower_input(self.t, np.array([uidx]), user.profile, context, user.recent)
-        exclude = np.array([self.item_index[i] for i in m.exclude_item_ids if i in self.item_index], np.int32)
+        exclude = self.item_index.rows(list(m.exclude_item_ids))
+        exclude = exclude[exclude >= 0]
         req = Request(m.user_id, m.count or self.cfg.serving.default_count, request_id=m.request_id)
         return RequestContext(req, user, context, self._torch("user_tower", x), exclude, self.clock.days(),
                               deadline=float("inf"), experiment="", tables=self.t)
