@@ -113,8 +113,7 @@ class Baseline:
             return lambda ctx: Candidates.from_route(*ctx.i2i.top(p.k), bit)
         if kind == "recall_whitelist":
             ids = [e.get("id") for e in self._env(name).read_sidecar("file", p.file).get("item", [])[:p.k]]
-            items = self.item_index.rows(ids)
-            items = items[items >= 0]
+            items = self.item_index.known(ids)
             pinned = Candidates.from_route(items, np.ones(items.size), bit)
             return lambda ctx: pinned
         raise ConfigError(f"stage.{name}: the baseline has no recall route of kind {kind}")
@@ -178,8 +177,7 @@ class Baseline:
                 new_user(self.t.default_profile, self.st.user_recent.shape[1], self.st.user_seen.shape[1]))
         context = np.array([[m.context.get(n, 0) for n in self.context_fields]], np.int32)
         x = featurize.user_tower_input(self.t, np.array([uidx]), user.profile, context, user.recent)
-        exclude = self.item_index.rows(list(m.exclude_item_ids))
-        exclude = exclude[exclude >= 0]
+        exclude = self.item_index.known(list(m.exclude_item_ids))
         req = Request(m.user_id, m.count or self.cfg.serving.default_count, request_id=m.request_id)
         return RequestContext(req, user, context, self._torch("user_tower", x), exclude, self.clock.days(),
                               deadline=float("inf"), experiment="", tables=self.t)

@@ -48,8 +48,7 @@ class Filter:
             blocked = np.zeros(len(self.author), bool)
             if p.blocklist:
                 ids = env.read_sidecar("blocklist", p.blocklist).get("items", [])
-                rows = env.item_index.rows(ids)
-                blocked[rows[rows >= 0]] = True
+                blocked[env.item_index.known(ids)] = True
             self.blocked = blocked
             self.max_age, self.created, self.clock = p.max_age_days, np.asarray(t.item_created), env.store.clock
 

@@ -13,6 +13,7 @@ def test_id_index_answers_as_a_dict_would():
     ix, d = IdIndex(ids), {s: i for i, s in enumerate(ids.tolist())}
     keys = [*d, "i", "i100", "i10x", "", "ü", "item-420", "a", "zz"]   # prefixes, extensions, outside both ends
     assert ix.rows(keys).tolist() == [d.get(k, -1) for k in keys]
+    assert ix.known(keys).tolist() == [d[k] for k in keys if k in d]
     assert ix.rows(keys).dtype == np.int32 and ix.rows([]).shape == (0,)
     assert all((k in ix) == (k in d) for k in keys) and ix.get("zz", 7) == 7 and len(ix) == 7
     assert ix["item-42"] == d["item-42"]

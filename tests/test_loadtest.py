@@ -67,9 +67,9 @@ def test_open_loop_poisson_with_traces(server, tiny_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_overload_times_refusals_from_the_schedule_and_from_the_send(tiny_config, tiny_bundle, tmp_path):
-    # admission refuses every call that finds the one worker busy: at 400 QPS most are refused
+    # admission refuses every call that finds the one worker busy (no burst allowance): at 400 QPS most are refused
     with Server(tiny_config, tiny_bundle, workers=1, log=tmp_path / "server.stderr",
-                extra=("--set", "serving.max_queue_ms=0.001")) as s:
+                extra=("--set", "serving.max_queue_ms=0.001", "--set", "serving.queue_burst_ms=0")) as s:
         rep = _load(s, tiny_bundle, tmp_path / "out", "open", "--qps", "400")
     r = rep["targets"][0]["runs"][0]
     _check_counts(r)

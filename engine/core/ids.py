@@ -34,6 +34,11 @@ class IdIndex:
         at = np.minimum(np.searchsorted(self._sorted, q), len(self._order) - 1)
         return np.where(fits & (self._sorted[at] == q), self._order[at], -1).astype(np.int32)
 
+    def known(self, keys: Sequence[str]) -> np.ndarray:
+        """int32 rows of the keys the array holds; unknown ones left out (excludes, side files)."""
+        rows = self.rows(keys)
+        return rows[rows >= 0]
+
     def get(self, key: str, default: int = -1) -> int:
         row = int(self.rows([key])[0])
         return row if row >= 0 else default

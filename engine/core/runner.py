@@ -228,9 +228,8 @@ class Engine:
         context = np.array([[req.context.get(n, 0) for n in names]], np.int32)
         x = featurize.user_tower_input(t, np.array([uidx]), user.profile, context, user.recent)
         user_e = live.models.run("user_tower", {"x": x})
-        ids = req.exclude_item_ids
-        exclude = live.item_index.rows(ids)
-        return RequestContext(req, user, context, user_e, exclude[exclude >= 0], live.store.clock.days(),
+        exclude = live.item_index.known(req.exclude_item_ids)
+        return RequestContext(req, user, context, user_e, exclude, live.store.clock.days(),
                               t0 + req.deadline_ms / 1000.0, exp, t)
 
     def _recall(self, ctx: RequestContext, pipe: Pipeline, trace: list, live: Live) -> Candidates:
