@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.core import featurize
-from engine.core.candidates import Candidates, Guarantee
+from engine.core.candidates import Candidates, Guarantee, rows
 from engine.core.registry import CutParams, StageEnv, register
 
 
@@ -26,7 +26,7 @@ class RankTrees:
         self.keep, self.models, self.store, self.tables = p.keep, env.models, env.store, env.bundle.tables
 
     def __call__(self, ctx, c: Candidates) -> Candidates:
-        item_e = self.tables.item_emb[c.item]
+        item_e = rows(self.tables.item_emb, c.item)
         n_imp, n_pos, hot = self.store.item_stats(c.item)
         x = featurize.coarse_features(
             self.tables, c.item, ctx.user_e, item_e, ctx.user.recent,

@@ -222,7 +222,7 @@ def _resident_kb(path) -> int:
 def test_drop_pages_leaves_a_read_bundle_array_out_of_the_rss(tmp_path):
     path = tmp_path / "state.npy"
     np.save(path, np.arange(8 << 20, dtype=np.int32))          # 32 MB
-    a = np.load(path, mmap_mode="r")
+    a = np.asarray(np.load(path, mmap_mode="r"))              # a plain view, as load_bundle gives
     total = int(a.sum(dtype=np.int64))                         # the store's copy reads it all once
     assert _resident_kb(path) > 30_000
     drop_pages(a)

@@ -56,9 +56,11 @@ class Candidates:
 
     def take(self, idx: np.ndarray) -> "Candidates":
         """Rows at `idx` (int indices or bool mask), every column alike."""
+        if idx.dtype == np.bool_:
+            idx = np.flatnonzero(idx)
         return Candidates(self.item[idx], self.routes[idx], self.guaranteed[idx],
                           {k: v[idx] for k, v in self.scores.items()},
-                          {k: v[idx] for k, v in self.feats.items()}, self.primary)
+                          {k: rows(v, idx) for k, v in self.feats.items()}, self.primary)
 
     def with_columns(self, scores: dict[str, np.ndarray] | None = None,
                      feats: dict[str, np.ndarray] | None = None, primary: str | None = None) -> "Candidates":
@@ -89,6 +91,13 @@ class Candidates:
             boosted = np.where(protected, np.inf, score) if n_protected else score
             idx = np.argpartition(-boosted, keep - 1)[:keep]
         return self.take(idx[np.argsort(-score[idx], kind="stable")])
+
+
+def rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """`a[idx]` along the first axis. For 2-D arrays np.take copies each row as one block and
+    is ~4x faster than fancy indexing, which walks the row element by element (0.04 vs 0.18 ms
+    for 2509 rows of 32 floats; BENCHMARKS.md)."""
+    return np.take(a, idx, axis=0)
 
 
 def merge(parts: list[Candidates]) -> Candidates:

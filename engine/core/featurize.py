@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.core.candidates import rows
+
 COARSE_FEATURES = (
     "tt_score",         # two-tower inner product: the recall model's opinion
     "item_log_imp",     # log1p impressions: popularity
@@ -207,7 +209,7 @@ def coarse_features(t: Tables, items: np.ndarray, user_e: np.ndarray, item_e: np
     centroid = pooled(t.item_content, recent)
     centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-6)
     f[:, 9] = np.einsum("nd,nd->n", np.broadcast_to(centroid, (n, centroid.shape[1])),
-                        t.item_content[items])
+                        rows(t.item_content, items))
     ctx = np.broadcast_to(contexts, (n, contexts.shape[1]))
     f[:, 10] = ctx[:, 0]
     f[:, 11] = ctx[:, 1] if ctx.shape[1] > 1 else 0

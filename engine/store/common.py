@@ -41,6 +41,7 @@ def drop_pages(a: np.ndarray) -> None:
     """Unmap this process's pages of a file-backed array it has read once (the page cache keeps
     them; a later read faults them back). Copying the bundle's ~100 MB of state into the store
     otherwise leaves them in the copying worker's RSS for as long as the bundle is loaded."""
-    m = getattr(a, "_mmap", None)      # np.memmap's own mmap object; None for an in-memory array
-    if m is not None:
-        m.madvise(mmap.MADV_DONTNEED)
+    while a is not None and not isinstance(a, np.memmap):   # a view's base chain leads to the memmap
+        a = a.base if isinstance(a, np.ndarray) else None
+    if a is not None and a._mmap is not None:
+        a._mmap.madvise(mmap.MADV_DONTNEED)

@@ -104,8 +104,8 @@ class EmbeddedStore:
             m = np.lib.format.open_memmap(path, mode="w+", dtype=init.dtype, shape=init.shape)
             m[...] = init
             m.flush()
-            return m
-        return np.load(path, mmap_mode="r+")
+            return np.asarray(m)            # plain views: see bundle.load_bundle
+        return np.asarray(np.load(path, mmap_mode="r+"))
 
     @contextlib.contextmanager
     def _write_lock(self):
