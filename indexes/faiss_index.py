@@ -55,6 +55,14 @@ class FaissIndex:
         if self.kind != "flat":
             self.index.nprobe = max(1, min(int(value), self.nlist))
 
+    def centroids(self) -> np.ndarray | None:
+        """The IVF lists' centroids [nlist, d] (None for a flat index): a route can partition a
+        pool of its own by the same lists (stages.recall_cold_start)."""
+        if self.kind == "flat":
+            return None
+        q = faiss.downcast_index(self.index.quantizer)
+        return np.ascontiguousarray(q.reconstruct_n(0, q.ntotal), dtype=np.float32)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: scores float32 [q, k], ids int32 [q, k], -1 where fewer than k."""
         faiss.omp_set_num_threads(self.threads)

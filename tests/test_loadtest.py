@@ -132,6 +132,18 @@ def test_kernel_floor(tiny_config, tiny_bundle):
     assert "sum of kernel p50s" in format_floor(f)
 
 
+@pytest.mark.slow
+def test_in_process_ab_runs_each_arm_with_its_own_overrides(tiny_config, tiny_bundle):
+    from loadtest.inproc_ab import format_ab, measure
+
+    r = measure(tiny_config, tiny_bundle, {"a": [], "b": ["stage.coarse_trees.keep=150"]}, requests=20, block=5)
+    a, b = r["arms"]["a"], r["arms"]["b"]
+    assert a["requests"] == b["requests"] == 20
+    assert b["stages_rows_out"]["coarse_trees"] == 150 < a["stages_rows_out"]["coarse_trees"]
+    assert 0 < a["p50"] <= a["p99"] and 0 < b["p50"] <= b["p99"]
+    assert "b / a" in format_ab(r)
+
+
 def test_users_are_zipf_skewed_with_unknown_share():
     ids = np.array([f"u{i}" for i in range(1000)])
     users = Users(ids, s=1.1, unknown_share=0.1, seed=0, stream=0)
