@@ -68,7 +68,9 @@ class Filter:
     def _cap_authors(self, c: Candidates) -> Candidates:
         """Rank within author by recall score; keep rank < cap (guaranteed items always)."""
         a = self.author[c.item]
-        order = np.argsort(_author_then_score(a, c.scores["recall"]), kind="stable")
+        # equal keys are one author's items at one score: any order among them is a ranking
+        # (and numpy's SIMD sort, ~5x faster than the stable one here, repeats it)
+        order = np.argsort(_author_then_score(a, c.scores["recall"]))
         sa = a[order]
         starts = np.r_[0, np.flatnonzero(sa[1:] != sa[:-1]) + 1]
         rank = np.arange(sa.size) - np.repeat(starts, np.diff(np.r_[starts, sa.size]))

@@ -76,13 +76,15 @@ class Candidates:
 
     def keep_top(self, score: np.ndarray, keep: int, level: Guarantee) -> "Candidates":
         """The `keep` best by `score`, best first; every candidate guaranteed to `level` is among them.
+        Equal scores come in an arbitrary but repeatable order (numpy's SIMD sort, ~5x faster than
+        its stable one on these sizes).
 
         Pinned items take slots rather than adding to `keep`, so the next stage's batch stays
         bounded (unless more items are pinned than `keep`: then all of them survive).
         """
         n = len(self)
         if n <= keep:
-            return self.take(np.argsort(-score, kind="stable"))
+            return self.take(np.argsort(-score))
         protected = self.guaranteed >= level
         n_protected = int(np.count_nonzero(protected))
         if n_protected > keep:
@@ -90,7 +92,7 @@ class Candidates:
         else:           # the protected rank first at +inf, so the top `keep` already holds them all
             boosted = np.where(protected, np.inf, score) if n_protected else score
             idx = np.argpartition(-boosted, keep - 1)[:keep]
-        return self.take(idx[np.argsort(-score[idx], kind="stable")])
+        return self.take(idx[np.argsort(-score[idx])])
 
 
 def rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -103,13 +105,15 @@ def rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def merge(parts: list[Candidates]) -> Candidates:
     """Union of route outputs: one row per item, OR of route bits, max guarantee, best recall score.
 
-    One stable (radix) sort of the item ids and a segmented reduction per column: ~25% cheaper
-    than np.unique's inverse plus a scatter (ufunc.at) per column (BENCHMARKS.md)."""
+    One sort of the item ids and a segmented reduction per column: ~25% cheaper than np.unique's
+    inverse plus a scatter (ufunc.at) per column (BENCHMARKS.md). The reductions do not care
+    how an item's rows are ordered in its run, so the sort need not be stable: numpy's SIMD
+    argsort is ~5x faster than the stable one on ~3000 ids."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return Candidates.empty()
     item = np.concatenate([p.item for p in parts])
-    order = np.argsort(item, kind="stable")
+    order = np.argsort(item)
     ids = item[order]
     starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
 
