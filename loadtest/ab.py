@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                                     duration_s=a.duration, warmup_s=a.warmup, **level)
                     r = run_load(spec, servers[name].pid)
                     row = {"round": rnd, "load": load, "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"],
-                           "qps": r["achieved_qps"], "cores": r["server"]["cpu_cores"], "errors": r["errors"]}
+                           "qps": r["achieved_qps"], "cores": r["server"]["cpu_cores"], "errors": r["errors"],
+                           "refused": {k: v["p99"] for k, v in r.get("latency_by_outcome_ms", {}).items()
+                                       if k.startswith("refused")}}   # RESOURCE_EXHAUSTED p99, when any
                     results[name][label].append(row)
                     print(f"round {rnd} {label:>22} {name:>10}: p50 {row['p50']:7.2f} p99 {row['p99']:7.2f} ms, "
                           f"{row['qps']:6.1f} QPS ok, {row['cores']:.2f} cores, errors {sum(r['errors'].values())}, "
@@ -125,16 +127,30 @@ def _markdown(results: dict[str, dict[str, list[dict[str, Any]]]], a: argparse.N
     base = names[0]
     lines = [f"# A/B, interleaved: {a.rounds} rounds x {a.duration:g} s per level, {a.config} on {a.bundle}", "",
              "Medians over rounds (every round's value in ab.json); ratio = variant / " + base + ".", "",
-             "| level | variant | p50 ms | p99 ms | QPS ok | server cores | errors | p50 ratio | p99 ratio | load avg |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| level | variant | p50 ms | p99 ms | QPS ok | server cores | errors (all rounds) | refused p99 ms "
+             "(from the send) | p50 ratio | p99 ratio | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, _ in a.level:
         med = {n: {f: statistics.median(r[f] for r in results[n][label]) for f in (*FIGURES, "load")} for n in names}
         for n in names:
             m, b = med[n], med[base]
             errs = sum(sum(r["errors"].values()) for r in results[n][label])
             lines.append(f"| {label} | {n} | {m['p50']:.2f} | {m['p99']:.2f} | {m['qps']:.1f} | {m['cores']:.2f} | "
-                         f"{errs} | {m['p50'] / b['p50']:.2f} | {m['p99'] / b['p99']:.2f} | {m['load']:.1f} |")
+                         f"{errs} | {_refused(results[n][label])} | {m['p50'] / b['p50']:.2f} | "
+                         f"{m['p99'] / b['p99']:.2f} | {m['load']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _refused(rows: list[dict[str, Any]]) -> str:
+    """Median over the rounds that refused anything of the refusals' p99, from the schedule and
+    (in parentheses) from the actual send; blank when no round refused a call."""
+    def med(key: str) -> float | None:
+        v = [r["refused"][key] for r in rows if key in r.get("refused", {})]
+        return statistics.median(v) if v else None
+    sched, send = med("refused"), med("refused_from_send")
+    if sched is None:
+        return ""
+    return f"{sched:.2f}" + (f" ({send:.2f})" if send is not None else "")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,24 @@ def test_in_process_ab_runs_each_arm_with_its_own_overrides(tiny_config, tiny_bu
     assert "b / a" in format_ab(r)
 
 
+def test_ab_report_gives_the_refusals_p99_of_the_rounds_that_refused():
+    import argparse
+
+    from loadtest.ab import _markdown
+
+    def row(p50, refused):
+        return {"round": 0, "load": 1.0, "p50": p50, "p99": 2 * p50, "qps": 10.0, "cores": 0.5,
+                "errors": {"RESOURCE_EXHAUSTED": 3} if refused else {}, "refused": refused}
+
+    results = {"a": {"open:9": [row(10, {"refused": 6.0, "refused_from_send": 5.0}), row(12, {}),
+                                row(11, {"refused": 8.0, "refused_from_send": 7.0})]},
+               "b": {"open:9": [row(5, {}), row(6, {}), row(7, {})]}}
+    md = _markdown(results, argparse.Namespace(rounds=3, duration=1.0, config="c", bundle="b", level=[("open:9", {})]))
+    a_line, b_line = (next(x for x in md.splitlines() if x.startswith(f"| open:9 | {n} ")) for n in "ab")
+    assert "| 6 | 7.00 (6.00) |" in a_line         # errors summed; the median of the two refusing rounds
+    assert "| 0 |  | 0.55 | 0.55 |" in b_line                          # none refused: blank; ratios vs a
+
+
 def test_users_are_zipf_skewed_with_unknown_share():
     ids = np.array([f"u{i}" for i in range(1000)])
     users = Users(ids, s=1.1, unknown_share=0.1, seed=0, stream=0)
