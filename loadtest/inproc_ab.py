@@ -41,7 +41,7 @@ def measure(config: Path, bundle: Path, arms: dict[str, list[str]], requests: in
         for e in engines.values():                 # warm-up: caches, ORT arenas, page faults
             for _ in range(20):
                 e.recommend(Request(user_id=users.next()))
-        for k in range(0, requests, block):
+        for _ in range(0, requests, block):
             for name, e in engines.items():
                 for _ in range(block):              # each arm gets the next block of users
                     t = time.perf_counter()
@@ -61,7 +61,7 @@ def measure(config: Path, bundle: Path, arms: dict[str, list[str]], requests: in
 
 
 def format_ab(r: dict[str, Any]) -> str:
-    (na, a), (nb, b) = r["arms"].items()
+    a, b = r["arms"].values()
     lines = [f"in-process A/B on bundle {r['bundle']}, alternating blocks of {r['block']} requests",
              f"{'':<10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}   overrides"]
     for name, arm in r["arms"].items():

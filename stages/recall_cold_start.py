@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.candidates import Candidates, Guarantee, rows, top_k
+from engine.core.candidates import Candidates, Guarantee, ranges, rows, top_k
 from engine.core.errors import ConfigError
 from engine.core.featurize import CTR_PRIOR_IMP, CTR_PRIOR_POS
 from engine.core.refresh import RefreshedRoute
@@ -94,8 +94,7 @@ class RecallColdStart(RefreshedRoute):
             sim = emb @ u
         else:                           # only the rows of the nprobe lists nearest u
             near = top_k(self.centroids @ u, self.p.nprobe)
-            lo, n = starts[near], starts[near + 1] - starts[near]
-            at = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+            at = ranges(starts[near], starts[near + 1] - starts[near])
             sim = rows(emb, at) @ u
         best = top_k(sim, k)
         return (best if at is None else at[best]), sim[best]

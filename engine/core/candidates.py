@@ -102,6 +102,12 @@ def rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.take(a, idx, axis=0)
 
 
+def ranges(start: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """The indices start[j] .. start[j] + n[j] - 1 for every j, concatenated: the rows of
+    several CSR rows or list segments, without a Python loop over them."""
+    return np.repeat(start - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+
+
 def merge(parts: list[Candidates]) -> Candidates:
     """Union of route outputs: one row per item, OR of route bits, max guarantee, best recall score.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.candidates import rows
+from engine.core.candidates import ranges, rows
 
 COARSE_FEATURES = (
     "tt_score",         # two-tower inner product: the recall model's opinion
@@ -150,7 +150,7 @@ def i2i_scores(table: I2ITable | None, recent: np.ndarray) -> I2IScores:
     j = recent[b, r]
     start = table.indptr[j]
     n = table.indptr[j + 1] - start
-    pos = np.repeat(start - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+    pos = ranges(start, n)
     keys = np.repeat(b.astype(np.int64) * n_items, n) + table.indices[pos]
     w = np.repeat(np.float32(table.decay) ** r.astype(np.float32), n) * table.weights[pos]
     uniq, inv = np.unique(keys, return_inverse=True)
