@@ -3,6 +3,7 @@ may not be able to reach.
 
     python -m model_export.world_bounds --config configs/large.toml retrieval
     python -m model_export.world_bounds --config configs/cold.toml cold
+    python -m model_export.world_bounds --config configs/default.toml utility
 
 retrieval: recall@k of the validation window's positives (the users and metric of the build's
 two-tower validation, `train.two_tower_recall`) for the most-popular list, for popularity x the
@@ -14,6 +15,13 @@ cold: the share of cold items (no impressions at the end of the log) in the orac
 the eligible catalog against an *informed* oracle that knows every user's and item's true latent
 but, for a cold item, only its author's quality (its own quality noise averaged out): what the
 best possible content-and-author model of a cold item would give it.
+
+utility: which part of the truth the served lists lose by, on the eligible catalog: the
+oracle's list against lists ranked by the truth with one part estimated from the log alone,
+each estimate given its best linear calibration against the truth, so a row is what that
+estimate is worth at most. Taste from the content of the user's recent positives (the cosine
+of their centroid with the item's content, the rankers' coarse feature 9); quality from the
+item's counters (smoothed click rate and impressions, as the rankers see them).
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import argparse
 import numpy as np
 
 from engine.core.config import load_config
+from engine.core.featurize import CTR_PRIOR_IMP, CTR_PRIOR_POS, pooled
 from engine.core.state import snapshot
 from model_export.progress import bar
 from model_export.world import (EXPLORE_SHARE, ITEM_QUALITY_NOISE, POPULAR_SHARE, SESSION_LEN, TASKS,
@@ -101,13 +110,64 @@ def cold(cfg_path: str, n_users: int = 100, draws: int = 16, seed: int = 0) -> d
                for name, rows in got.items() for j, m in enumerate(("cold share", "utility"))}}
 
 
+def utility(cfg_path: str, n_users: int = 100, seed: int = 0) -> dict:
+    cfg = load_config(cfg_path)
+    ds = make_world(cfg.data)
+    truth: WorldTruth = ds.truth
+    st = snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, ds.t_end,
+                  cfg.train.recent_len, cfg.serving.seen_window, 1.0)
+    rerank = next(cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
+    n_imp, n_pos = st.item_n_imp.astype(np.float64), st.item_n_pos.astype(np.float64)
+    log_ctr = np.log((n_pos + CTR_PRIOR_POS) / (n_imp + CTR_PRIOR_IMP))
+    x = np.stack([np.ones(ds.n_items), log_ctr, np.log1p(n_imp), log_ctr * np.log1p(n_imp)], axis=1)
+    has = n_imp > 0
+    beta = np.linalg.lstsq(x[has], truth.item_quality[has], rcond=None)[0]
+    q_hat = np.where(has, x @ beta, truth.item_quality[has].mean()).astype(np.float32)
+    q_r2 = 1 - np.var(truth.item_quality[has] - q_hat[has]) / np.var(truth.item_quality[has])
+    content = ds.item_content / np.maximum(np.linalg.norm(ds.item_content, axis=1, keepdims=True), 1e-6)
+    rng = np.random.default_rng(seed)
+    v = ds.window(ds.t_valid, ds.t_end)
+    users = rng.choice(np.unique(ds.log_user[v]), min(n_users, np.unique(ds.log_user[v]).size), replace=False)
+    names = ("oracle", "quality from counters", "taste from history content", "both from the log")
+    got: dict[str, list[float]] = {k: [] for k in names}
+    corr, lo, hi = [], [], []
+    for u in bar(users, desc="utility bound", unit="user"):
+        ul = truth.user_latent[u]
+        taste, finish, log_aff = truth.item_latent @ ul, truth.item_finish @ ul, truth.user_log_aff[u, truth.item_category]
+        seen = st.user_seen[u]
+        eligible = np.ones(ds.n_items, bool)
+        eligible[seen[seen >= 0]] = False
+        centroid = pooled(content, st.user_recent[u:u + 1])[0]
+        similarity = content @ (centroid / max(float(np.linalg.norm(centroid)), 1e-6))
+        if np.ptp(similarity[eligible]) > 0:
+            corr.append(float(np.corrcoef(similarity[eligible], taste[eligible])[0, 1]))
+            taste_hat = np.polyval(np.polyfit(similarity[eligible], taste[eligible], 1), similarity).astype(np.float32)
+        else:       # no positive yet: nothing about taste is known
+            taste_hat = np.full(ds.n_items, taste[eligible].mean(), np.float32)
+
+        def value(t: np.ndarray, q: np.ndarray) -> np.ndarray:
+            p = _unconditional(truth._conditional(t, finish, q, log_aff))
+            return fuse({k: p[:, j] for j, k in enumerate(TASKS)}, rerank.weights, rerank.fusion, rerank.eps)
+
+        true = value(taste, truth.item_quality)
+        lo.append(float(true[eligible].mean() * DISCOUNT.sum()))
+        for name, s in zip(names, (true, value(taste, q_hat), value(taste_hat, truth.item_quality),
+                                   value(taste_hat, q_hat))):
+            top = np.argsort(-np.where(eligible, s, -np.inf))[:COUNT]
+            got[name].append(float(true[top] @ DISCOUNT))
+    span = np.mean(got["oracle"]) - np.mean(lo)
+    return {"users": int(users.size), "quality R2 from counters": float(q_r2),
+            "corr(history content similarity, taste), users with a positive": float(np.mean(corr)),
+            **{f"{name} utility_norm": float((np.mean(r) - np.mean(lo)) / span) for name, r in got.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--users", type=int, default=None)
-    p.add_argument("what", choices=("retrieval", "cold"))
+    p.add_argument("what", choices=("retrieval", "cold", "utility"))
     a = p.parse_args()
-    fn = retrieval if a.what == "retrieval" else cold
+    fn = {"retrieval": retrieval, "cold": cold, "utility": utility}[a.what]
     out = fn(a.config, **({"n_users": a.users} if a.users else {}))
     for key, val in out.items():
         print(f"{key}: {val:.4f}" if isinstance(val, float) else f"{key}: {val}")

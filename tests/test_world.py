@@ -100,3 +100,15 @@ def test_default_size_catalog_has_enough_categories_and_authors():
     items = _items(rng, cfg, *_categories(rng, cfg))
     assert len(np.unique(items["category"])) >= 20 and len(np.unique(items["author"])) >= 1000
     assert items["cold"].sum() == round(cfg.cold_share * cfg.n_items)
+
+
+def test_utility_bound_orders_what_the_log_can_estimate():
+    """world_bounds utility: the oracle is 1, each part estimated from the log loses some of it,
+    both estimated lose more, and the estimates carry real signal (well above a uniform list's 0)."""
+    from model_export.world_bounds import utility
+    out = utility("configs/tiny.toml", n_users=60)
+    assert out["oracle utility_norm"] == pytest.approx(1.0)
+    one = (out["quality from counters utility_norm"], out["taste from history content utility_norm"])
+    assert all(0.3 < x < 0.95 for x in one), out
+    assert 0.1 < out["both from the log utility_norm"] < min(one), out
+    assert 0.1 < out["quality R2 from counters"] < 0.6 and 0.3 < out["corr(history content similarity, taste), users with a positive"] < 0.9
