@@ -76,30 +76,16 @@ def retrieval(cfg_path: str, k: int = 100, n_users: int = 300, sessions: int = 3
 
 
 def cold(cfg_path: str, n_users: int = 100, draws: int = 16, seed: int = 0) -> dict:
-    cfg = load_config(cfg_path)
-    ds = make_world(cfg.data)
+    cfg, ds, st, rerank = _world_at_end(cfg_path)
     truth: WorldTruth = ds.truth
-    st = snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, ds.t_end,
-                  cfg.train.recent_len, cfg.serving.seen_window, 1.0)
     is_cold = st.item_n_imp == 0
-    rerank = next(cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
     rng = np.random.default_rng(seed)
-    v = ds.window(ds.t_valid, ds.t_end)
-    users = rng.choice(np.unique(ds.log_user[v]), min(n_users, np.unique(ds.log_user[v]).size), replace=False)
+    users = _users(ds, n_users, rng)
     got: dict[str, list[tuple[float, float]]] = {"oracle": [], "informed oracle": []}
     for u in bar(users, desc="cold bound", unit="user"):
-        ul = truth.user_latent[u]
-        taste, finish, log_aff = truth.item_latent @ ul, truth.item_finish @ ul, truth.user_log_aff[u, truth.item_category]
-        seen = st.user_seen[u]
-        eligible = np.ones(ds.n_items, bool)
-        eligible[seen[seen >= 0]] = False
-
-        def value(quality: np.ndarray) -> np.ndarray:
-            p = _unconditional(truth._conditional(taste, finish, quality, log_aff))
-            return fuse({t: p[:, j] for j, t in enumerate(TASKS)}, rerank.weights, rerank.fusion, rerank.eps)
-
-        true = value(truth.item_quality)
-        expected = np.mean([value(truth.author_quality + ITEM_QUALITY_NOISE * rng.standard_normal(ds.n_items))
+        value, taste, eligible = _user_value(truth, st, rerank, int(u))
+        true = value(taste, truth.item_quality)
+        expected = np.mean([value(taste, truth.author_quality + ITEM_QUALITY_NOISE * rng.standard_normal(ds.n_items))
                             for _ in range(draws)], axis=0)
         for name, s in (("oracle", true), ("informed oracle", np.where(is_cold, expected, true))):
             s = np.where(eligible, s, -np.inf)
@@ -111,12 +97,8 @@ def cold(cfg_path: str, n_users: int = 100, draws: int = 16, seed: int = 0) -> d
 
 
 def utility(cfg_path: str, n_users: int = 100, seed: int = 0) -> dict:
-    cfg = load_config(cfg_path)
-    ds = make_world(cfg.data)
+    cfg, ds, st, rerank = _world_at_end(cfg_path)
     truth: WorldTruth = ds.truth
-    st = snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, ds.t_end,
-                  cfg.train.recent_len, cfg.serving.seen_window, 1.0)
-    rerank = next(cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
     n_imp, n_pos = st.item_n_imp.astype(np.float64), st.item_n_pos.astype(np.float64)
     log_ctr = np.log((n_pos + CTR_PRIOR_POS) / (n_imp + CTR_PRIOR_IMP))
     x = np.stack([np.ones(ds.n_items), log_ctr, np.log1p(n_imp), log_ctr * np.log1p(n_imp)], axis=1)
@@ -125,18 +107,12 @@ def utility(cfg_path: str, n_users: int = 100, seed: int = 0) -> dict:
     q_hat = np.where(has, x @ beta, truth.item_quality[has].mean()).astype(np.float32)
     q_r2 = 1 - np.var(truth.item_quality[has] - q_hat[has]) / np.var(truth.item_quality[has])
     content = ds.item_content / np.maximum(np.linalg.norm(ds.item_content, axis=1, keepdims=True), 1e-6)
-    rng = np.random.default_rng(seed)
-    v = ds.window(ds.t_valid, ds.t_end)
-    users = rng.choice(np.unique(ds.log_user[v]), min(n_users, np.unique(ds.log_user[v]).size), replace=False)
+    users = _users(ds, n_users, np.random.default_rng(seed))
     names = ("oracle", "quality from counters", "taste from history content", "both from the log")
     got: dict[str, list[float]] = {k: [] for k in names}
-    corr, lo, hi = [], [], []
+    corr, uniform = [], []
     for u in bar(users, desc="utility bound", unit="user"):
-        ul = truth.user_latent[u]
-        taste, finish, log_aff = truth.item_latent @ ul, truth.item_finish @ ul, truth.user_log_aff[u, truth.item_category]
-        seen = st.user_seen[u]
-        eligible = np.ones(ds.n_items, bool)
-        eligible[seen[seen >= 0]] = False
+        value, taste, eligible = _user_value(truth, st, rerank, int(u))
         centroid = pooled(content, st.user_recent[u:u + 1])[0]
         similarity = content @ (centroid / max(float(np.linalg.norm(centroid)), 1e-6))
         if np.ptp(similarity[eligible]) > 0:
@@ -144,21 +120,48 @@ def utility(cfg_path: str, n_users: int = 100, seed: int = 0) -> dict:
             taste_hat = np.polyval(np.polyfit(similarity[eligible], taste[eligible], 1), similarity).astype(np.float32)
         else:       # no positive yet: nothing about taste is known
             taste_hat = np.full(ds.n_items, taste[eligible].mean(), np.float32)
-
-        def value(t: np.ndarray, q: np.ndarray) -> np.ndarray:
-            p = _unconditional(truth._conditional(t, finish, q, log_aff))
-            return fuse({k: p[:, j] for j, k in enumerate(TASKS)}, rerank.weights, rerank.fusion, rerank.eps)
-
         true = value(taste, truth.item_quality)
-        lo.append(float(true[eligible].mean() * DISCOUNT.sum()))
+        uniform.append(float(true[eligible].mean() * DISCOUNT.sum()))
         for name, s in zip(names, (true, value(taste, q_hat), value(taste_hat, truth.item_quality),
                                    value(taste_hat, q_hat))):
             top = np.argsort(-np.where(eligible, s, -np.inf))[:COUNT]
             got[name].append(float(true[top] @ DISCOUNT))
-    span = np.mean(got["oracle"]) - np.mean(lo)
+    span = np.mean(got["oracle"]) - np.mean(uniform)
     return {"users": int(users.size), "quality R2 from counters": float(q_r2),
             "corr(history content similarity, taste), users with a positive": float(np.mean(corr)),
-            **{f"{name} utility_norm": float((np.mean(r) - np.mean(lo)) / span) for name, r in got.items()}}
+            **{f"{name} utility_norm": float((np.mean(r) - np.mean(uniform)) / span) for name, r in got.items()}}
+
+
+def _world_at_end(cfg_path: str):
+    """The config, the world, its feature state at the log's end and the rerank's fusion params."""
+    cfg = load_config(cfg_path)
+    ds = make_world(cfg.data)
+    st = snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, ds.t_end,
+                  cfg.train.recent_len, cfg.serving.seen_window, 1.0)
+    rerank = next(cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
+    return cfg, ds, st, rerank
+
+
+def _users(ds, n_users: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to n_users users with held-out activity."""
+    active = np.unique(ds.log_user[ds.window(ds.t_valid, ds.t_end)])
+    return rng.choice(active, min(n_users, active.size), replace=False)
+
+
+def _user_value(truth: WorldTruth, st, rerank, u: int):
+    """User u's fused true value as a function of (taste, quality) per item, their true taste,
+    and the items not yet seen (eligible)."""
+    ul = truth.user_latent[u]
+    taste, finish, log_aff = truth.item_latent @ ul, truth.item_finish @ ul, truth.user_log_aff[u, truth.item_category]
+    seen = st.user_seen[u]
+    eligible = np.ones(taste.size, bool)
+    eligible[seen[seen >= 0]] = False
+
+    def value(t: np.ndarray, quality: np.ndarray) -> np.ndarray:
+        p = _unconditional(truth._conditional(t, finish, quality, log_aff))
+        return fuse({k: p[:, j] for j, k in enumerate(TASKS)}, rerank.weights, rerank.fusion, rerank.eps)
+
+    return value, taste, eligible
 
 
 def main() -> None:
