@@ -87,13 +87,15 @@ def test_one_connection_reaches_every_worker_side_by_side(tmp_path, tiny_config,
     s = _server(tmp_path, tiny_config, tiny_bundle, "max_queue_ms = 5000.0", workers=2)
     try:
         with s.client() as c:           # one channel: one HTTP/2 connection
+            # one call after another: the worker freed last takes the next (its caches are warm)
             served = {c.recommend(f"u{i}", count=3).served_by for i in range(40)}
-            assert len(served) == 2, served
+            assert len(served) == 1, served
             busy = [_occupy(c, mark, f"slow-{i}") for i in range(2)]   # the second starts while the first runs
             for t, _ in busy:
                 t.join()
-            pids = {c.status().pid for _ in range(40)}
-        assert {out["resp"].served_by for _, out in busy} == served
+            pids = {c.status().pid for _ in range(40)}      # Admin calls go to any idle worker
+        side_by_side = {out["resp"].served_by for _, out in busy}
+        assert len(side_by_side) == 2 and served < side_by_side, (served, side_by_side)
         assert len(pids) == 2, pids
         for pid in pids:    # every thread of every worker yields to the front (serving.worker_nice = 5)
             assert {_nice(t) for t in Path(f"/proc/{pid}/task").iterdir()} == {_nice(Path(f"/proc/{s.proc.pid}")) + 5}

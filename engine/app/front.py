@@ -5,9 +5,9 @@ connections, not calls, and HTTP/2 multiplexes every call of a client on one con
 a client with one channel kept one worker busy and the other idle, and calls that landed on
 a busy worker queued behind it (or shared its interpreter lock) while another core idled.
 Here one asyncio process accepts every call, keeps one FIFO queue, and gives the next call
-to whichever worker process is free: one queue in front of N single-flight servers, so a
-call waits only when every worker is busy, and a worker runs one request at a time with no
-interpreter lock to share. Calls that mostly wait on I/O (ReportEvents, engine.app.calls.IO_SLOTS)
+to a free worker process (a Recommend to the one freed last, whose caches are warm): one
+queue in front of N single-flight servers, so a call waits only when every worker is busy,
+and a worker runs one request at a time with no interpreter lock to share. Calls that mostly wait on I/O (ReportEvents, engine.app.calls.IO_SLOTS)
 have their own queue and go to a worker's side threads, up to IO_SLOTS per worker. The front never parses a request (it forwards the bytes), so it
 costs a fraction of a millisecond of CPU per call; it also answers grpc.health.v1 and
 reflection, and refuses at once what admission control turns away (engine.app.admission).
@@ -162,8 +162,12 @@ class Front:
             p = self.queue.popleft()
             if p.future.done():              # the client gave up while it queued
                 continue
-            w = self.idle[random.randrange(len(self.idle))] if len(self.idle) > 1 else self.idle[0]
-            self.idle.remove(w)          # any idle one: every worker gets calls (and GetStatus reaches each)
+            # A Recommend goes to the worker freed last: at low load the same process serves call after
+            # call with the models and tables the last one touched still in its core's caches. Admin
+            # calls go to any idle one, so that GetStatus and reloads reach every worker.
+            k = len(self.idle) - 1 if METHODS[p.call.method].admitted else random.randrange(len(self.idle))
+            w = self.idle[k]
+            del self.idle[k]
             w.busy = p
             self._send(w, p)
         while self.io_queue and self.workers:
