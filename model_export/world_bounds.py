@@ -31,11 +31,13 @@ import numpy as np
 
 from engine.core.config import load_config
 from engine.core.featurize import CTR_PRIOR_IMP, CTR_PRIOR_POS, pooled
-from engine.core.state import snapshot
+from engine.core.state import FeatureState, snapshot
+from model_export.dataset import Dataset
 from model_export.progress import bar
 from model_export.world import (EXPLORE_SHARE, ITEM_QUALITY_NOISE, POPULAR_SHARE, SESSION_LEN, TASKS,
                                 TASTE_CANDIDATES, TasteCandidates, WorldTruth, _unconditional, make_world,
                                 world_parts)
+from stages.rerank_beam import Params as RerankParams
 from stages.rerank_beam import fuse
 
 COUNT = 20
@@ -76,7 +78,7 @@ def retrieval(cfg_path: str, k: int = 100, n_users: int = 300, sessions: int = 3
 
 
 def cold(cfg_path: str, n_users: int = 100, draws: int = 16, seed: int = 0) -> dict:
-    cfg, ds, st, rerank = _world_at_end(cfg_path)
+    ds, st, rerank = _world_at_end(cfg_path)
     truth: WorldTruth = ds.truth
     is_cold = st.item_n_imp == 0
     rng = np.random.default_rng(seed)
@@ -97,7 +99,7 @@ def cold(cfg_path: str, n_users: int = 100, draws: int = 16, seed: int = 0) -> d
 
 
 def utility(cfg_path: str, n_users: int = 100, seed: int = 0) -> dict:
-    cfg, ds, st, rerank = _world_at_end(cfg_path)
+    ds, st, rerank = _world_at_end(cfg_path)
     truth: WorldTruth = ds.truth
     n_imp, n_pos = st.item_n_imp.astype(np.float64), st.item_n_pos.astype(np.float64)
     log_ctr = np.log((n_pos + CTR_PRIOR_POS) / (n_imp + CTR_PRIOR_IMP))
@@ -132,23 +134,23 @@ def utility(cfg_path: str, n_users: int = 100, seed: int = 0) -> dict:
             **{f"{name} utility_norm": float((np.mean(r) - np.mean(uniform)) / span) for name, r in got.items()}}
 
 
-def _world_at_end(cfg_path: str):
-    """The config, the world, its feature state at the log's end and the rerank's fusion params."""
+def _world_at_end(cfg_path: str) -> tuple[Dataset, FeatureState, RerankParams]:
+    """The world, its feature state at the log's end and the rerank's fusion params."""
     cfg = load_config(cfg_path)
     ds = make_world(cfg.data)
     st = snapshot(ds.log_user, ds.log_item, ds.log_time, ds.log_labels[:, 0], ds.n_users, ds.n_items, ds.t_end,
                   cfg.train.recent_len, cfg.serving.seen_window, 1.0)
     rerank = next(cfg.stage[n][1] for n in cfg.pipeline.stages if cfg.stage[n][0] == "rerank_beam")
-    return cfg, ds, st, rerank
+    return ds, st, rerank
 
 
-def _users(ds, n_users: int, rng: np.random.Generator) -> np.ndarray:
+def _users(ds: Dataset, n_users: int, rng: np.random.Generator) -> np.ndarray:
     """Up to n_users users with held-out activity."""
     active = np.unique(ds.log_user[ds.window(ds.t_valid, ds.t_end)])
     return rng.choice(active, min(n_users, active.size), replace=False)
 
 
-def _user_value(truth: WorldTruth, st, rerank, u: int):
+def _user_value(truth: WorldTruth, st: FeatureState, rerank: RerankParams, u: int):
     """User u's fused true value as a function of (taste, quality) per item, their true taste,
     and the items not yet seen (eligible)."""
     ul = truth.user_latent[u]

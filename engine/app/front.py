@@ -7,10 +7,12 @@ a busy worker queued behind it (or shared its interpreter lock) while another co
 Here one asyncio process accepts every call, keeps one FIFO queue, and gives the next call
 to a free worker process (a Recommend to the one freed last, whose caches are warm): one
 queue in front of N single-flight servers, so a call waits only when every worker is busy,
-and a worker runs one request at a time with no interpreter lock to share. Calls that mostly wait on I/O (ReportEvents, engine.app.calls.IO_SLOTS)
-have their own queue and go to a worker's side threads, up to IO_SLOTS per worker. The front never parses a request (it forwards the bytes), so it
-costs a fraction of a millisecond of CPU per call; it also answers grpc.health.v1 and
-reflection, and refuses at once what admission control turns away (engine.app.admission).
+and a worker runs one request at a time with no interpreter lock to share. Calls that
+mostly wait on I/O (ReportEvents, engine.app.calls.IO_SLOTS) have their own queue and go to
+a worker's side threads, up to IO_SLOTS per worker. The front never parses a request (it
+forwards the bytes), so it costs a fraction of a millisecond of CPU per call; it also
+answers grpc.health.v1 and reflection, and refuses at once what admission control turns
+away (engine.app.admission).
 
 The front runs on its own event loop in a thread of the supervising process
 (engine.app.supervisor), which attaches each worker's pipe once the worker is ready. A
