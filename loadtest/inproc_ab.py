@@ -65,7 +65,8 @@ def format_ab(r: dict[str, Any]) -> str:
     lines = [f"in-process A/B on bundle {r['bundle']}, alternating blocks of {r['block']} requests",
              f"{'':<10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}   overrides"]
     for name, arm in r["arms"].items():
-        lines.append(f"{name:<10}{arm['p50']:>10.3f}{arm['p90']:>10.3f}{arm['p99']:>10.3f}   {' '.join(arm['overrides']) or '(none)'}")
+        overrides = " ".join(arm["overrides"]) or "(none)"
+        lines.append(f"{name:<10}{arm['p50']:>10.3f}{arm['p90']:>10.3f}{arm['p99']:>10.3f}   {overrides}")
     lines.append(f"{'b / a':<10}" + "".join(f"{b[q] / a[q]:>9.2f}x" for q in ("p50", "p90", "p99")))
     lines.append("stage means (ms), a -> b: " + ", ".join(
         f"{s} {a['stages_mean_ms'][s]:.3f} -> {v:.3f}" for s, v in b["stages_mean_ms"].items() if s in a["stages_mean_ms"]))

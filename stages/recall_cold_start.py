@@ -37,7 +37,8 @@ class Params(RouteParams):
     max_impressions: int = 50
     explore_share: float = 0.2
     pin: int = 0                  # young items pinned to every list (the fresh-content slot)
-    nprobe: int = 0               # 0: score the whole pool; N: only its items in the N nearest IVF lists (a flat index has none: whole pool)
+    nprobe: int = 0               # 0: score the whole pool; N: only its items in the N nearest IVF lists
+                                  # (a flat index has no lists: the whole pool)
     refresh_s: float = 1.0
 
     def check(self) -> None:
