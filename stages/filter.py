@@ -66,15 +66,19 @@ class Filter:
         return self._cap_authors(c)
 
     def _cap_authors(self, c: Candidates) -> Candidates:
-        """Rank within author by recall score; keep rank < cap (guaranteed items always)."""
+        """Rank within author by recall score; keep rank < cap (guaranteed items always). Only
+        the candidates of authors over the cap are sorted: usually a few of ~2,500, or none."""
         a = self.author[c.item]
+        over = np.flatnonzero(np.bincount(a)[a] > self.cap) if a.size else a
+        if over.size == 0:
+            return c
         # equal keys are one author's items at one score: any order among them is a ranking
         # (and numpy's SIMD sort, ~5x faster than the stable one here, repeats it)
-        order = np.argsort(_author_then_score(a, c.scores["recall"]))
+        order = over[np.argsort(_author_then_score(a[over], c.scores["recall"][over]))]
         sa = a[order]
         starts = np.r_[0, np.flatnonzero(sa[1:] != sa[:-1]) + 1]
         rank = np.arange(sa.size) - np.repeat(starts, np.diff(np.r_[starts, sa.size]))
-        keep = np.empty(sa.size, bool)
+        keep = np.ones(a.size, bool)
         keep[order] = rank < self.cap
         return c.take(keep | (c.guaranteed >= Guarantee.COARSE))
 

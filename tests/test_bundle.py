@@ -77,6 +77,15 @@ def test_flipped_bytes_are_detected(copy, rel):
         load_bundle(copy)
 
 
+def test_a_negative_category_or_author_code_is_refused(copy):
+    p = copy / "tables" / "item_author.npy"
+    author = np.load(p)
+    author[3] = -1
+    np.save(p, author)
+    with pytest.raises(BundleError, match="item_author.npy: code -1"):
+        load_bundle(copy, verify=False)      # the checksum would refuse it first
+
+
 def test_missing_file_is_detected(copy):
     (copy / "models" / "fine.onnx").unlink()
     with pytest.raises(BundleError, match="fine.onnx: listed in the manifest but missing"):

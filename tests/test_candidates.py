@@ -1,10 +1,12 @@
+from types import SimpleNamespace
+
 import numpy as np
 
 import pytest
 
 from engine.core.candidates import Candidates, Guarantee, merge, top_k
 from engine.core.featurize import _share
-from stages.filter import _author_then_score
+from stages.filter import Filter, Params as FilterParams, _author_then_score
 from stages.rerank_beam import beam_search, fuse
 
 
@@ -40,6 +42,22 @@ def test_the_author_cap_key_sorts_as_lexsort_by_author_then_descending_score():
         score = np.where(rng.random(n) < 0.2, score[rng.integers(0, n, n)], score)   # more ties
         want = np.lexsort((-score, author))
         assert np.array_equal(np.argsort(_author_then_score(author, score), kind="stable"), want)
+
+
+@pytest.mark.parametrize("cap", [1, 3, 40, 1000])
+def test_the_author_cap_keeps_each_authors_best_by_recall_and_every_guaranteed_item(cap):
+    rng = np.random.default_rng(cap)
+    author = rng.integers(0, 30, 5000).astype(np.int32)
+    env = SimpleNamespace(bundle=SimpleNamespace(tables=SimpleNamespace(item_author=author)))
+    f = Filter(FilterParams(rule="author_cap", max_per_author=cap), env)
+    items = rng.choice(5000, 600, replace=False)
+    c = Candidates.from_route(items, rng.permutation(600).astype(np.float32), 1)   # no ties
+    c.guaranteed[rng.integers(0, 600, 8)] = Guarantee.COARSE
+    want = {int(i) for i, s, g in zip(items, c.scores["recall"], c.guaranteed)
+            if g >= Guarantee.COARSE or (c.scores["recall"][author[items] == author[i]] > s).sum() < cap}
+    got = f(None, c)
+    assert set(got.item.tolist()) == want and len(got) == len(want)
+    assert np.array_equal(got.scores["recall"], c.scores["recall"][np.isin(items, got.item)])   # order kept
 
 
 def test_one_users_category_counts_by_lookup_equal_the_pairwise_comparison():

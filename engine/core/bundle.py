@@ -135,6 +135,10 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         "item_created", "user_id_emb", "user_profile")},
         profile_cardinality=tuple(schema["profile_cardinality"]),
         context_cardinality=tuple(schema["context_cardinality"]))
+    for name in ("item_category", "item_author"):    # the stages count codes with bincount
+        col = getattr(tables, name)
+        if col.size and (low := int(col.min())) < 0:
+            raise BundleError(f"{vdir}/tables/{name}.npy: code {low} (codes are >= 0, 0 for unknown)")
     if "i2i" in manifest:
         tables.i2i = I2ITable(*(arr(f"tables/i2i_{k}.npy") for k in ("indptr", "indices", "weights")),
                               decay=float(manifest["i2i"]["decay"]))
