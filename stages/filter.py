@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.candidates import Candidates, Guarantee
+from engine.core.candidates import Candidates, Guarantee, found_in
 from engine.core.errors import ConfigError
 from engine.core.registry import Policy, StageEnv, register, sidecar
 
@@ -54,10 +54,10 @@ class Filter:
 
     def __call__(self, ctx, c: Candidates) -> Candidates:
         if self.rule == "excluded":
-            return c.take(~np.isin(c.item, ctx.exclude)) if ctx.exclude.size else c
+            return c.take(~found_in(c.item, ctx.exclude)) if ctx.exclude.size else c
         if self.rule == "seen":
             seen = np.concatenate([ctx.user.seen, ctx.user.recent[0]])
-            return c.take(~np.isin(c.item, seen[seen >= 0]))
+            return c.take(~found_in(c.item, seen[seen >= 0]))
         if self.rule == "blocked":
             drop = self.blocked[c.item]
             if self.max_age > 0:

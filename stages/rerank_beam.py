@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.core.candidates import Candidates, Guarantee
+from engine.core.candidates import Candidates, Guarantee, found_in
 from engine.core.errors import ConfigError
 from engine.core.registry import TASK_SCORES, StageEnv, register
 
@@ -108,8 +108,9 @@ class RerankBeam:
         order, _ = beam_search(pool.scores["fused"], self.category[pool.item], self.author[pool.item],
                                count, p.beam_width, p.category_penalty, p.author_penalty, p.coverage_reward)
         pinned = np.flatnonzero(pool.guaranteed >= Guarantee.FINAL)
-        missing = np.setdiff1d(pinned, order)
+        missing = pinned[~found_in(pinned, order)]
         if missing.size:  # pinned items take the last slots they are not already in
-            keep = order[~np.isin(order, pinned)][: max(count - pinned.size, 0)]
-            order = np.concatenate([keep, np.intersect1d(order, pinned), missing])[:max(count, pinned.size)]
+            listed = found_in(order, pinned)
+            keep = order[~listed][: max(count - pinned.size, 0)]
+            order = np.concatenate([keep, np.sort(order[listed]), missing])[:max(count, pinned.size)]
         return pool.take(order)

@@ -4,7 +4,7 @@ import numpy as np
 
 import pytest
 
-from engine.core.candidates import Candidates, Guarantee, merge, top_k
+from engine.core.candidates import Candidates, Guarantee, found_in, merge, top_k
 from engine.core.featurize import _share
 from stages.filter import Filter, Params as FilterParams, _author_then_score
 from stages.rerank_beam import beam_search, fuse
@@ -58,6 +58,13 @@ def test_the_author_cap_keeps_each_authors_best_by_recall_and_every_guaranteed_i
     got = f(None, c)
     assert set(got.item.tolist()) == want and len(got) == len(want)
     assert np.array_equal(got.scores["recall"], c.scores["recall"][np.isin(items, got.item)])   # order kept
+
+
+def test_found_in_agrees_with_isin():
+    rng = np.random.default_rng(3)
+    for n, m in ((2500, 250), (10, 0), (0, 5), (300, 300), (50, 3)):
+        a, b = rng.integers(0, 400, n).astype(np.int32), rng.integers(0, 400, m).astype(np.int32)
+        assert np.array_equal(found_in(a, b), np.isin(a, b))
 
 
 def test_one_users_category_counts_by_lookup_equal_the_pairwise_comparison():

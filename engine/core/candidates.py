@@ -102,6 +102,16 @@ def rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.take(a, idx, axis=0)
 
 
+def found_in(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bool [len(a)]: which of `a` are in `b`, for a short `b` (a user's seen items against a
+    batch): one sort of `b` and a binary search per element of `a`, where np.isin sorts both
+    (0.06 against 0.19-0.25 ms for 2,500 against 250; BENCHMARKS.md)."""
+    if b.size == 0:
+        return np.zeros(a.shape, bool)
+    s = np.sort(b)
+    return s[np.minimum(np.searchsorted(s, a), s.size - 1)] == a
+
+
 def ranges(start: np.ndarray, n: np.ndarray) -> np.ndarray:
     """The indices start[j] .. start[j] + n[j] - 1 for every j, concatenated: the rows of
     several CSR rows or list segments, without a Python loop over them."""
