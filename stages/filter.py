@@ -69,7 +69,7 @@ class Filter:
         """Rank within author by recall score; keep rank < cap (guaranteed items always). Only
         the candidates of authors over the cap are sorted: usually a few of ~2,500, or none."""
         a = self.author[c.item]
-        over = np.flatnonzero(np.bincount(a)[a] > self.cap) if a.size else a
+        over = np.flatnonzero(np.bincount(a)[a] > self.cap)
         if over.size == 0:
             return c
         # equal keys are one author's items at one score: any order among them is a ranking
