@@ -15,14 +15,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from engine.core import featurize
+from engine.core import featurize, pages
 from engine.core.bundle import Bundle, load_bundle
 from engine.core.config import load_config
 from model_export.cascade import StoppedClock
 from engine.core.models import Models
 from engine.core.state import snapshot
 from engine.core.features import ResolvedEvent
-from engine.store.common import drop_pages
 from engine.store.embedded import EmbeddedStore
 from model_export.data import load_dataset
 from model_export.dataset import Dataset
@@ -219,13 +218,16 @@ def _resident_kb(path) -> int:
     return kb
 
 
-def test_drop_pages_leaves_a_read_bundle_array_out_of_the_rss(tmp_path):
+def test_pages_drop_and_populate_a_file_backed_array(tmp_path):
     path = tmp_path / "state.npy"
     np.save(path, np.arange(8 << 20, dtype=np.int32))          # 32 MB
     a = np.asarray(np.load(path, mmap_mode="r"))              # a plain view, as load_bundle gives
-    total = int(a.sum(dtype=np.int64))                         # the store's copy reads it all once
+    assert _resident_kb(path) < 1_000                          # nothing read yet
+    pages.populate(a)                                          # a server maps its tables whole
     assert _resident_kb(path) > 30_000
-    drop_pages(a)
+    total = int(a.sum(dtype=np.int64))
+    pages.drop(a)                                              # the store's copy read it once
     assert _resident_kb(path) < 1_000
     assert int(a.sum(dtype=np.int64)) == total                 # still readable, from the page cache
-    drop_pages(np.zeros(3))                                    # an in-memory array: nothing to drop
+    pages.drop(np.zeros(3))                                    # in-memory arrays: nothing to do
+    pages.populate(np.zeros(3))

@@ -33,23 +33,30 @@ class Abort(Exception):
         self.code, self.msg = code, msg
 
 
+def serving_bundle(path: Path) -> Any:
+    """A verified bundle with its tables mapped whole (engine.core.bundle.Bundle.populate)."""
+    from engine.core.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    bundle.populate()
+    return bundle
+
+
 def initial_bundle(path: Path, fallback: str) -> tuple[Path | None, str, Any, set[str]]:
     """(root, version folder, bundle, refused versions): CURRENT of a bundle root, or the
     fallback version the other workers serve if CURRENT is broken; or a plain version
     folder, which is then never reloaded."""
-    from engine.core.bundle import load_bundle
-
     pointer = path / "CURRENT"
     if not pointer.exists():
-        return None, path.name, load_bundle(path), set()
+        return None, path.name, serving_bundle(path), set()
     name = pointer.read_text().strip()
     try:
-        return path, name, load_bundle(path / name), set()
+        return path, name, serving_bundle(path / name), set()
     except BundleError as e:
         if not fallback or fallback == name:
             raise
         log.error("bundle %s refused (%s); serving %s like the other workers", name, e, fallback)
-        return path, fallback, load_bundle(path / fallback), {name}
+        return path, fallback, serving_bundle(path / fallback), {name}
 
 
 class Reloader:
@@ -126,14 +133,12 @@ class Reloader:
         return p.name
 
     def _swap(self, name: str) -> tuple[bool, str]:
-        from engine.core.bundle import load_bundle
-
         with self.lock:
             if name == self.current:
                 return True, f"already serving {name}"
             old_version = self.w.engine.bundle_version
             try:
-                self.w.engine.swap_bundle(load_bundle(self.root / name))
+                self.w.engine.swap_bundle(serving_bundle(self.root / name))
             except Exception as e:    # noqa: BLE001 - whatever breaks, the old bundle keeps serving
                 if not isinstance(e, BundleError):
                     log.exception("loading bundle %s failed", name)

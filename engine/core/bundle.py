@@ -13,6 +13,7 @@ Layout of a bundle root:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.core import pages
 from engine.core.errors import BundleError
 from engine.core.featurize import I2ITable, Tables
 from engine.core.state import FeatureState
@@ -54,6 +56,17 @@ class Bundle:
     def config_path(self) -> Path:
         """The config this bundle was built from: its own checksummed copy."""
         return _carried_config(self.path, self.manifest)
+
+    def populate(self) -> None:
+        """Map every table the request path reads into this process now (engine.core.pages): a
+        server's RSS then stays flat instead of climbing as new ids fault their rows in. The
+        feature state is left out: the store copies it once and drops it."""
+        t = self.tables
+        arrays = [getattr(t, f.name) for f in dataclasses.fields(t) if isinstance(getattr(t, f.name), np.ndarray)]
+        if t.i2i is not None:
+            arrays += [t.i2i.indptr, t.i2i.indices, t.i2i.weights]
+        for a in (*arrays, self.user_ids, self.item_ids):
+            pages.populate(a)
 
 
 def sha256_file(path: Path) -> str:

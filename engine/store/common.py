@@ -1,7 +1,6 @@
 """Helpers both backends use to build answers from state arrays."""
 from __future__ import annotations
 
-import mmap
 from typing import Mapping
 
 import numpy as np
@@ -36,12 +35,3 @@ def catalog_id(bundle: Bundle) -> str:
     return (f"{files['tables/item_ids.npy']['sha256']}:{files['tables/user_ids.npy']['sha256']}"
             f":{st.user_recent.shape[1]}:{st.user_seen.shape[1]}")
 
-
-def drop_pages(a: np.ndarray) -> None:
-    """Unmap this process's pages of a file-backed array it has read once (the page cache keeps
-    them; a later read faults them back). Copying the bundle's ~100 MB of state into the store
-    otherwise leaves them in the copying worker's RSS for as long as the bundle is loaded."""
-    while a is not None and not isinstance(a, np.memmap):   # a view's base chain leads to the memmap
-        a = a.base if isinstance(a, np.ndarray) else None
-    if a is not None and a._mmap is not None:
-        a._mmap.madvise(mmap.MADV_DONTNEED)

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.core import pages
 from engine.core.bundle import Bundle
 from engine.core.context import UserFeatures
 from engine.core.features import BundleClock, ResolvedEvent
 from engine.core.state import decay
-from engine.store.common import catalog_id, drop_pages, new_user, state_user, top_hot
+from engine.store.common import catalog_id, new_user, state_user, top_hot
 from engine.store.eventlog import new_meta
 from engine.store.persistence import Persistence
 
@@ -90,13 +91,16 @@ class EmbeddedStore:
                 if fresh:
                     stamp.write_text(self.catalog)
         for v in init.values():
-            drop_pages(v)
+            pages.drop(v)
+        if self._dir is not None:       # the shared arrays, whole: RSS stays flat as users come by
+            for v in self.a.values():
+                pages.populate(v)
         if self._persist and snapshot_writer:
             self._persist.start_snapshots(snapshot_s)
 
     def _persistence(self, state_dir: str | Path, meta: np.ndarray, sync_file: Path | None) -> Persistence:
         return Persistence(state_dir, self.catalog, self.version, meta, self._write_lock, sync_file,
-                           self._copy, self._load)
+                           self._state, self._load)
 
     def _open(self, name: str, init: np.ndarray, fresh: bool) -> np.ndarray:
         path = self._dir / f"{name}.npy"
@@ -121,10 +125,10 @@ class EmbeddedStore:
                     fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- persistence ------------------------------------------------------------------
-    def _copy(self) -> dict[str, np.ndarray]:
-        """The state for a snapshot (under the write lock); guest rows only where used."""
+    def _state(self) -> dict[str, np.ndarray]:
+        """The state for a snapshot (under the write lock): the live arrays, guest rows only where used."""
         slots = np.flatnonzero(self.a["guest_key"])
-        arrays = {k: v[slots] if k in _GUEST else np.array(v) for k, v in self.a.items()}
+        arrays = {k: v[slots] if k in _GUEST else v for k, v in self.a.items()}
         arrays["guest_slot"] = slots
         return arrays
 
