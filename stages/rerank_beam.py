@@ -2,14 +2,15 @@
 
 The list objective is sum_pos fused * 1/log2(pos + 2) minus penalties for an item sharing
 its category or author with the item before it, plus a reward each time a category first
-appears. Each step scores every (beam, candidate) extension as one [B, M] array, so the
-search is `count` numpy steps, never a loop over candidates. With width 1 and no
-penalties or reward it is exactly a sort by fused score.
+appears. The search is one compiled loop (numba) over the pool's ~100 items: `count` steps
+of width x pool extensions. With width 1 and no penalties or reward it is exactly a sort by
+fused score.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from engine.core.candidates import Candidates, Guarantee, found_in
@@ -49,42 +50,72 @@ def fuse(task_scores: dict[str, np.ndarray], weights: dict[str, float], fusion: 
 def beam_search(fused: np.ndarray, category: np.ndarray, author: np.ndarray, count: int, width: int,
                 category_penalty: float = 0.0, author_penalty: float = 0.0,
                 coverage_reward: float = 0.0) -> tuple[np.ndarray, float]:
-    """Indices (into the inputs) of the best list of length <= count found, and its reward.
+    """Indices (into the inputs) of the best list of length <= count found, and its reward."""
+    count = min(count, fused.size)
+    chosen = np.empty(count, np.int64)
+    total = _beam(fused.astype(np.float64), np.ascontiguousarray(category, np.int64),
+                  np.ascontiguousarray(author, np.int64), count, max(width, 1),
+                  float(category_penalty), float(author_penalty), float(coverage_reward), chosen)
+    return chosen, total
 
-    The pairwise adjacency penalty is one [M, M] matrix built up front, so each step is a
-    row gather plus a masked top-`width` over the [B, M] extensions.
-    """
+
+@numba.njit(cache=True, nogil=True)
+def _beam(fused, category, author, count, width, category_penalty, author_penalty, coverage_reward,
+          out):     # pragma: no cover - compiled; tests call it through beam_search
+    """The search as one compiled loop (the numpy form: ~22 calls a step, 1.1-1.3 ms a request on
+    the 1M bundle). A step extends every beam by every item not in its list, scored
+    total + fused / log2(step + 2) - the adjacency penalties + the coverage reward, and keeps
+    the `width` best extensions (ties to the lower beam, then item); writes the best list to
+    `out` and returns its reward."""
     m = fused.size
-    count = min(count, m)
-    if count == 0:
-        return np.empty(0, np.int64), 0.0
-    gains = np.outer(1.0 / np.log2(np.arange(count) + 2.0), fused.astype(np.float64))  # [count, M]
-    penalty = None
-    if category_penalty or author_penalty:
-        penalty = (category_penalty * (category[:, None] == category[None, :])
-                   + author_penalty * (author[:, None] == author[None, :]))
-    same_cat = category[:, None] == category[None, :] if coverage_reward else None
-    chosen = np.zeros((1, count), np.int64)
-    total = np.zeros(1)
-    blocked = np.zeros((1, m))            # -inf where an item is already in the beam's list
-    new_cat = np.ones((1, m), bool)       # the item's category is not yet in the beam's list
+    chosen = np.zeros((width, max(count, 1)), np.int64)
+    total = np.zeros(width)
+    nb = 1
+    top_v = np.empty(width)
+    top_b = np.empty(width, np.int64)
+    top_i = np.empty(width, np.int64)
+    next_chosen = np.empty_like(chosen)
     for step in range(count):
-        cand = total[:, None] + gains[step] + blocked
-        if penalty is not None and step:
-            cand -= penalty[chosen[:, step - 1]]
-        if same_cat is not None:
-            cand += coverage_reward * new_cat
-        flat = cand.ravel()
+        gain = 1.0 / np.log2(step + 2.0)
         k = min(width, m - step)
-        top = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
-        top = top[np.argsort(-flat[top], kind="stable")]
-        beam, item = np.divmod(top, m)
-        chosen, total, blocked = chosen[beam], flat[top], blocked[beam]
-        chosen[:, step] = item
-        blocked[np.arange(k), item] = -np.inf
-        if same_cat is not None:
-            new_cat = new_cat[beam] & ~same_cat[item]
-    return chosen[0], float(total[0])
+        n_top = 0
+        for b in range(nb):
+            last = chosen[b, step - 1] if step else -1
+            for j in range(m):
+                listed = False
+                new_cat = True
+                for s in range(step):
+                    c = chosen[b, s]
+                    if c == j:
+                        listed = True
+                        break
+                    if category[c] == category[j]:
+                        new_cat = False
+                if listed:
+                    continue
+                v = total[b] + gain * fused[j]
+                if last >= 0:
+                    v -= (category_penalty * (category[j] == category[last])
+                          + author_penalty * (author[j] == author[last]))
+                if coverage_reward != 0.0 and new_cat:
+                    v += coverage_reward
+                if n_top == k and v <= top_v[k - 1]:
+                    continue
+                at = n_top if n_top < k else k - 1      # insert, keeping the k best in order
+                while at > 0 and top_v[at - 1] < v:
+                    if at < k:
+                        top_v[at], top_b[at], top_i[at] = top_v[at - 1], top_b[at - 1], top_i[at - 1]
+                    at -= 1
+                top_v[at], top_b[at], top_i[at] = v, b, j
+                n_top = min(n_top + 1, k)
+        for r in range(n_top):
+            next_chosen[r, :step] = chosen[top_b[r], :step]
+            next_chosen[r, step] = top_i[r]
+            total[r] = top_v[r]
+        chosen[:n_top] = next_chosen[:n_top]
+        nb = n_top
+    out[:] = chosen[0, :count]
+    return total[0] if count else 0.0
 
 
 # task scores when the fine ranker ran; when it was skipped, the latest (coarse) score is fused
